@@ -1,0 +1,726 @@
+"""
+LLaVA-1.5 from scratch: a CLIP vision tower, a projector and a LLaMA/Mistral decoder, in one file.
+
+- vision_tower: CLIP ViT (ViT-L/14-336 in LLaVA-1.5). Patch conv without bias + class token + learned
+  positions -> pre-layernorm -> pre-norm blocks with a quick_gelu MLP. LLaVA takes the hidden state of
+  the second-to-last block (`feature_layer=-2`) and drops the class token: 576 patch features.
+- projector: `mlp2x_gelu` (Linear -> GELU -> Linear, LLaVA-1.5 and LLaVA-Med v1.5), `linear`, or
+  `cluster`, SQ-LLaVA's prototype extractor that STLLaVA-Med's released weights use.
+- language_model: LLaMA / Mistral: RMSNorm, rotary positions, grouped-query attention via
+  scaled_dot_product_attention, SwiGLU MLP; untied or tied output head.
+- the splice: `input_ids` hold `image_seq_length` copies of `image_token_id` per image; those rows of
+  the input embeddings are overwritten, in order, by the projected image features (one masked assignment).
+- generate: batched, left-padded prompts, a small KV cache, greedy or temperature/top-k/top-p sampling.
+
+This file imports nothing else from the project, so it can be copied alone.
+References: LLaVA `llava/model/llava_arch.py` (encode_images, the splice) and
+`llava/model/multimodal_encoder/clip_encoder.py` (feature_select); transformers `modeling_clip.py`,
+`modeling_llama.py`, `modeling_llava.py`; SQ-LLaVA / STLLaVA-Med
+`llava/model/multimodal_projector/cluster.py` (heliossun/STLLaVA-Med); gpt-fast `generate.py` (sampling).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# Configs: one dataclass per tower, plus named sizes (gpt-fast's `transformer_configs` idea)
+
+
+@dataclass
+class VisionConfig:
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+    feature_layer: int = -2  # LLaVA-1.5 `mm_vision_select_layer`: the penultimate block's output
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = None  # derived: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    model_type: str = "llama"  # or "mistral": same architecture here (sliding window not implemented)
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projector_type: str = "mlp2x_gelu"  # "mlp2x_gelu" | "linear" | "cluster"
+    image_token_id: int = 32000
+    image_seq_length: int = None  # derived: (image_size // patch_size) ** 2 patch tokens (CLS dropped)
+    cluster_centers: int = 256  # SQ-LLaVA: Clustering(mm_hidden, hidden, 256 centres, 2 iterations)
+    cluster_iters: int = 2
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        # the cluster projector refines every patch token in place, so the count does not change
+        self.image_seq_length = self.image_seq_length or (self.vision.image_size // self.vision.patch_size) ** 2
+
+
+CONFIGS = {
+    # the CPU-sized model of the synthetic default; data.py fills vocab_size / image_token_id from its tokenizer
+    "tiny": LlavaConfig(
+        vision=VisionConfig(hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4, image_size=48, patch_size=8),
+        text=TextConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                        num_kv_heads=2, max_position_embeddings=1024),
+        image_token_id=3),
+    "llava-1.5-7b": LlavaConfig(),
+    "llava-1.5-13b": LlavaConfig(text=TextConfig(hidden_size=5120, intermediate_size=13824, num_layers=40,
+                                                 num_heads=40, num_kv_heads=40)),
+    "llava-med-v1.5-mistral-7b": LlavaConfig(text=TextConfig(intermediate_size=14336, num_kv_heads=8, rope_theta=1e6,
+                                                             max_position_embeddings=32768, model_type="mistral")),
+}
+
+# -----------------------------------------------------------------------------
+# CLIP vision tower (names follow transformers' CLIPVisionTransformer so checkpoints map one-to-one)
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):  # (B, T, C), no mask: every patch sees every patch
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as OpenAI's CLIP was trained
+
+
+class CLIPBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_heads)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
+
+    def forward(self, pixel_values):  # (N, 3, H, W)
+        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (N, P, C)
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight.to(patches.dtype)
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPBlock(cfg) for _ in range(cfg.num_layers))
+
+
+class CLIPVisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: CLIP's spelling
+        self.encoder = CLIPEncoder(cfg)
+        # unused by LLaVA (it reads an inner layer) but kept so checkpoints round-trip unchanged
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values):
+        """(N, 3, H, W) -> (N, P, C): hidden state of `feature_layer`, class token dropped."""
+        x = self.pre_layrnorm(self.embeddings(pixel_values))  # this is hidden_states[0] in transformers
+        n_run = self.cfg.num_layers + 1 + self.cfg.feature_layer if self.cfg.feature_layer < 0 else self.cfg.feature_layer
+        for block in self.encoder.layers[:n_run]:  # blocks after the feature layer are never needed
+            x = block(x)
+        return x[:, 1:]  # LLaVA's select_feature="patch": drop CLS
+
+# -----------------------------------------------------------------------------
+# Projectors
+
+
+class MLPProjector(nn.Module):
+    """`mlp2x_gelu` (Linear -> GELU -> Linear) or, with depth 1, `linear`. LLaVA `multimodal_projector/builder.py`."""
+
+    def __init__(self, vision_dim, text_dim, depth=2):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, text_dim)
+        self.linear_2 = nn.Linear(text_dim, text_dim) if depth == 2 else None
+
+    def forward(self, x):
+        x = self.linear_1(x)
+        return x if self.linear_2 is None else self.linear_2(F.gelu(x))
+
+
+class ClusterProjector(nn.Module):
+    """SQ-LLaVA's prototype extractor (STLLaVA-Med `llava/model/multimodal_projector/cluster.py`, `Clustering`).
+
+    1. centre proposals: adaptive average pooling of the L patch tokens down to N centres;
+    2. `iters` refinements: centres <- softmax over centres of cos(c(centres), v(x)) @ f(x);
+    3. each token is hard-assigned to its most similar centre (sigmoid(beta + alpha * cos));
+    4. each centre aggregates its tokens' f-features (weighted by similarity, plus its pooled feature)
+       and this update is added back to every token of the cluster (residual, L tokens stay L);
+    5. Linear -> QuickGELU -> Linear to the language model's width.
+    """
+
+    def __init__(self, vision_dim, text_dim, num_centers=256, iters=2):
+        super().__init__()
+        self.num_centers, self.iters = num_centers, iters
+        self.sim_alpha = nn.Parameter(torch.ones(1, 1, 1))
+        self.sim_beta = nn.Parameter(torch.zeros(1, 1, 1))
+        self.c, self.v, self.f = (nn.Linear(vision_dim, vision_dim) for _ in range(3))
+        self.ln_1 = nn.LayerNorm(vision_dim)  # present in the checkpoints, unused by the authors' forward
+        self.mlp = nn.Sequential(nn.Linear(vision_dim, text_dim), QuickGELU(), nn.Linear(text_dim, text_dim))
+
+    def forward(self, x):  # (B, L, D)
+        value = F.normalize(self.v(x), dim=1)  # quirk kept from the authors: normalised over tokens, not channels
+        feature = self.f(x)  # (B, L, D)
+        pool = lambda t: F.adaptive_avg_pool1d(t.transpose(1, 2), self.num_centers).transpose(1, 2)  # (B, N, D)
+        centers, centers_feature = pool(x), pool(feature)
+        for _ in range(self.iters):
+            centers = self.c(centers)
+            sim = torch.softmax(F.normalize(centers, dim=-1) @ value.transpose(1, 2), dim=1)  # (B, N, L) over centres
+            centers = sim @ feature  # (B, N, D)
+        cos = F.normalize(centers, dim=-1) @ F.normalize(x, dim=-1).transpose(1, 2)  # (B, N, L)
+        similarity = torch.sigmoid(self.sim_beta + self.sim_alpha * cos)
+        assign = F.one_hot(similarity.argmax(dim=1), self.num_centers).transpose(1, 2).to(x.dtype)  # (B, N, L)
+        similarity = similarity * assign  # keep only each token's own centre
+        update = (similarity @ feature + centers_feature) / (assign.sum(-1, keepdim=True) + 1.0)  # (B, N, D)
+        x = x + similarity.transpose(1, 2) @ update  # (B, L, D): every token gets its centre's update
+        return self.mlp(x)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+# -----------------------------------------------------------------------------
+# LLaMA / Mistral decoder
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # computed in fp32, as LLaMA does, then cast back
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):
+    """Rotary tables for (B, T) positions -> cos, sin of shape (B, 1, T, head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # LLaMA's half-split layout, not interleaved pairs
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Fixed-size key/value buffers per layer, filled left to right (gpt-fast style).
+
+    Prompts are left-padded, so every row writes at the same slot; padding is hidden by the attention
+    mask and rotary positions come from the mask (cumsum), so a row's first real token is position 0.
+    """
+
+    def __init__(self, num_layers, batch, num_kv_heads, max_len, head_dim, dtype, device):
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.seen = 0  # slots filled by earlier forward calls
+
+    def update(self, layer, k, v):  # k, v: (B, Hkv, T_new, hd) -> all keys/values so far
+        end = self.seen + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache overflow: {end} > {self.k.shape[3]} slots")
+        self.k[layer, :, :, self.seen:end] = k
+        self.v[layer, :, :, self.seen:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        H, Hkv, hd, C = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(C, H * hd, bias=False)
+        self.k_proj = nn.Linear(C, Hkv * hd, bias=False)
+        self.v_proj = nn.Linear(C, Hkv * hd, bias=False)
+        self.o_proj = nn.Linear(H * hd, C, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):  # x (B, T, C); mask (B, 1, T, T_keys) bool, True = attend
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.cfg.num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.cfg.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.cfg.num_kv_heads, -1).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # grouped-query attention: each key/value head serves num_heads // num_kv_heads query heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
+
+    def forward(self, x, attention_mask, cache=None):
+        """x: input embeddings (B, T, C); attention_mask: (B, T_all) over cached + new tokens, 1 = real."""
+        B, T, _ = x.shape
+        T_all = attention_mask.shape[1]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, T_all - T:]  # left padding -> 0-based
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        # causal mask over absolute slots, AND the key is not padding; a padded query may see itself so
+        # that no row of the softmax is empty (its output is never used)
+        q_slot = torch.arange(T_all - T, T_all, device=x.device)[:, None]
+        k_slot = torch.arange(T_all, device=x.device)[None, :]
+        mask = (k_slot <= q_slot) & (attention_mask.bool()[:, None, :] | (k_slot == q_slot))  # (B, T, T_all)
+        mask = mask[:, None]  # (B, 1, T, T_all)
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.seen += T
+        return self.norm(x)
+
+# -----------------------------------------------------------------------------
+# LLaVA: vision tower -> projector -> splice into the token embeddings -> decoder
+
+
+class Llava(nn.Module):
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        self.config = config
+        v, t = config.vision, config.text
+        self.vision_tower = CLIPVisionTower(v)
+        if config.projector_type == "mlp2x_gelu":
+            self.projector = MLPProjector(v.hidden_size, t.hidden_size, depth=2)
+        elif config.projector_type == "linear":
+            self.projector = MLPProjector(v.hidden_size, t.hidden_size, depth=1)
+        elif config.projector_type == "cluster":
+            self.projector = ClusterProjector(v.hidden_size, t.hidden_size, config.cluster_centers, config.cluster_iters)
+        else:
+            raise ValueError(f"unknown projector_type {config.projector_type!r}: expected mlp2x_gelu, linear or cluster")
+        self.language_model = Llama(t)
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        if t.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    def embed_images(self, pixel_values):
+        """(N, 3, H, W) -> (N, image_seq_length, text hidden): the tokens that stand in for each image."""
+        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        return self.projector(self.vision_tower(pixel_values.to(dtype)))
+
+    def embed(self, input_ids, pixel_values=None):
+        """Token embeddings with each image's placeholder run replaced by its features (nanoVLM-style)."""
+        is_image = input_ids == self.config.image_token_id
+        # placeholders may lie outside the vocabulary (original LLaVA: -200), so never look them up
+        x = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
+        n_placeholders = int(is_image.sum())
+        if pixel_values is None:
+            if n_placeholders:
+                raise ValueError(f"input_ids hold {n_placeholders} image tokens (id {self.config.image_token_id}) "
+                                 "but no pixel_values were given")
+            return x
+        n_images, L = pixel_values.shape[0], self.config.image_seq_length
+        if n_placeholders != n_images * L:
+            raise ValueError(f"image token count mismatch: input_ids hold {n_placeholders} image tokens "
+                             f"(id {self.config.image_token_id}) but {n_images} image(s) x {L} tokens = "
+                             f"{n_images * L} are needed")
+        feats = self.embed_images(pixel_values)  # (N, L, C)
+        x = x.clone()  # leave the embedding output intact for autograd
+        x[is_image] = feats.reshape(-1, feats.shape[-1]).to(x.dtype)  # row-major: image order = reading order
+        return x
+
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, cache=None):
+        """Final-norm hidden states (B, T, C)."""
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape[0], (cache.seen if cache else 0) + input_ids.shape[1],
+                                        dtype=torch.long, device=input_ids.device)
+        return self.language_model(self.embed(input_ids, pixel_values), attention_mask, cache)
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None):
+        """input_ids (B, T), pixel_values (N_images, 3, H, W) or None, attention_mask (B, T) -> logits (B, T, V).
+
+        With a cache, attention_mask covers the cached tokens too: (B, cache.seen + T).
+        """
+        return self.lm_head(self.hidden_states(input_ids, pixel_values, attention_mask, cache))
+
+    def new_cache(self, batch, max_len):
+        t, p = self.config.text, self.lm_head.weight
+        return KVCache(t.num_layers, batch, t.num_kv_heads, max_len, t.head_dim, p.dtype, p.device)
+
+# -----------------------------------------------------------------------------
+# Checkpoints: config.json + safetensors, in llava-hf and original LLaVA layouts
+
+# CLIP towers that LLaVA checkpoints name by hub id; only the config, nothing is downloaded
+KNOWN_VISION_TOWERS = {
+    "openai/clip-vit-large-patch14-336": VisionConfig(),
+    "openai/clip-vit-large-patch14": VisionConfig(image_size=224),
+}
+LLAMA_DEFAULTS = TextConfig()  # transformers' LlamaConfig defaults; old llava-hf configs rely on them
+MISTRAL_DEFAULTS = TextConfig(intermediate_size=14336, num_kv_heads=8, max_position_embeddings=32768, model_type="mistral")
+
+
+def _text_config(c):
+    d = MISTRAL_DEFAULTS if "mistral" in c.get("model_type", "") else LLAMA_DEFAULTS
+    if c.get("rope_scaling") or (c.get("rope_parameters") or {}).get("rope_type", "default") != "default":
+        raise ValueError(f"rope scaling {c.get('rope_scaling') or c.get('rope_parameters')} is not supported")
+    theta = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", d.rope_theta))
+    heads = c.get("num_attention_heads", d.num_heads)
+    return TextConfig(
+        vocab_size=c.get("vocab_size", d.vocab_size), hidden_size=c.get("hidden_size", d.hidden_size),
+        intermediate_size=c.get("intermediate_size", d.intermediate_size),
+        num_layers=c.get("num_hidden_layers", d.num_layers), num_heads=heads,
+        num_kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim"), rope_theta=theta,
+        rms_norm_eps=c.get("rms_norm_eps", d.rms_norm_eps), tie_word_embeddings=c.get("tie_word_embeddings", False),
+        max_position_embeddings=c.get("max_position_embeddings", d.max_position_embeddings),
+        bos_token_id=c.get("bos_token_id", 1), eos_token_id=c.get("eos_token_id", 2),
+        model_type="mistral" if "mistral" in c.get("model_type", "") else "llama")
+
+
+def _vision_config(c, feature_layer):
+    d = VisionConfig(768, 3072, 12, 12, 224, 32)  # transformers' CLIPVisionConfig defaults
+    c = c.get("vision_config", c)  # a CLIPModel config nests the tower's
+    return VisionConfig(c.get("hidden_size", d.hidden_size), c.get("intermediate_size", d.intermediate_size),
+                        c.get("num_hidden_layers", d.num_layers), c.get("num_attention_heads", d.num_heads),
+                        c.get("image_size", d.image_size), c.get("patch_size", d.patch_size),
+                        c.get("layer_norm_eps", d.layer_norm_eps), feature_layer)
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load_safetensors(path):
+    """All tensors of a checkpoint directory: one model.safetensors, or shards listed in the index."""
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path} "
+                                "(only safetensors checkpoints are read; convert .bin files first)")
+    state = {}
+    for f in files:
+        state.update(load_file(os.path.join(path, f)))
+    return state
+
+
+def _rename(key, projector_type):
+    """A checkpoint key in any supported layout -> our module name, or None for tensors we ignore."""
+    if key.endswith(("position_ids", "rotary_emb.inv_freq")):
+        return None  # buffers some exporters save; recomputed here
+    rules = [  # (prefix in the checkpoint, our prefix); first match wins
+        ("model.language_model.", "language_model."), ("model.multi_modal_projector.", "projector."),
+        ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),  # original layout, tower inside
+        ("model.vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
+        ("language_model.model.", "language_model."), ("language_model.lm_head.", "lm_head."),  # llava-hf < 4.52
+        ("vision_tower.vision_model.", "vision_tower."), ("vision_tower.", "vision_tower."),
+        ("multi_modal_projector.", "projector."),
+        ("model.mm_projector.", "projector."), ("model.", "language_model."), ("lm_head.", "lm_head."),
+        ("vision_model.", "vision_tower."),  # a CLIP checkpoint given as vision_path
+    ]
+    for old, new in rules:
+        if key.startswith(old):
+            key = new + key[len(old):]
+            break
+    else:
+        return key  # unknown: reported as unexpected by from_pretrained
+    if key.startswith("projector.") and projector_type != "cluster":  # original: nn.Sequential indices 0 and 2
+        key = key.replace("projector.0.", "projector.linear_1.").replace("projector.2.", "projector.linear_2.")
+        if projector_type == "linear" and key in ("projector.weight", "projector.bias"):
+            key = key.replace("projector.", "projector.linear_1.")
+    return key
+
+
+def config_from_json(c, vision_path=None):
+    """LlavaConfig from a llava-hf or original-LLaVA config.json dict."""
+    if "text_config" in c:  # llava-hf
+        layer = c.get("vision_feature_layer", -2)
+        if not isinstance(layer, int) or c.get("vision_feature_select_strategy", "default") != "default":
+            raise ValueError("only a single vision_feature_layer with select strategy 'default' is supported")
+        proj = "mlp2x_gelu" if c.get("projector_hidden_act", "gelu") == "gelu" else None
+        if proj is None or not c.get("multimodal_projector_bias", True):
+            raise ValueError(f"unsupported llava-hf projector: act={c.get('projector_hidden_act')!r}")
+        return LlavaConfig(_vision_config(c["vision_config"], layer), _text_config(c["text_config"]), proj,
+                           c.get("image_token_id", c.get("image_token_index", 32000)), c.get("image_seq_length"))
+    layer = c.get("mm_vision_select_layer", -2)
+    if c.get("mm_vision_select_feature", "patch") != "patch":
+        raise ValueError("only mm_vision_select_feature='patch' (CLS dropped) is supported")
+    if vision_path is not None:
+        vision = _vision_config(_read_json(os.path.join(vision_path, "config.json")), layer)
+    elif "vision_config" in c:  # written by our save_pretrained(layout="llava")
+        vision = _vision_config(c["vision_config"], layer)
+    elif c.get("mm_vision_tower") in KNOWN_VISION_TOWERS:
+        vision = VisionConfig(**{**asdict(KNOWN_VISION_TOWERS[c["mm_vision_tower"]]), "feature_layer": layer})
+    else:
+        raise ValueError(f"config names vision tower {c.get('mm_vision_tower')!r}, which is unknown here: "
+                         "pass vision_path=<a local CLIPVisionModel or CLIPModel directory>")
+    # LLaVA's IMAGE_TOKEN_INDEX (llava/constants.py): a placeholder outside the vocabulary
+    # the authors hard-code Clustering(..., 256, 2) (builder.py); the two keys are ours, for smaller models
+    return LlavaConfig(vision, _text_config(c), c.get("mm_projector_type", "linear"), c.get("image_token_index", -200),
+                       cluster_centers=c.get("mm_cluster_centers", 256), cluster_iters=c.get("mm_cluster_iters", 2))
+
+
+def from_pretrained(path, vision_path=None, dtype=torch.bfloat16, device=None):
+    """Load a LLaVA checkpoint directory (llava-hf or original LLaVA layout) into `Llava`.
+
+    The original layout keeps the CLIP tower outside the checkpoint unless it was saved in it;
+    `vision_path` is then a local directory with a CLIPVisionModel or CLIPModel safetensors checkpoint.
+    The model is built on the meta device and the tensors are assigned, so weights exist once.
+    Nothing is downloaded.
+    """
+    c = _read_json(os.path.join(path, "config.json"))
+    config = config_from_json(c, vision_path)
+    state = {}
+    for k, v in _load_safetensors(path).items():
+        name = _rename(k, config.projector_type)
+        if name is not None:
+            state[name] = v
+    if not any(k.startswith("vision_tower.") for k in state):
+        if vision_path is None:
+            raise ValueError(f"{path} holds no vision tower weights and the config names {c.get('mm_vision_tower')!r}; "
+                             "nothing is downloaded: pass vision_path=<local directory of that CLIP checkpoint>")
+        for k, v in _load_safetensors(vision_path).items():  # CLIPModel ("vision_model.*", "text_model.*")
+            if k.startswith(("text_model.", "text_projection", "visual_projection", "logit_scale")):
+                continue  # or CLIPVisionModel as transformers >= 5 saves it (no prefix)
+            name = _rename(k if k.startswith("vision_model.") else "vision_model." + k, config.projector_type)
+            if name is not None:
+                state[name] = v
+    with torch.device("meta"):
+        model = Llava(config)
+    expected = model.state_dict()
+    if config.text.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+                         f"{' ...' if len(unexpected) > 10 else ''}")
+    bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+           for k, v in expected.items() if state[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"shape mismatch in {path}: " + "; ".join(bad[:10]))
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False, assign=True)
+    if config.text.tie_word_embeddings:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    return model.eval()
+
+
+def save_pretrained(model, path, layout="llava-hf", max_shard_bytes=5 * 1024**3):
+    """Write config.json + safetensors (sharded with an index above `max_shard_bytes`).
+
+    layout="llava-hf": transformers' LlavaForConditionalGeneration layout (newest key scheme).
+    layout="llava": the original LLaVA layout (the only one that holds the `cluster` projector),
+    with the vision tower inside the checkpoint.
+    """
+    from safetensors.torch import save_file
+    cfg = model.config
+    v, t = cfg.vision, cfg.text
+    text_json = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                     num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+                     head_dim=t.head_dim, rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps,
+                     tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=t.max_position_embeddings,
+                     bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, hidden_act="silu")
+    vision_json = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+                       num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+                       layer_norm_eps=v.layer_norm_eps, hidden_act="quick_gelu", model_type="clip_vision_model")
+    state = {k: t_.detach().contiguous() for k, t_ in model.state_dict().items()}
+    if t.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    if layout == "llava-hf":
+        if cfg.projector_type != "mlp2x_gelu":
+            raise ValueError(f"the llava-hf layout holds only the mlp2x_gelu projector, not {cfg.projector_type!r}: "
+                             "use layout='llava'")
+        config = dict(model_type="llava", architectures=["LlavaForConditionalGeneration"],
+                      image_token_id=cfg.image_token_id, image_token_index=cfg.image_token_id,
+                      image_seq_length=cfg.image_seq_length, vision_feature_layer=v.feature_layer,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                      multimodal_projector_bias=True, tie_word_embeddings=t.tie_word_embeddings,
+                      text_config=dict(text_json, model_type=t.model_type), vision_config=vision_json)
+        prefixes = [("language_model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+                    ("projector.", "model.multi_modal_projector."), ("lm_head.", "lm_head.")]
+    elif layout == "llava":
+        config = dict(text_json, model_type=f"llava_{t.model_type}", architectures=["LlavaLlamaForCausalLM"],
+                      mm_projector_type=cfg.projector_type, mm_hidden_size=v.hidden_size,
+                      mm_vision_select_layer=v.feature_layer, mm_vision_select_feature="patch",
+                      mm_use_im_start_end=False, image_aspect_ratio="pad", image_token_index=cfg.image_token_id,
+                      mm_cluster_centers=cfg.cluster_centers, mm_cluster_iters=cfg.cluster_iters,
+                      vision_config=vision_json)
+        prefixes = [("language_model.", "model."), ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+                    ("projector.", "model.mm_projector."), ("lm_head.", "lm_head.")]
+        if cfg.projector_type != "cluster":
+            state = {k.replace("projector.linear_1.", "projector.0." if cfg.projector_type == "mlp2x_gelu" else "projector.")
+                      .replace("projector.linear_2.", "projector.2."): x for k, x in state.items()}
+    else:
+        raise ValueError(f"unknown layout {layout!r}: expected 'llava-hf' or 'llava'")
+    out = {}
+    for k, x in state.items():
+        new = next(p_new + k[len(p_old):] for p_old, p_new in prefixes if k.startswith(p_old))
+        out[new] = x
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    shards, size = [{}], 0  # greedy split in key order
+    for k, x in out.items():
+        nbytes = x.numel() * x.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = x
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(x.numel() * x.element_size() for x in out.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+# -----------------------------------------------------------------------------
+# Sampling and generation (gpt-fast `generate.py` shape: pure filters, then a prefill + decode loop)
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """Temperature, then top-k, then top-p (nucleus), as transformers' logits warpers apply them.
+
+    Removed tokens get -inf. Ties at the k-th value are kept; top-p keeps the smallest set of most
+    likely tokens whose probability reaches top_p, and always at least one token.
+    """
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p  # the low tail whose mass fits within 1 - top_p
+        drop[..., -1] = False  # keep the most likely token no matter what
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """(B, V) logits -> (B,) next tokens. temperature 0 is greedy (what VQA evaluation uses)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float(), temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
+             top_k=None, top_p=None, eos_token_id=None, pad_token_id=0, generator=None):
+    """Batched decoding of left-padded prompts with a KV cache.
+
+    Returns only the new tokens, (B, n <= max_new_tokens); a row that produced EOS keeps it and is
+    filled with `pad_token_id` afterwards; decoding stops when every row is done.
+    """
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate expects left-padded prompts: the last column of attention_mask must be 1")
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=input_ids.device)
+    cache = model.new_cache(B, T + max_new_tokens)
+    logits = model(input_ids, pixel_values, attention_mask, cache=cache)[:, -1]  # prefill
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    out = []
+    for step in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)
+        token = token.masked_fill(done, pad_token_id)
+        out.append(token)
+        done |= torch.isin(token, eos)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        logits = model(token[:, None], attention_mask=attention_mask, cache=cache)[:, -1]  # decode one token
+    return torch.stack(out, dim=1)
