@@ -1,0 +1,514 @@
+"""
+Medical VQA evaluation: VQA-RAD, SLAKE (English), PathVQA and the synthetic set, scored exactly as the
+papers score them.
+
+    python evaluate.py slake --pred answers.jsonl                       # score an existing answer file
+    python evaluate.py slake --model ckpt/ [--adapter lora/] [--out answers.jsonl] [--batch_size 8]
+    python evaluate.py slake --compare base.jsonl ours.jsonl            # paired difference, with its CI
+
+- Metrics: LLaVA-Med v1's `llava/eval/run_eval_batch.py` + `eval_metrics/{glossary,evaluate_metrics,utils}.py`
+  (microsoft/LLaVA-Med @ b9a98a7; the v1.5 main branch no longer has them). The papers' tables
+  (LLaVA-Med Table 3, STLLaVA-Med, BioMed-VITAL) report Open = mean token recall over OPEN questions,
+  F1 = mean token F1 over OPEN questions, Closed = "yes/no accuracy" over CLOSED questions, x100.
+  Every quirk is kept on purpose (each is marked "quirk"), so the numbers are comparable with the tables.
+- Beyond the papers: run_eval.py's closed rule, a strict closed accuracy, a 95% bootstrap CI on each
+  headline number, and a paired bootstrap for comparing two answer files on the same questions.
+- Prompt (LLaVA-1.5 `vicuna_v1`, as STLLaVA-Med's `llava/eval/model_vqa.py` with `--conv-mode llava_v1`):
+  "{system} USER: <image>\\n{question} ASSISTANT:", greedy decoding. The question is sent as is: neither
+  LLaVA-Med v1 (`model_vqa_med.py`) nor STLLaVA-Med add a "answer yes or no" suffix, so the default is
+  none; `--closed_suffix " Answer with yes or no."` appends one to CLOSED questions only (note: that uses
+  the ground-truth answer type at inference time, as some later papers do).
+  Differences from the authors: they decode with max_new_tokens=1024 and temperature 0.2 (ST, README
+  says greedy) or sampling at 0.7 (LLaVA-Med v1); we decode greedily. ST's model_vqa.py does not pad
+  images to square (CLIP resize + centre crop); we pad like training does (`--no_pad` for ST's way).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# Metric rules: LLaVA-Med `llava/eval/eval_metrics/glossary.py` (tables copied verbatim)
+
+CONTRACTIONS = {  # glossary.py `contractions`; the capitalised keys can never match (input is lower-cased): quirk
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
+    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # glossary.py `manual_map`
+ARTICLES = ("a", "an", "the")
+PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+# the "(?!<=\d)" is a typo for a lookbehind: as written it is a lookahead that always passes, so this
+# removes every "." not followed by a digit ("3.5" survives, "cm." loses its dot): quirk
+PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+
+
+def normalize_word(s):
+    """glossary.py `normalize_word`: punctuation, periods, number words, articles, contractions."""
+    out = s
+    for p in PUNCT:
+        # a mark next to a space anywhere in the ORIGINAL string (not the edited one), or any digit-comma-digit
+        # anywhere, makes every copy of that mark vanish; otherwise each copy becomes a space: quirk
+        if (p + " " in s or " " + p in s) or COMMA_STRIP.search(s) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = PERIOD_STRIP.sub("", out, count=int(re.UNICODE))  # the official code passes re.UNICODE (=32) as count: quirk
+    words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]  # "two" -> "2", "none" -> "0"
+    words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]  # drop a/an/the, "dont" -> "don't"
+    return " ".join(words).replace(",", "")
+
+
+def word_counts(s):
+    """utils.py `split_sentence(s, 1)`: whitespace unigrams, lower-cased, no further cleaning."""
+    return Counter(s.lower().strip().split())
+
+
+def calculate_f1score(pred, gt):
+    """evaluate_metrics.py `calculate_f1score` -> (f1, precision, recall); normalises its inputs (again)."""
+    c, r = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
+    if not c or not r:  # an empty prediction or reference scores 0
+        return 0.0, 0.0, 0.0
+    tp = sum(n for w, n in c.items() if w in r)  # counted on the PREDICTION side: "left left" vs "left lung" -> 2: quirk
+    fp = sum(n for w, n in c.items() if w not in r)
+    fn = sum(n for w, n in r.items() if w not in c)
+    if tp == 0:
+        return 0.0, 0.0, 0.0
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    return 2 * precision * recall / (precision + recall), precision, recall
+
+
+def calculate_exactmatch(pred, gt):
+    """evaluate_metrics.py `calculate_exactmatch` ("exact match score"): distinct reference words found
+    in the prediction / number of prediction words. Not an exact match despite the name: quirk."""
+    c, r = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
+    total = sum(c.values())
+    return sum(1 for w in r if w in c) / total if total else 0.0
+
+
+def score_item(pred, gt):
+    """All per-question scores; `pred`/`gt` are raw strings, lower-cased then normalised as run_eval_batch.py does."""
+    p, g = normalize_word(str(pred).lower()), normalize_word(str(gt).lower())
+    f1, precision, recall = calculate_f1score(p, g)  # normalised a second time inside, as in the official code
+    words = p.split()
+    yes_no = g in ("yes", "no")
+    return {
+        # run_eval_batch.py (the papers' Closed): hit if the normalised gt is a SUBSTRING of the normalised
+        # prediction, so "no" counts inside "normal"/"not"/"nodule" and "yes" inside "eyes": quirk
+        "closed": float(g in p),
+        # run_eval.py (b9a98a7): as above, and "yes" or "no" must also occur (as substrings) in the prediction
+        "closed_run_eval": float(("yes" in p or "no" in p) and g in p),
+        # strict (ours): a yes/no gt must equal the prediction's FIRST word; any other gt must occur as whole words
+        "closed_strict": float(words[:1] == [g] if yes_no else f" {g} " in f" {p} "),
+        "open_hit": float(g in p),  # run_eval_batch.py's "open accuracy": the same substring test on OPEN questions
+        "recall": recall, "precision": precision, "f1": f1,  # calculate_f1score, the papers' Open and F1
+        "em_score": calculate_exactmatch(p, g),  # LLaVA-Med's "exact match score" (see its docstring)
+        "exact": float(p == g),  # exact match (ours): the normalised strings are equal
+    }
+
+# -----------------------------------------------------------------------------
+# Loaders: each returns a list of {"qid": str, "image": Path, "question", "answer", "answer_type": OPEN|CLOSED,
+# "modality"?}, in the file's order. Ids are strings, so 12 and "12" match (VQA-RAD mixes the two).
+
+DOWNLOAD = {
+    "vqa_rad": "VQA-RAD from https://osf.io/89kps/ : VQA_RAD_Dataset_Public.json and the image folder "
+               "(as images/ or 'VQA_RAD Image Folder/')",
+    "slake": "SLAKE 1.0 from https://www.med-vqa.com/slake/ : test.json and imgs.zip unpacked as imgs/",
+    "pathvqa": "PathVQA's test split (https://github.com/UCSD-AI4H/PathVQA) as test.json, either a list of "
+               "{image_path, question, answer, answer_type} or LLaVA-Med's converted pvqa test.json, with its images",
+    "synth": "nothing: leave --data out and data.synth_data() generates it",
+}
+
+
+class DataError(FileNotFoundError):
+    pass
+
+
+def answer_type(t, answer):
+    """'CLOSED'/'OPEN' from the files' spellings ('CLOSED ' with a space in VQA-RAD train, 'CLOSE' in BioMed-VITAL)."""
+    if t is None:  # PathVQA copies without the field: yes/no answers are the closed ones (our choice)
+        return "CLOSED" if str(answer).strip().lower() in ("yes", "no") else "OPEN"
+    t = str(t).strip().upper()
+    if t in ("CLOSED", "CLOSE", "OPEN"):
+        return "OPEN" if t == "OPEN" else "CLOSED"
+    raise ValueError(f"unknown answer_type {t!r}")
+
+
+def _qa(qid, image, question, answer, atype, **extra):
+    return {"qid": str(qid), "image": Path(image), "question": str(question).strip(), "answer": str(answer).strip(),
+            "answer_type": answer_type(atype, answer), **extra}
+
+
+def _read_json(path, dataset):
+    if not Path(path).is_file():
+        raise DataError(f"{path} not found. Download {DOWNLOAD[dataset]}, into {Path(path).parent}/ (or pass --data DIR)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _first_dir(root, names):
+    return next((root / n for n in names if (root / n).is_dir()), root)
+
+
+def load_llava_med(records, root):
+    """LLaVA-Med's converted test JSON: id, image, conversations (human question, gpt answer), answer_type.
+    run_eval_batch.py reads `conversatons` (sic) when `conversations` is absent; so do we."""
+    images = _first_dir(root, ["images", "imgs"])
+    out = []
+    for r in records:
+        conv = r.get("conversations", r.get("conversatons"))
+        question = conv[0]["value"].replace("<image>", "").strip()
+        out.append(_qa(r["id"], images / r["image"], question, conv[1]["value"], r["answer_type"]))
+    return out
+
+
+def load_dataset(name, data_dir=None, check_images=True):
+    """Test questions of `name` from `data_dir` (default data/<name> next to this file; synth: generated)."""
+    if data_dir is None and name == "synth":
+        try:
+            from data import synth_data
+        except ImportError:  # until synth_draft.py is merged into data.py
+            from synth_draft import synth_data
+        data_dir = synth_data()
+    root = Path(data_dir) if data_dir is not None else Path(__file__).resolve().parent / "data" / name
+    if not root.exists():
+        raise DataError(f"{root} does not exist. Download {DOWNLOAD[name]}, into {root}/ (or pass --data DIR)")
+    path = root if root.is_file() else root / "test.json"
+    if name == "vqa_rad" and root.is_dir() and (root / "VQA_RAD_Dataset_Public.json").exists():
+        path = root / "VQA_RAD_Dataset_Public.json"
+    root = path.parent
+    records = _read_json(path, name)
+    if records and ("conversations" in records[0] or "conversatons" in records[0]):
+        examples = load_llava_med(records, root)
+    elif name in ("vqa_rad", "synth"):  # VQA-RAD's public JSON; the synthetic set writes the same fields
+        images = _first_dir(root, ["images", "VQA_RAD Image Folder"])
+        examples = [_qa(r["qid"], images / r["image_name"], r["question"], r["answer"], r["answer_type"])
+                    for r in records if r.get("phrase_type", "test").startswith("test")]  # test_freeform + test_para
+    elif name == "slake":
+        examples = [_qa(r["qid"], root / "imgs" / r["img_name"], r["question"], r["answer"], r["answer_type"],
+                        modality=r["modality"]) for r in records if r["q_lang"] == "en"]
+    elif name == "pathvqa":  # the id is the record's index; image paths may be written with Windows "\\"
+        examples = [_qa(i, root / r["image_path"].replace("\\", "/"), r["question"], r["answer"], r.get("answer_type"))
+                    for i, r in enumerate(records)]
+    else:
+        raise ValueError(f"unknown dataset {name!r}")
+    missing = [str(e["image"]) for e in examples if check_images and not e["image"].is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) missing, e.g. {missing[0]}. Download {DOWNLOAD[name]}, into {root}/")
+    return examples
+
+# -----------------------------------------------------------------------------
+# Answer files: JSONL with question_id and text (LLaVA-Med's answer-file convention; `prediction` accepted)
+
+
+def read_answers(path):
+    """[(question_id as str, text)] in file order; a line that is not JSON names its line number."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                    rows.append((str(r["question_id"]), str(r["text"] if "text" in r else r["prediction"])))
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ValueError(f"{path}:{n}: not an answer record ({e!r})") from None
+    return rows
+
+
+def match_answers(examples, rows):
+    """Texts aligned with `examples` by id, plus a report. A missing id is scored as an empty answer (wrong),
+    so the denominator stays the full test set; duplicates keep their first answer; unknown ids are ignored.
+    All three are reported, never dropped silently (the official script just asserts equal id lists)."""
+    first, dup = {}, []
+    for qid, text in rows:
+        if qid in first:
+            dup.append(qid)
+        else:
+            first[qid] = text
+    known = {e["qid"] for e in examples}
+    missing = [e["qid"] for e in examples if e["qid"] not in first]
+    unknown = [q for q in first if q not in known]
+    report = {"n_missing": len(missing), "missing_ids": missing, "n_duplicate": len(dup), "duplicate_ids": dup,
+              "n_unknown": len(unknown), "unknown_ids": unknown}
+    return [first.get(e["qid"], "") for e in examples], report
+
+# -----------------------------------------------------------------------------
+# Scoring, bootstrap and report
+
+HEADLINE = ("closed_accuracy", "open_recall", "open_f1", "closed_accuracy_strict")
+# reported key -> (per-question score, answer type it averages over, or None for every question)
+METRICS = {
+    "closed_accuracy": ("closed", "CLOSED"), "closed_accuracy_run_eval": ("closed_run_eval", "CLOSED"),
+    "closed_accuracy_strict": ("closed_strict", "CLOSED"), "open_recall": ("recall", "OPEN"),
+    "open_precision": ("precision", "OPEN"), "open_f1": ("f1", "OPEN"), "open_accuracy": ("open_hit", "OPEN"),
+    "exact_match_score": ("em_score", "OPEN"), "exact_match": ("exact", None),
+}
+LABELS = {
+    "closed_accuracy": "Closed accuracy (papers; run_eval_batch.py)",
+    "closed_accuracy_run_eval": "Closed accuracy (run_eval.py rule)",
+    "closed_accuracy_strict": "Closed accuracy (strict, ours)", "open_recall": "Open recall (papers' Open)",
+    "open_precision": "Open precision", "open_f1": "Open F1", "open_accuracy": "Open accuracy (gt substring)",
+    "exact_match_score": "LLaVA-Med 'exact match score' (open)", "exact_match": "Exact match (all, ours)",
+}
+
+
+def score(examples, texts):
+    """Per-question scores as arrays {score name: (N,)}, plus boolean masks for the answer types."""
+    items = [score_item(t, e["answer"]) for e, t in zip(examples, texts)]
+    s = {k: np.array([it[k] for it in items], dtype=float) for k in items[0]} if items else {}
+    for t in ("CLOSED", "OPEN"):
+        s[t] = np.array([e["answer_type"] == t for e in examples], dtype=bool)
+    return s
+
+
+def summarize(s, keep=None):
+    """Metrics in percent (macro over questions, as the official scripts average), over rows `keep`."""
+    keep = np.ones(len(s["OPEN"]), bool) if keep is None else keep
+    out = {"n": int(keep.sum()), "n_closed": int((keep & s["CLOSED"]).sum()), "n_open": int((keep & s["OPEN"]).sum())}
+    for key, (col, atype) in METRICS.items():
+        rows = keep & s[atype] if atype else keep
+        out[key] = round(100 * float(s[col][rows].mean()), 4) if rows.any() else None  # None: no such question
+    return out
+
+
+def bootstrap(values, n, seed):
+    """95% percentile interval of the mean x100, resampling questions with replacement (seeded)."""
+    if n <= 0 or len(values) == 0:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(values), size=(n, len(values)))
+    lo, hi = np.percentile(100 * values[idx].mean(1), [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def confidence_intervals(s, n, seed):
+    """A CI for each headline number, each resampled within its own answer type."""
+    return {k: bootstrap(s[METRICS[k][0]][s[METRICS[k][1]]], n, seed) for k in HEADLINE}
+
+
+def _fmt(x, width=7):
+    return f"{x:{width}.2f}" if x is not None else f"{'-':>{width}}"
+
+
+def report(name, examples, texts, match, n_boot=1000, seed=0):
+    """Print the table; return the result dict (the caller prints it as the last JSON line)."""
+    s = score(examples, texts)
+    res = {"dataset": name, **summarize(s), "ci": confidence_intervals(s, n_boot, seed), **match}
+    print(f"\n{name}: {res['n']} questions ({res['n_closed']} closed, {res['n_open']} open)")
+    for key in METRICS:
+        ci = res["ci"].get(key)
+        print(f"  {LABELS[key]:<44} {_fmt(res[key])}" + (f"   95% CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+    if any("modality" in e for e in examples):  # SLAKE: by imaging modality
+        mods = sorted({e.get("modality", "?") for e in examples})
+        res["by_modality"] = {m: summarize(s, np.array([e.get("modality", "?") == m for e in examples])) for m in mods}
+        print(f"\n  {'modality':<10}{'n_closed':>9}{'n_open':>8}{'closed':>9}{'strict':>9}{'recall':>9}{'f1':>9}")
+        for m, r in res["by_modality"].items():
+            print(f"  {m:<10}{r['n_closed']:>9}{r['n_open']:>8}" + "".join(f"{_fmt(r[k], 9)}" for k in
+                  ("closed_accuracy", "closed_accuracy_strict", "open_recall", "open_f1")))
+    for what in ("missing", "duplicate", "unknown"):
+        if match.get(f"n_{what}"):
+            ids = match[f"{what}_ids"]
+            print(f"  WARNING: {len(ids)} {what} question id(s): {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}"
+                  + (" (scored as empty answers)" if what == "missing" else ""))
+    return res
+
+
+def compare(examples, texts_a, texts_b, n_boot=1000, seed=0):
+    """Paired difference B - A on each headline metric; both files' scores resampled with the same indices."""
+    a, b = score(examples, texts_a), score(examples, texts_b)
+    sa, sb, out = summarize(a), summarize(b), {}
+    for key in HEADLINE:
+        col, atype = METRICS[key]
+        d = b[col][a[atype]] - a[col][a[atype]]  # (n,) per-question differences on the same questions
+        if len(d) == 0:
+            continue
+        ci = bootstrap(d, n_boot, seed)
+        out[key] = {"a": sa[key], "b": sb[key], "diff": round(100 * float(d.mean()), 4), "ci": ci}
+        print(f"  {LABELS[key]:<44} A {sa[key]:7.2f}  B {sb[key]:7.2f}  B-A {out[key]['diff']:+7.2f}"
+              + (f"   95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""))
+    return out
+
+# -----------------------------------------------------------------------------
+# Answering with a model: batched greedy decoding of left-padded prompts, written as it goes
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+          "helpful, detailed, and polite answers to the user's questions.")  # LLaVA-1.5 conv_vicuna_v1
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def prompt_tools(model_path, config, pad=True):
+    """(tokenizer, encode(question) -> ids, image(path) -> (3,S,S) tensor). Uses data.py when it is there;
+    otherwise a minimal stand-in (TODO: delete the fallback once data.py has landed)."""
+    import torch
+    L, image_id, size = config.image_seq_length, config.image_token_id, config.vision.image_size
+    try:
+        import data
+        tok = data.load_tokenizer(model_path)
+        encode = lambda q: data.encode_prompt([{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": None}],
+                                              tok, "vicuna_v1", L, image_id)
+        image = lambda p: data.preprocess_image(p, size=size, pad_to_square=pad)
+        return tok, encode, image
+    except ImportError:
+        pass
+    from PIL import Image
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(model_path, "tokenizer.json"))
+
+    def encode(q):  # LLaVA's tokenizer_image_token: text chunks around "<image>", BOS first, L image ids
+        before, after = f"{SYSTEM} USER: <image>\n{q} ASSISTANT:".split("<image>")
+        ids = lambda t: tok.encode(t, add_special_tokens=False).ids
+        return [config.text.bos_token_id] + ids(before) + [image_id] * L + ids(after)
+
+    def image(path):  # LLaVA-1.5 image_aspect_ratio="pad": pad to square with the mean colour, then resize
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        if pad:
+            canvas = Image.new("RGB", (max(w, h),) * 2, tuple(int(255 * m) for m in CLIP_MEAN))
+            canvas.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+            img = canvas
+        else:  # CLIP's centre crop
+            m = min(w, h)
+            img = img.crop(((w - m) // 2, (h - m) // 2, (w - m) // 2 + m, (h - m) // 2 + m))
+        x = torch.from_numpy(np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255)
+        return ((x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)).permute(2, 0, 1)  # (3, S, S)
+    return tok, encode, image
+
+
+def done_ids(path):
+    """Ids already answered in `path`; a torn last line (killed mid-write) is cut off so the file stays valid."""
+    if not os.path.exists(path):
+        return set()
+    good = []
+    with open(path) as f:
+        for line in f:
+            try:
+                good.append((json.loads(line)["question_id"], line if line.endswith("\n") else line + "\n"))
+            except (json.JSONDecodeError, KeyError):
+                print(f"dropping an unreadable line of {path}: {line[:80]!r}", file=sys.stderr)
+    with open(path, "w") as f:
+        f.writelines(line for _, line in good)
+    return {str(q) for q, _ in good}
+
+
+def answer(examples, model_path, out, vision_path=None, adapter=None, batch_size=8, max_new_tokens=1024,
+           closed_suffix="", pad=True, device=None, dtype=None):
+    """Answer every question not yet in `out` (JSONL, appended and flushed per batch, so reruns resume)."""
+    import torch
+    from model import from_pretrained, generate
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = from_pretrained(model_path, vision_path, dtype=dtype, device=device)
+    if adapter:
+        import lora
+        model = lora.merge_lora(lora.load_adapter(model, adapter))  # merged: plain Linear layers decode faster
+    tok, encode, image = prompt_tools(model_path, model.config, pad)
+    eos, model_id = model.config.text.eos_token_id, os.path.basename(os.path.normpath(model_path))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    todo = [e for e in examples if e["qid"] not in done_ids(out)]
+    print(f"{len(examples) - len(todo)} of {len(examples)} already answered in {out}", file=sys.stderr)
+    t0, n_tok, n_steps = time.time(), 0, 0
+    with open(out, "a") as f:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            questions = [e["question"] + (closed_suffix if e["answer_type"] == "CLOSED" else "") for e in batch]
+            prompts = [encode(q) for q in questions]
+            T = max(map(len, prompts))  # left padding: every prompt ends at the same column, where decoding starts
+            ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+            pixels = torch.stack([image(e["image"]) for e in batch]).to(device)
+            new = generate(model, ids, pixels, mask, max_new_tokens=max_new_tokens, eos_token_id=eos).tolist()
+            for e, q, row in zip(batch, questions, new):
+                text_ids = row[:row.index(eos)] if eos in row else row  # after EOS: padding
+                n_tok += len(text_ids) + (eos in row)
+                text = tok.decode(text_ids, skip_special_tokens=True).strip()
+                f.write(json.dumps({"question_id": e["qid"], "prompt": q, "text": text, "model_id": model_id}) + "\n")
+            f.flush()
+            n_steps += len(new[0]) + 1  # prefill + decode steps: each reads every weight once
+            dt, k = time.time() - t0, i + len(batch)
+            print(f"[{k}/{len(todo)}] {n_tok / dt:.1f} tok/s, {weight_bytes * n_steps / dt / 1e9:.2f} GB/s of weights, "
+                  f"ETA {dt / k * (len(todo) - k):.0f}s", file=sys.stderr)
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dataset", choices=["vqa_rad", "slake", "pathvqa", "synth"])
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pred", help="score this answer file (JSONL: question_id, text)")
+    what.add_argument("--model", help="answer with this checkpoint directory, then score")
+    what.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired difference B - A of two answer files")
+    ap.add_argument("--data", help="dataset directory or test JSON (default data/<dataset>)")
+    ap.add_argument("--vision_path", help="local CLIP checkpoint when the model directory has no vision tower")
+    ap.add_argument("--adapter", help="LoRA adapter directory (PEFT layout) applied on top of --model")
+    ap.add_argument("--out", help="answer file to write (default answers-<dataset>.jsonl)")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--max_new_tokens", type=int, default=1024, help="the authors' value")
+    ap.add_argument("--limit", type=int, help="only the first N test questions (answering and scoring)")
+    ap.add_argument("--closed_suffix", default="", help='appended to CLOSED questions, e.g. " Answer with yes or no."')
+    ap.add_argument("--no_pad", action="store_true", help="centre-crop images instead of padding them to square")
+    ap.add_argument("--device")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the result JSON here")
+    args = ap.parse_args(argv)
+    try:
+        examples = load_dataset(args.dataset, args.data, check_images=args.model is not None)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    examples = examples[:args.limit] if args.limit else examples
+    if args.compare:
+        (ta, ma), (tb, mb) = (match_answers(examples, read_answers(p)) for p in args.compare)
+        print(f"\n{args.dataset}: {args.compare[1]} (B) vs {args.compare[0]} (A), {len(examples)} questions")
+        res = {"dataset": args.dataset, "a": ma, "b": mb, **compare(examples, ta, tb, args.bootstrap, args.seed)}
+    else:
+        pred = args.pred
+        if args.model:
+            pred = args.out or f"answers-{args.dataset}.jsonl"
+            answer(examples, args.model, pred, args.vision_path, args.adapter, args.batch_size, args.max_new_tokens,
+                   args.closed_suffix, not args.no_pad, args.device, args.dtype)
+        texts, match = match_answers(examples, read_answers(pred))
+        res = report(args.dataset, examples, texts, match, args.bootstrap, args.seed)
+    line = json.dumps(res)
+    if args.json:
+        Path(args.json).write_text(line + "\n")
+    print(line)  # the last line of stdout: one JSON object
+    return res
+
+
+if __name__ == "__main__":
+    main()
