@@ -198,10 +198,7 @@ def load_llava_med(records, root):
 def load_dataset(name, data_dir=None, check_images=True):
     """Test questions of `name` from `data_dir` (default data/<name> next to this file; synth: generated)."""
     if data_dir is None and name == "synth":
-        try:
-            from data import synth_data
-        except ImportError:  # until synth_draft.py is merged into data.py
-            from synth_draft import synth_data
+        from data import synth_data
         data_dir = synth_data()
     root = Path(data_dir) if data_dir is not None else Path(__file__).resolve().parent / "data" / name
     if not root.exists():
@@ -363,47 +360,27 @@ def compare(examples, texts_a, texts_b, n_boot=1000, seed=0):
 # -----------------------------------------------------------------------------
 # Answering with a model: batched greedy decoding of left-padded prompts, written as it goes
 
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-          "helpful, detailed, and polite answers to the user's questions.")  # LLaVA-1.5 conv_vicuna_v1
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+def generate_text(model, tokenizer, conversations, pixel_values=None, template="vicuna_v1", max_new_tokens=64,
+                  temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Replies of `model` to a batch of conversations whose last turn has value None.
 
-
-def prompt_tools(model_path, config, pad=True):
-    """(tokenizer, encode(question) -> ids, image(path) -> (3,S,S) tensor). Uses data.py when it is there;
-    otherwise a minimal stand-in (TODO: delete the fallback once data.py has landed)."""
+    The one place prompts become text: evaluation, the questions stage 2 asks (VUSER) and the answers it
+    samples all go through here. Prompts are left-padded, so decoding starts at the same column in every row.
+    """
     import torch
-    L, image_id, size = config.image_seq_length, config.image_token_id, config.vision.image_size
-    try:
-        import data
-        tok = data.load_tokenizer(model_path)
-        encode = lambda q: data.encode_prompt([{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": None}],
-                                              tok, "vicuna_v1", L, image_id)
-        image = lambda p: data.preprocess_image(p, size=size, pad_to_square=pad)
-        return tok, encode, image
-    except ImportError:
-        pass
-    from PIL import Image
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(os.path.join(model_path, "tokenizer.json"))
-
-    def encode(q):  # LLaVA's tokenizer_image_token: text chunks around "<image>", BOS first, L image ids
-        before, after = f"{SYSTEM} USER: <image>\n{q} ASSISTANT:".split("<image>")
-        ids = lambda t: tok.encode(t, add_special_tokens=False).ids
-        return [config.text.bos_token_id] + ids(before) + [image_id] * L + ids(after)
-
-    def image(path):  # LLaVA-1.5 image_aspect_ratio="pad": pad to square with the mean colour, then resize
-        img = Image.open(path).convert("RGB")
-        w, h = img.size
-        if pad:
-            canvas = Image.new("RGB", (max(w, h),) * 2, tuple(int(255 * m) for m in CLIP_MEAN))
-            canvas.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-            img = canvas
-        else:  # CLIP's centre crop
-            m = min(w, h)
-            img = img.crop(((w - m) // 2, (h - m) // 2, (w - m) // 2 + m, (h - m) // 2 + m))
-        x = torch.from_numpy(np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255)
-        return ((x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)).permute(2, 0, 1)  # (3, S, S)
-    return tok, encode, image
+    from data import collate, encode_prompt
+    from model import generate
+    cfg = model.config
+    prompts = [{"input_ids": encode_prompt(c, tokenizer, template, cfg.image_seq_length, cfg.image_token_id)}
+               for c in conversations]
+    b = collate(prompts, padding_side="left")
+    device = model.lm_head.weight.device
+    eos = cfg.text.eos_token_id
+    new = generate(model, b["input_ids"].to(device), None if pixel_values is None else pixel_values.to(device),
+                   b["attention_mask"].to(device), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, eos_token_id=eos, generator=generator).tolist()
+    return [tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True).strip()
+            for row in new]
 
 
 def done_ids(path):
@@ -424,17 +401,26 @@ def done_ids(path):
 
 def answer(examples, model_path, out, vision_path=None, adapter=None, batch_size=8, max_new_tokens=1024,
            closed_suffix="", pad=True, device=None, dtype=None):
-    """Answer every question not yet in `out` (JSONL, appended and flushed per batch, so reruns resume)."""
+    """Load a checkpoint (and adapter) and answer every question not yet in `out`."""
     import torch
-    from model import from_pretrained, generate
+    from data import load_tokenizer
+    from model import from_pretrained
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model = from_pretrained(model_path, vision_path, dtype=dtype, device=device)
     if adapter:
         import lora
         model = lora.merge_lora(lora.load_adapter(model, adapter))  # merged: plain Linear layers decode faster
-    tok, encode, image = prompt_tools(model_path, model.config, pad)
-    eos, model_id = model.config.text.eos_token_id, os.path.basename(os.path.normpath(model_path))
+    answer_with(model, load_tokenizer(model_path), examples, out, batch_size, max_new_tokens, closed_suffix, pad,
+                model_id=os.path.basename(os.path.normpath(model_path)))
+
+
+def answer_with(model, tokenizer, examples, out, batch_size=8, max_new_tokens=1024, closed_suffix="", pad=True,
+                model_id="model"):
+    """Answer every question not yet in `out` (JSONL, appended and flushed per batch, so reruns resume)."""
+    import torch
+    from data import preprocess_image
+    size = model.config.vision.image_size
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     todo = [e for e in examples if e["qid"] not in done_ids(out)]
     print(f"{len(examples) - len(todo)} of {len(examples)} already answered in {out}", file=sys.stderr)
@@ -443,22 +429,26 @@ def answer(examples, model_path, out, vision_path=None, adapter=None, batch_size
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
             questions = [e["question"] + (closed_suffix if e["answer_type"] == "CLOSED" else "") for e in batch]
-            prompts = [encode(q) for q in questions]
-            T = max(map(len, prompts))  # left padding: every prompt ends at the same column, where decoding starts
-            ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
-            mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
-            pixels = torch.stack([image(e["image"]) for e in batch]).to(device)
-            new = generate(model, ids, pixels, mask, max_new_tokens=max_new_tokens, eos_token_id=eos).tolist()
-            for e, q, row in zip(batch, questions, new):
-                text_ids = row[:row.index(eos)] if eos in row else row  # after EOS: padding
-                n_tok += len(text_ids) + (eos in row)
-                text = tok.decode(text_ids, skip_special_tokens=True).strip()
+            convs = [[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": None}] for q in questions]
+            pixels = torch.stack([preprocess_image(e["image"], size=size, pad_to_square=pad) for e in batch])
+            texts = generate_text(model, tokenizer, convs, pixels, "vicuna_v1", max_new_tokens)
+            for e, q, text in zip(batch, questions, texts):
+                n_tok += len(tokenizer.encode(text, add_special_tokens=False).ids) + 1
                 f.write(json.dumps({"question_id": e["qid"], "prompt": q, "text": text, "model_id": model_id}) + "\n")
             f.flush()
-            n_steps += len(new[0]) + 1  # prefill + decode steps: each reads every weight once
+            n_steps += max_new_tokens + 1  # upper bound: prefill + decode steps, each reads every weight once
             dt, k = time.time() - t0, i + len(batch)
-            print(f"[{k}/{len(todo)}] {n_tok / dt:.1f} tok/s, {weight_bytes * n_steps / dt / 1e9:.2f} GB/s of weights, "
-                  f"ETA {dt / k * (len(todo) - k):.0f}s", file=sys.stderr)
+            print(f"[{k}/{len(todo)}] {n_tok / dt:.1f} tok/s, <= {weight_bytes * n_steps / dt / 1e9:.2f} GB/s of "
+                  f"weights, ETA {dt / k * (len(todo) - k):.0f}s", file=sys.stderr)
+
+
+def evaluate_model(model, tokenizer, dataset, data_dir=None, out="answers.jsonl", batch_size=32, max_new_tokens=32,
+                   n_boot=1000, seed=0):
+    """Answer a test set with an in-memory model and score it: the result dict of `report`."""
+    examples = load_dataset(dataset, data_dir)
+    answer_with(model, tokenizer, examples, out, batch_size, max_new_tokens)
+    texts, match = match_answers(examples, read_answers(out))
+    return report(dataset, examples, texts, match, n_boot, seed)
 
 # -----------------------------------------------------------------------------
 # Command line

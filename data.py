@@ -1,0 +1,771 @@
+"""
+From raw records to exactly the tokens, labels and pixels that STLLaVA-Med trains on.
+
+- Tokenizer: a `tokenizer.json`, or a LLaMA-style SentencePiece `tokenizer.model` converted by hand:
+  the protobuf is read field by field and rebuilt as the equivalent byte-fallback BPE in `tokenizers`
+  (merges from the piece scores, as transformers' LlamaConverter does), with ids equal to sentencepiece's.
+- Templates: `vicuna_v1` (LLaVA-1.5), `vicuna_v1_sq` (STLLaVA-Med stage 1: Vicuna plus the questioner
+  role VUSER, from SQ-LLaVA) and `mistral_instruct` (LLaVA-Med v1.5), rendered as the authors' get_prompt.
+- Encoding: `<image>` becomes image_seq_length copies of the image id; labels are -100 except the
+  answers and the VUSER questions with their "</s>"; checked against the authors' split/length arithmetic.
+- Images: LLaVA's pad-to-square with the CLIP mean colour, then CLIP's resize/crop/normalise, in PIL+numpy.
+- Datasets: a validating reader for LLaVA conversation JSON, and a collate with right or left padding.
+- The synthetic default ("toy radiology") sits at the bottom.
+
+References (fixed commits): heliossun/STLLaVA-Med@9113c41 `train.py` (preprocess_v1_sq2, preprocess_multimodal,
+LazySupervisedDataset), `llava/conversation.py`, `llava/mm_utils.py` (tokenizer_image_token);
+microsoft/LLaVA-Med@d406e3f `llava/conversation.py` (conv_mistral_instruct); sentencepiece
+`sentencepiece_model.proto`; transformers `convert_slow_tokenizer.py` (LlamaConverter, SentencePieceExtractor).
+"""
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
+
+IGNORE_INDEX = -100                 # labels with this value get no loss (PyTorch's cross-entropy default)
+IMAGE_TAG = "<image>"               # LLaVA's DEFAULT_IMAGE_TOKEN, expanded here to image_seq_length ids
+BOS, EOS = "<s>", "</s>"            # LLaMA's; the templates write EOS into the prompt text
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP, as in CLIPImageProcessor
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# -----------------------------------------------------------------------------
+# Tokenizer: tokenizer.json, or a SentencePiece tokenizer.model read without sentencepiece/protobuf
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # ModelProto.SentencePiece.Type
+# field numbers from sentencepiece_model.proto -> (name, default); only what the conversion needs
+TRAINER_FIELDS = {3: ("model_type", 1), 24: ("treat_whitespace_as_suffix", 0), 35: ("byte_fallback", 0),
+                  40: ("unk_id", 0), 41: ("bos_id", 1), 42: ("eos_id", 2)}
+NORMALIZER_FIELDS = {1: ("name", b""), 2: ("precompiled_charsmap", b""), 3: ("add_dummy_prefix", 1),
+                     4: ("remove_extra_whitespaces", 1), 5: ("escape_whitespaces", 1)}
+
+
+def _proto_fields(buf):
+    """Yield (field number, value) of a protobuf message: each field is a varint key (number << 3 | wire
+    type) then a varint (type 0), 8 bytes (1), a varint length and bytes (2) or 4 bytes (5)."""
+    def varint(i):
+        value = shift = 0
+        while True:
+            byte = buf[i]
+            value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
+            if byte < 0x80:
+                return value, i
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        wire = key & 7
+        if wire == 0:
+            value, i = varint(i)
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        elif wire == 2:
+            n, i = varint(i)
+            value, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if i > len(buf):
+            raise ValueError("truncated protobuf message")
+        yield key >> 3, value
+
+
+def read_sentencepiece(path):
+    """Parse a SentencePiece ModelProto: ([(piece, score, type)], trainer_spec dict, normalizer_spec dict)."""
+    pieces = []
+    specs = {2: {}, 3: {}}  # trainer_spec = 2, normalizer_spec = 3: {field number: value}
+    try:
+        for field, value in _proto_fields(Path(path).read_bytes()):
+            if field == 1:    # repeated SentencePiece pieces = 1 {piece = 1; score = 2; type = 3}
+                p = dict(_proto_fields(value))
+                pieces.append((p[1].decode(), struct.unpack("<f", p.get(2, bytes(4)))[0], p.get(3, NORMAL)))
+            elif field in specs:
+                specs[field] = dict(_proto_fields(value))
+        if not pieces:
+            raise ValueError("no pieces")
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError, UnicodeDecodeError, struct.error) as e:
+        raise ValueError(f"{path}: not a readable SentencePiece model ({e})") from e
+    trainer = {name: specs[2].get(number, default) for number, (name, default) in TRAINER_FIELDS.items()}
+    normalizer = {name: specs[3].get(number, default) for number, (name, default) in NORMALIZER_FIELDS.items()}
+    for key in ("unk_id", "bos_id", "eos_id"):  # int32 -1 ("none") arrives as a 64-bit two's complement varint
+        trainer[key] -= (1 << 64) if trainer[key] >= 1 << 63 else 0
+    normalizer["name"] = normalizer["name"].decode()
+    return pieces, trainer, normalizer
+
+
+def _from_sentencepiece(path):
+    """The byte-fallback BPE `tokenizers` equivalent of a SentencePiece BPE model (LLaMA's kind)."""
+    pieces, trainer, norm = read_sentencepiece(path)
+    if trainer["model_type"] != 2:
+        raise ValueError(f"{path}: only SentencePiece BPE models (model_type 2, LLaMA's) are supported, "
+                         f"got model_type {trainer['model_type']}")
+    if trainer["treat_whitespace_as_suffix"] or any(t in (USER_DEFINED, UNUSED) for _, _, t in pieces):
+        raise ValueError(f"{path}: treat_whitespace_as_suffix and user-defined/unused pieces are not supported")
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    # SentencePiece BPE repeatedly merges the adjacent pair whose concatenation is the highest-scoring
+    # normal piece; as ranked merges that is every (left, right) split of each piece, by descending score
+    normal = {piece: score for piece, score, t in pieces if t == NORMAL}
+    merges = sorted((-score, vocab[piece], vocab[piece[:k]], vocab[piece[k:]], piece[:k], piece[k:])
+                    for piece, score in normal.items() for k in range(1, len(piece))
+                    if piece[:k] in normal and piece[k:] in normal)
+    unk = pieces[trainer["unk_id"]][0]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[m[-2:] for m in merges], unk_token=unk, fuse_unk=True,
+                               byte_fallback=bool(trainer["byte_fallback"])))
+    # normalisation in SentencePiece's order: charsmap (nmt_nfkc etc.; LLaMA: identity, none), extra-space
+    # removal (only ' '; LLaMA: off), the dummy-prefix space, then ' ' -> '▁'. No pre-tokenizer: SentencePiece
+    # merges over the whole string. Prepend runs per text segment between special tokens, which is what
+    # LLaMA's slow "legacy" tokenizer does (it calls sentencepiece on each segment).
+    steps = [normalizers.Precompiled(norm["precompiled_charsmap"])] if norm["precompiled_charsmap"] else []
+    if norm["remove_extra_whitespaces"]:
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if norm["add_dummy_prefix"]:
+        steps.append(normalizers.Prepend("▁"))
+    if norm["escape_whitespaces"]:
+        steps.append(normalizers.Replace(" ", "▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + [decoders.Strip(" ", 1, 0)] * bool(norm["add_dummy_prefix"]))
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p, _, t in pieces if t in (UNKNOWN, CONTROL)])
+    if trainer["bos_id"] >= 0:  # LLaMA adds BOS, not EOS (add_bos_token=True, add_eos_token=False)
+        bos = pieces[trainer["bos_id"]][0]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, trainer["bos_id"])])
+    tok.enable_padding(pad_id=trainer["unk_id"], pad_token=unk)  # LLaVA: pad_token = unk_token (train.py L1131)
+    return tok
+
+
+def load_tokenizer(path):
+    """Load a `tokenizers.Tokenizer` from a tokenizer.json / tokenizer.model file or a checkpoint folder
+    (tokenizer.json preferred). A SentencePiece BPE model is converted so that
+    `tok.encode(text, add_special_tokens=False).ids == sentencepiece.encode(text)` for any text without
+    special-token strings ("<s>", "</s>", "<unk>" in text are read as those tokens)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this folder")
+        path = found[0]
+    elif not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} not found")
+    if path.suffix == ".model":
+        return _from_sentencepiece(path)
+    tok = Tokenizer.from_file(str(path))
+    pre = tok.pre_tokenizer
+    if isinstance(pre, pre_tokenizers.Metaspace) and not pre.split and tok.normalizer is None:
+        # LLaMA's tokenizer.json as transformers >= 4.41 writes it: Metaspace adds no dummy prefix after a
+        # special token or before a leading space. LLaVA's slow tokenizer adds it to every text piece, as
+        # sentencepiece does; the normaliser form (LlamaConverter's for legacy=True) gives those ids.
+        tok.pre_tokenizer = None
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(pre.replacement)] * (pre.prepend_scheme != "never")
+                                              + [normalizers.Replace(" ", pre.replacement)])
+    return tok
+
+# -----------------------------------------------------------------------------
+# Conversation templates
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# STLLaVA-Med llava/conversation.py conv_vicuna_v1_sq: appended with no space before "Also" (sic)
+QUESTIONER_SYSTEM = VICUNA_SYSTEM + (
+    "Also, the artificial intelligence assistant is a curious virtual user. The virtual user asks complex questions "
+    "that are relevant to the content in the image, for example, asking about background knowledge of the objects "
+    "in the image, asking to discuss about events happening in the image, etc. Again, do not ask about uncertain details.")
+
+
+@dataclass(frozen=True)
+class Template:  # what rendering needs of the authors' Conversation objects
+    system: str
+    roles: dict       # record role ("human", "gpt", "vuser") -> role tag in the prompt
+    style: str        # "two": Vicuna "ROLE: msg" turns (SeparatorStyle.TWO); "llama_2": "[INST] msg [/INST] answer"
+    sep: str = " "    # after a user turn
+    sep2: str = EOS   # after an assistant turn
+
+
+TEMPLATES = {
+    "vicuna_v1": Template(VICUNA_SYSTEM, {"human": "USER", "gpt": "ASSISTANT"}, "two"),
+    "vicuna_v1_sq": Template(QUESTIONER_SYSTEM, {"human": "USER", "gpt": "ASSISTANT", "vuser": "VUSER"}, "two"),
+    # LLaVA-Med v1.5 (Mistral-7B-Instruct): conv_mistral_instruct = SeparatorStyle.LLAMA_2, system "", sep ""
+    "mistral_instruct": Template("", {"human": "USER", "gpt": "ASSISTANT"}, "llama_2", sep=""),
+}
+
+
+def _check_turns(turns, tpl):
+    """Turns alternate user (human, or vuser after the first) and gpt; only the last value may be None."""
+    if not turns:
+        raise ValueError("empty conversation")
+    for j, t in enumerate(turns):
+        allowed = ("gpt",) if j % 2 else ("human", "vuser") if j else ("human",)
+        if not isinstance(t, dict) or t.get("from") not in allowed or t["from"] not in tpl.roles:
+            raise ValueError(f"turn {j} is from {t.get('from') if isinstance(t, dict) else t!r}, expected one of "
+                             f"{[r for r in allowed if r in tpl.roles]}")
+        v = t.get("value")
+        if not (isinstance(v, str) and v) and not (v is None and j == len(turns) - 1):
+            raise ValueError(f"turn {j} has an empty or non-string value {v!r}")
+
+
+def _spans(turns, tpl):
+    """The prompt as [(text, kind)], kind None (no loss), "answer" or "question"; joined = get_prompt()."""
+    _check_turns(turns, tpl)
+    out = [] if tpl.style == "llama_2" else [(tpl.system + tpl.sep, None)]
+    for j, t in enumerate(turns):
+        msg = t["value"]
+        if tpl.style == "llama_2":  # LLaVA-Med conversation.py get_prompt, LLAMA_2 branch
+            if msg is None:
+                break               # a None message renders as "", so the prompt ends with "[/INST]"
+            if j == 0 and tpl.system:
+                msg = f"<<SYS>>\n{tpl.system}\n<</SYS>>\n\n{msg}"
+            out.append((f"{tpl.sep}[INST] {msg} [/INST]", None) if j % 2 == 0 else (f" {msg} {tpl.sep2}", "answer"))
+            continue
+        role = tpl.roles[t["from"]]  # TWO branch: role + ": " + msg + (sep, sep2)[j % 2]; None -> role + ":"
+        if msg is None:
+            out.append((role + ":", None))
+        elif t["from"] == "human":
+            out.append((f"{role}: {msg}{(tpl.sep, tpl.sep2)[j % 2]}", None))
+        elif t["from"] == "gpt":    # gpt sits at odd j, so its separator is sep2 = "</s>"
+            out += [(role + ":", None), (f" {msg}{tpl.sep2}", "answer")]
+        else:  # preprocess_v1_sq2 appends conv.sep2 to a VUSER message; the even-j sep " " follows it
+            out += [(role + ":", None), (f" {msg}{tpl.sep2}", "question"), (tpl.sep, None)]
+    return out
+
+
+def render_conversation(turns, template):
+    """The prompt string the authors' Conversation.get_prompt() builds for these turns
+    ([{"from": "human"|"gpt"|"vuser", "value": str | None}]; template: a TEMPLATES key or a Template)."""
+    tpl = TEMPLATES[template] if isinstance(template, str) else template
+    return "".join(text for text, _ in _spans(turns, tpl))
+
+
+def assign_questioner_roles(turns, sq_r=0.5, rng=None):
+    """STLLaVA-Med train.py preprocess_v1_sq2: every human turn after the first (which holds the image)
+    becomes a VUSER turn, whose question then gets loss, with probability sq_r (their script: --sq_r 0.5).
+    The authors redraw with the global random() on every __getitem__; pass a seeded random.Random per
+    (seed, epoch, index) to redraw each epoch reproducibly. Draws once per candidate turn, as they do."""
+    rng = rng or random
+    return [{**t, "from": "vuser"} if j > 0 and t["from"] == "human" and rng.random() < sq_r else dict(t)
+            for j, t in enumerate(turns)]
+
+# -----------------------------------------------------------------------------
+# Encoding: token ids and loss labels
+
+
+def _tokenize(text, tok, image_seq_length, image_token_id):
+    """Ids of text, without BOS, as LLaVA produces them: mm_utils.tokenizer_image_token splits at "<image>",
+    and the slow LLaMA tokenizer (use_fast=False, legacy) splits at "</s>" and runs sentencepiece on each
+    piece, so every piece gets its own dummy-prefix "▁" (also the text right after a "</s>")."""
+    eos, ids = tok.token_to_id(EOS), []
+    for k, part in enumerate(text.split(IMAGE_TAG)):
+        ids += [image_token_id] * image_seq_length * (k > 0)  # model.py swaps these for the image features
+        for j, piece in enumerate(part.split(EOS)):
+            ids += [eos] * (j > 0) + (tok.encode(piece, add_special_tokens=False).ids if piece else [])
+    return ids
+
+
+def _authors_labels(prompt, ids, tpl, n_tokens):
+    """The authors' masking, kept as a check (STLLaVA-Med train.py preprocess_v1_sq2 L555-610; LLaVA's
+    preprocess_v1 and preprocess_llama_2 do the same): split the prompt at "</s>" into rounds and mask
+    by token counts of separately tokenized pieces. Returns (labels, counted length)."""
+    answer_sep = tpl.sep + tpl.roles["gpt"] + ": " if tpl.style == "two" else "[/INST] "
+    labels, cur = [IGNORE_INDEX] + ids[1:], 1            # BOS: no loss
+    for rou in prompt.split(EOS):
+        if rou == "":
+            break
+        parts = rou.split(answer_sep)
+        if len(parts) == 2:  # a QA round: mask up to the answer. Their "- 2" drops BOS and the trailing "▁"
+            masked = n_tokens(parts[0] + answer_sep) - 1  # of "ASSISTANT: ", which merges into the answer
+        else:                # a VUSER round: mask the role tag (their i == 0 branch needs a VUSER first turn)
+            masked = n_tokens(tpl.roles.get("vuser", "") + ": ") - 1
+        labels[cur:cur + masked] = [IGNORE_INDEX] * len(labels[cur:cur + masked])
+        cur += n_tokens(rou) + 1  # their len(tokenizer(rou)) counts a BOS in place of the removed "</s>"
+    labels[cur:] = [IGNORE_INDEX] * len(labels[cur:])
+    return labels, cur
+
+
+def encode_conversation(turns, tokenizer, template, image_seq_length, image_token_id, max_length=2048,
+                        name="conversation", return_question_mask=False):
+    """(input_ids, labels) for training, equal to the authors' (with "<image>" expanded to image_seq_length
+    copies of image_token_id): BOS + the rendered prompt; labels -100 except the assistant answers and the
+    VUSER questions, each with its "</s>". Also returns a per-token is-question mask if asked. A prompt
+    whose labels differ from the authors' arithmetic (their "tokenization mismatch") raises ValueError
+    naming `name`; truncation to max_length never cuts into the image tokens."""
+    tpl = TEMPLATES[template] if isinstance(template, str) else template
+    try:
+        spans = _spans(turns, tpl)
+        if turns[-1]["from"] != "gpt" or turns[-1]["value"] is None:
+            raise ValueError("a training conversation ends with a gpt answer")
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    tokenize = lambda text: _tokenize(text, tokenizer, image_seq_length, image_token_id)
+    ids, labels, question = [tokenizer.token_to_id(BOS)], [IGNORE_INDEX], [False]
+    head = ""  # no-loss text not yet tokenized: it is tokenized together with the loss span after it,
+    for text, kind in spans:  # since the space before an answer merges into the answer's first token ("▁Yes")
+        if kind is None:
+            head += text
+            continue
+        prefix, both = tokenize(head), tokenize(head + text)  # each loss span ends with "</s>", so these
+        if both[:len(prefix)] != prefix:                       # pieces tokenize as in the whole prompt
+            raise ValueError(f"tokenization mismatch in {name}: {head!r} does not tokenize as a prefix of its round")
+        ids += both
+        labels += [IGNORE_INDEX] * len(prefix) + both[len(prefix):]
+        question += [False] * len(prefix) + [kind == "question"] * (len(both) - len(prefix))
+        head = ""
+    tail = tokenize(head)
+    ids, labels, question = ids + tail, labels + [IGNORE_INDEX] * len(tail), question + [False] * len(tail)
+    expected, counted = _authors_labels("".join(t for t, _ in spans), ids, tpl, lambda t: len(tokenize(t)))
+    if labels != expected or counted != len(ids):
+        raise ValueError(f"tokenization mismatch in {name}: loss mask differs from the authors' "
+                         f"(counted {counted} vs {len(ids)} tokens); does a message contain '</s>' or a role tag?")
+    if len(ids) > max_length:
+        image_end = max((k + 1 for k, t in enumerate(ids) if t == image_token_id), default=0)
+        if image_end > max_length:
+            raise ValueError(f"{name}: max_length={max_length} would cut into the image tokens (they end at {image_end})")
+        ids, labels, question = ids[:max_length], labels[:max_length], question[:max_length]
+    return (ids, labels, question) if return_question_mask else (ids, labels)
+
+
+def encode_prompt(turns, tokenizer, template, image_seq_length, image_token_id):
+    """Prompt ids for generation: BOS + the rendered turns, whose last value is None, so the prompt ends
+    with "ASSISTANT:" (or "VUSER:" to have the model ask a question, STLLaVA-Med llava/eval/visual_sq.py)."""
+    if not turns or turns[-1].get("value") is not None:
+        raise ValueError("encode_prompt: the last turn must have value None (the turn to generate)")
+    text = render_conversation(turns, template)
+    return [tokenizer.token_to_id(BOS)] + _tokenize(text, tokenizer, image_seq_length, image_token_id)
+
+# -----------------------------------------------------------------------------
+# Images: LLaVA's pad-to-square, then CLIP's preprocessing
+
+
+def _open_image(path):
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so that a truncated file fails here and names itself
+            return img.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def _to_rgb(img):
+    """RGB as LLaVA's Image.open(...).convert('RGB') (alpha dropped, palette/CMYK/L mapped). 16-bit
+    images (I;16, I) are scaled to 8 bits first, where convert('RGB') would clip everything above 255."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        img = Image.fromarray(np.clip(np.round(np.asarray(img, dtype=np.float64) / 257), 0, 255).astype(np.uint8))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def expand2square(img, background):
+    """Pad to a square, centred, with the background colour (STLLaVA-Med train.py LazySupervisedDataset)."""
+    w, h = img.size
+    if w == h:
+        return img
+    out = Image.new(img.mode, (max(w, h),) * 2, background)
+    out.paste(img, ((h - w) // 2, 0) if h > w else (0, (w - h) // 2))
+    return out
+
+
+def preprocess_image(img, size=336, pad_to_square=True):
+    """FloatTensor (3, size, size) from a PIL image or a path: LLaVA's image_aspect_ratio="pad" (pad with
+    int(255 * CLIP mean) = (122, 116, 104)), then CLIPImageProcessor: shortest side to `size` (bicubic),
+    centre crop, rescale by 1/255, normalise with CLIP's mean/std. Unreadable files raise naming the file."""
+    img = _to_rgb(_open_image(img) if isinstance(img, (str, Path)) else img)
+    if pad_to_square:
+        img = expand2square(img, tuple(int(255 * m) for m in CLIP_MEAN))
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)  # transformers get_resize_output_image_size(default_to_square=False)
+    img = img.resize((size, new_long) if w <= h else (new_long, size), Image.Resampling.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0  # (3, size, size)
+    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+# -----------------------------------------------------------------------------
+# Datasets: LLaVA conversation JSON, and batching
+
+
+def _move_image_tag(value):
+    """STLLaVA-Med train.py preprocess_multimodal: the "<image>" tag moves to the front, then a newline."""
+    return (IMAGE_TAG + "\n" + value.replace(IMAGE_TAG, "").strip()).strip()
+
+
+def _record_problem(rec, image_dir):
+    """What is wrong with one record, or None."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+        return "no 'conversations' list"
+    turns = rec["conversations"]
+    try:
+        _check_turns(turns, TEMPLATES["vicuna_v1_sq"])
+    except ValueError as e:
+        return str(e)
+    if turns[-1]["value"] is None or turns[-1]["from"] != "gpt":
+        return "conversation does not end with a gpt answer"
+    tags = [t["value"].count(IMAGE_TAG) for t in turns]
+    if "image" not in rec:
+        return f"{IMAGE_TAG} tag but no 'image' field" if sum(tags) else None
+    if not (image_dir / str(rec["image"])).is_file():
+        return f"image file {image_dir / str(rec['image'])} not found"
+    if sum(tags) == 0:
+        return f"no {IMAGE_TAG} tag in a conversation with an image"
+    if sum(tags) != 1 or turns[tags.index(max(tags))]["from"] != "human":
+        return f"needs exactly one {IMAGE_TAG} tag, in a human turn (found {sum(tags)})"
+    return None
+
+
+def read_conversations(json_path, image_dir=None, skip_bad=False):
+    """Records of a LLaVA conversation JSON ([{"id", "image", "conversations": [{"from", "value"}]}], as
+    LLaVA-Med's instruct and alignment files), as [{"id", "image": Path | None, "conversations"}] with the
+    image tag moved to the front. Each record is checked (missing image file, no <image> tag, empty or
+    odd-role conversation): errors name the file and index; skip_bad=True skips them and prints the count.
+    image_dir defaults to the JSON's folder."""
+    json_path = Path(json_path)
+    image_dir = Path(image_dir) if image_dir is not None else json_path.parent
+    try:
+        records = json.loads(json_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{json_path}: cannot read JSON ({e})") from e
+    if not isinstance(records, list):
+        raise ValueError(f"{json_path}: expected a list of records, got {type(records).__name__}")
+    out, bad = [], []
+    for i, rec in enumerate(records):
+        problem = _record_problem(rec, image_dir)
+        if problem:
+            msg = f"{json_path} record {i} (id {rec.get('id') if isinstance(rec, dict) else None!r}): {problem}"
+            if not skip_bad:
+                raise ValueError(msg)
+            bad.append(msg)
+            continue
+        out.append({"id": str(rec.get("id", i)), "image": image_dir / str(rec["image"]) if "image" in rec else None,
+                    "conversations": [{"from": t["from"], "value": _move_image_tag(t["value"]) if IMAGE_TAG in t["value"]
+                                       else t["value"]} for t in rec["conversations"]]})
+    if bad:
+        print(f"read_conversations: skipped {len(bad)} of {len(records)} records in {json_path}; first: {bad[0]}")
+    return out
+
+
+def collate(examples, pad_id=0, padding_side="right", image_size=None):
+    """Batch [{"input_ids", "labels"?, "question_mask"?, "pixel_values"? or "image" path}] into tensors:
+    input_ids padded with pad_id (LLaVA pads with <unk> = 0), labels with -100, attention_mask 1 on real
+    tokens; right padding for training, left for generation (prompts then end at the same position).
+    pixel_values (N_img, 3, S, S) stacks the examples' images in order (None if none); an example with
+    an "image" path and no "pixel_values" is preprocessed here at image_size."""
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
+    T = max(len(e["input_ids"]) for e in examples)
+
+    def pad(seq, value, dtype):
+        seq = seq.tolist() if torch.is_tensor(seq) else list(seq)
+        fill = [value] * (T - len(seq))
+        return torch.tensor(fill + seq if padding_side == "left" else seq + fill, dtype=dtype)
+
+    batch = {"input_ids": torch.stack([pad(e["input_ids"], pad_id, torch.long) for e in examples]),
+             "attention_mask": torch.stack([pad([1] * len(e["input_ids"]), 0, torch.long) for e in examples])}
+    for key, value, dtype in (("labels", IGNORE_INDEX, torch.long), ("question_mask", False, torch.bool)):
+        if all(key in e for e in examples):
+            batch[key] = torch.stack([pad(e[key], value, dtype) for e in examples])
+    images = [e["pixel_values"] if e.get("pixel_values") is not None else preprocess_image(e["image"], image_size)
+              for e in examples if e.get("pixel_values") is not None or (image_size and e.get("image"))]
+    batch["pixel_values"] = torch.stack(images) if images else None
+    return batch
+
+# -----------------------------------------------------------------------------
+# The synthetic default: "toy radiology"
+#
+# A seeded, deterministic stand-in for LLaVA-Med's data that a tiny model learns in minutes on a CPU: 48x48
+# grayscale "scans" whose look encodes a few facts (modality, organ, lesion count, side and size), with captions,
+# conversations and VQA-RAD-like test questions from a small fixed grammar, so that answers can be scored and
+# the questions the model learns to ask can be parsed. The visual cues are large and high-contrast on purpose:
+# the point is to exercise the pipeline, not to be hard. "left"/"right" are the image's (not the radiological
+# convention, where the patient's left is on the image's right), to keep the toy unambiguous.
+
+SYNTH_VERSION = "synth-v1"  # bump when the generator changes, so stale caches are not reused
+SYNTH_IMAGE_SIZE = 48
+SYNTH_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>"]  # ids 0..3, as LLaMA's unk/bos/eos + image
+SYNTH_IMAGE_TOKEN_ID = 3
+SYNTH_VOCAB_SIZE = 640
+SYNTH_SPLITS = {"train": 800, "test": 100}  # images per split
+SYNTH_CONVS_PER_IMAGE = 2                    # train conversations per image, 3-4 rounds each
+MODALITIES, ORGANS = ("ct", "mri", "x-ray"), ("brain", "chest", "abdomen")
+SIDES, SIZES = ("left", "right"), ("small", "large")  # a lesion-free image has side and size "none"
+DESCRIBE = "Can you describe the image in detail?"  # the stage-2 opener (STLLaVA-Med llava/eval/visual_sq.py)
+CAPTION_INSTRUCTION = "Describe the image concisely."  # placeholder; issue 9 adds LLaVA-Med's lists
+# The vicuna_v1_sq system prompt (STLLaVA-Med llava/conversation.py; vicuna_v1's is its first two sentences),
+# only to train the tokenizer on it; note the missing space before "Also", as in the authors' code.
+_SYNTH_SYSTEM_SQ = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions.Also, the artificial intelligence assistant is a "
+    "curious virtual user. The virtual user asks complex questions that are relevant to the content in the image, "
+    "for example, asking about background knowledge of the objects in the image, asking to discuss about events "
+    "happening in the image, etc. Again, do not ask about uncertain details.")
+
+# --- facts and drawing --------------------------------------------------------------------------------------
+
+def synth_facts(rng):
+    """Draw one image's facts uniformly: count 0-2; one lesion sits left or right, two sit one per side."""
+    count = int(rng.integers(3))
+    side = ["none", SIDES[rng.integers(2)], "both"][count]
+    size = SIZES[rng.integers(2)] if count else "none"
+    return {"modality": MODALITIES[rng.integers(3)], "organ": ORGANS[rng.integers(3)],
+            "count": count, "side": side, "size": size}
+
+# modality = global look (background, organ intensity, texture); lesions are always the brightest thing
+_LOOK = {"ct": (0, 120), "mri": (60, None), "x-ray": (200, 80)}  # (background, organ intensity; None = stripes)
+
+def synth_draw(facts, rng):
+    """Render facts as a 48x48 grayscale PIL image, with small seeded jitter in position/size and noise."""
+    yy, xx = np.mgrid[0:SYNTH_IMAGE_SIZE, 0:SYNTH_IMAGE_SIZE] + 0.5
+    cx, cy = 24 + rng.uniform(-1.5, 1.5), 24 + rng.uniform(-1.5, 1.5)
+    bg, fg = _LOOK[facts["modality"]]
+    img = np.full(xx.shape, float(bg))
+    tissue = np.where((yy // 2) % 2 == 0, 70.0, 150.0) if fg is None else np.full(xx.shape, float(fg))  # MRI: stripes
+    if facts["organ"] == "brain":    # a disc inside a bright skull ring
+        r = np.hypot(xx - cx, yy - cy)
+        organ, rim = r < 17, (r >= 17) & (r < 19.5)
+    elif facts["organ"] == "chest":  # two tall lung ovals with a gap between them
+        organ = sum(((xx - cx - dx) / 8) ** 2 + ((yy - cy) / 17) ** 2 < 1 for dx in (-10.5, 10.5)) > 0
+        rim = np.zeros_like(organ)
+    else:                            # abdomen: one wide rectangle filling the corners the others leave empty
+        organ, rim = (abs(xx - cx) < 20.5) & (abs(yy - cy) < 13.5), np.zeros(xx.shape, bool)
+    img[organ], img[rim] = tissue[organ], 235.0
+    lesion_sides = {"none": [], "left": [-10], "right": [10], "both": [-10, 10]}[facts["side"]]
+    for dx in lesion_sides:          # lesion centres at x ~ 14 (left) / 34 (right)
+        lx, ly = cx + dx + rng.uniform(-1.5, 1.5), cy + rng.uniform(-4, 4)
+        radius = (3.0 if facts["size"] == "small" else 5.5) + rng.uniform(-0.3, 0.3)
+        img[np.hypot(xx - lx, yy - ly) < radius] = 255.0
+    img += rng.normal(0, 8, img.shape)  # scanner noise, so a model cannot key on exact pixel values
+    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8))  # 2-D uint8 -> mode "L"
+
+# --- facts -> text ------------------------------------------------------------------------------------------
+
+def _an(word):
+    return "an" if word[0] in "aeiomx" else "a"  # "an mri", "an x-ray", "a ct"
+
+def synth_caption(facts):
+    """A one-sentence caption stating every fact: 'An mri scan of the brain with 1 small lesion on the left side.'"""
+    n, lesions = facts["count"], "no lesions"
+    if n:
+        where = "on both sides" if n == 2 else f"on the {facts['side']} side"
+        lesions = f"{n} {facts['size']} lesion{'s' * (n > 1)} {where}"
+    return f"{_an(facts['modality']).capitalize()} {facts['modality']} scan of the {facts['organ']} with {lesions}."
+
+# The question grammar: (fact type, closed?) -> templates; {v} is the value asked about, {a} its article.
+# Open answers are the bare value ("ct", "brain", "2", "left"/"right"/"both", "small"); closed ones "yes"/"no".
+QUESTION_TEMPLATES = {
+    ("modality", False): ["What is the imaging modality?", "What modality is this scan?",
+                          "How was this image taken?"],
+    ("modality", True): ["Is this {a} {v} scan?", "Was this image taken with {v}?", "Is the modality {v}?"],
+    ("organ", False): ["What organ is shown?", "Which part of the body is this?", "What organ does this scan show?"],
+    ("organ", True): ["Is this an image of the {v}?", "Does this scan show the {v}?", "Is the {v} shown?"],
+    ("lesion", True): ["Is there a lesion?", "Are there any lesions?", "Is there an abnormality?"],
+    ("count", False): ["How many lesions are there?", "How many lesions are visible?",
+                       "What is the number of lesions?"],
+    ("count", True): ["Is the number of lesions {v}?", "Is the lesion count {v}?"],
+    ("side", False): ["Which side is the lesion on?", "Where is the lesion?", "On which side is the lesion?"],
+    ("side", True): ["Is the lesion on the {v} side?", "Is there a lesion on the {v}?", "Is the {v} side affected?"],
+    ("size", False): ["How big is the lesion?", "What size is the lesion?", "How large is the lesion?"],
+    ("size", True): ["Is the lesion {v}?", "Is it a {v} lesion?", "Does the lesion look {v}?"],
+}
+_VALUES = {"modality": MODALITIES, "organ": ORGANS, "lesion": (None,), "count": (0, 1, 2), "side": SIDES,
+           "size": SIZES}  # the values a closed question may ask about
+_VQA_RAD_TYPE = {"modality": "MODALITY", "organ": "ORGAN", "lesion": "PRES", "count": "COUNT", "side": "POS",
+                 "size": "SIZE"}  # VQA-RAD's question_type names
+_VQA_RAD_ORGAN = {"brain": "HEAD", "chest": "CHEST", "abdomen": "ABD"}
+
+def synth_truth(facts, kind, value):
+    """Is 'kind == value' true of the image? (closed questions; a lesion on "both" sides is on each side)."""
+    if kind in ("lesion", "side"):
+        return facts["count"] > 0 if kind == "lesion" else facts["side"] in (value, "both")
+    return facts[kind] == value
+
+def answer_question(facts, question):
+    """The reference answer to a grammar question about an image with these facts (None if not grammatical)."""
+    q = parse_question(question)
+    if q is None:
+        return None
+    if q["closed"]:
+        return "yes" if synth_truth(facts, q["type"], q["value"]) else "no"
+    return str(facts[q["type"]])  # side/size of an image without lesions is "none"
+
+# --- parsing and the oracle judge -----------------------------------------------------------------------------
+
+def _norm(text):
+    return " ".join(text.lower().split())  # case- and whitespace-insensitive, nothing else
+
+_QUESTION_RES = [(kind, closed, re.compile(re.escape(_norm(t)).replace(r"\{a\}", "(?:a|an)").replace(
+    r"\{v\}", "(?P<v>" + "|".join(re.escape(str(v)) for v in _VALUES[kind]) + ")")))
+    for (kind, closed), ts in QUESTION_TEMPLATES.items() for t in ts]
+
+def parse_question(text):
+    """{"type", "closed", "value"} for a question of the grammar (case/whitespace-tolerant), else None."""
+    for kind, closed, pattern in _QUESTION_RES:
+        if m := pattern.fullmatch(_norm(text)):
+            v = m.groupdict().get("v")
+            return {"type": kind, "closed": closed, "value": int(v) if kind == "count" and v else v}
+    return None
+
+_WORDS = {**{m: ("modality", m) for m in MODALITIES}, "xray": ("modality", "x-ray"),
+          **{o: ("organ", o) for o in ORGANS}, **{s: ("size", s) for s in SIZES},
+          **{str(i): ("count", i) for i in range(10)}, "zero": ("count", 0), "one": ("count", 1),
+          "two": ("count", 2), "none": ("count", 0), "left": ("side", "left"), "right": ("side", "right"),
+          "both": ("side", "both")}
+
+def parse_answer(text):
+    """The facts an answer states: {"yesno", "modality", "organ", "count", "side", "size"} (keys present only
+    when stated). "no lesion(s)"/"none" state count 0, "left ... right" states side "both"; a type stated with
+    contradicting values maps to None (counts as wrong)."""
+    words = re.findall(r"x-ray|[a-z0-9]+", text.lower())  # "left-sided" still states "left"
+    found = {}
+    for w in words:
+        if w in _WORDS:
+            found.setdefault(_WORDS[w][0], set()).add(_WORDS[w][1])
+    if re.search(r"\bno lesions?\b", text.lower()):
+        found.setdefault("count", set()).add(0)
+    if found.get("side", set()) >= {"left", "right"}:  # "left and right" means both; "both" may also be said
+        found["side"] = (found["side"] - {"left", "right"}) | {"both"}
+    stated = {k: next(iter(v)) if len(v) == 1 else None for k, v in found.items()}
+    if words and words[0] in ("yes", "no"):  # yes/no only as the first word: "no lesions" is not a "no"
+        stated = {"yesno": words[0], **stated}
+    return stated
+
+def score_answer(facts, question, answer):
+    """Oracle judge score in [1, 10]. For a grammar question: 10 for the right answer said concisely, minus 1 per
+    3 extra words (at most 3) and 3 per wrong fact said on the side; 3 off-topic (minus 2 per wrong fact); 2 wrong
+    (minus 1 per further wrong fact); 1 empty. For a free question (e.g. "describe"):
+    1 + 9 * (right - wrong facts stated) / (facts a caption states)."""
+    stated = parse_answer(answer)
+    wrong = {k for k, v in stated.items() if k in facts and v != facts[k]}
+    expected = answer_question(facts, question)
+    if expected is None:
+        right = sum(k in facts and v == facts[k] for k, v in stated.items())
+        score = 1 + 9 * max(0, right - len(wrong)) / len(parse_answer(synth_caption(facts)))
+    elif not answer.split():
+        score = 1
+    else:
+        key = parse_answer(expected)  # e.g. {"yesno": "no"} or {"side": "left"} or {"count": 0} for "none"
+        wrong -= key.keys()
+        if all(stated.get(k) == v for k, v in key.items()):
+            extra = len(answer.split()) - len(expected.split())
+            score = 10 - min(3, math.ceil(max(0, extra) / 3)) - 3 * len(wrong)
+        elif not key.keys() & stated.keys():
+            score = 3 - 2 * len(wrong)
+        else:
+            score = 2 - len(wrong)
+    return float(min(10, max(1, score)))
+
+# --- questions, conversations and files --------------------------------------------------------------------
+
+def _yes_no_bag(rng):
+    """Shuffled bags of 10 yes + 10 no targets: balanced splits, no order a model could exploit in a conversation."""
+    while True:
+        bag = [True, False] * 10
+        rng.shuffle(bag)
+        yield from bag
+
+def _synth_qa(facts, closed, bag, rng, asked):
+    """Sample a grammar question and its answer, of a type not yet in `asked` (a set of (type, closed), updated).
+    Closed answers follow the yes/no bag; side/size are only asked about images with lesions. If no type of
+    the requested kind is left (a lesion-free image has 3 open types), the other kind is asked."""
+    def options(closed, want_yes):
+        kinds = ["modality", "organ", "count"] + ["lesion"] * closed + ["side", "size"] * (facts["count"] > 0)
+        return kinds, [(k, v) for k in kinds if (k, closed) not in asked for v in (_VALUES[k] if closed else (None,))
+                       if not closed or synth_truth(facts, k, v) == want_yes]
+    if not (options(closed, True)[1] and options(closed, False)[1]):
+        closed = not closed
+    want_yes = closed and next(bag)
+    kinds, opts = options(closed, want_yes)
+    kind = rng.choice(sorted({k for k, _ in opts}, key=kinds.index))  # type first, then value: types stay even
+    value = rng.choice([v for k, v in opts if k == kind])
+    asked.add((kind, closed))
+    q = rng.choice(QUESTION_TEMPLATES[kind, closed]).format(v=value, a=_an(str(value)))
+    return kind, closed, q, ("yes" if want_yes else "no") if closed else str(facts[kind])
+
+def _synth_conversation(facts, rng, bag):
+    """3-4 rounds; half the conversations open with the stage-2 "describe" request answered by the caption."""
+    turns, asked = [], set()
+    for i in range(rng.choice([3, 4])):
+        if i == 0 and rng.random() < 0.5:
+            q, a = DESCRIBE, synth_caption(facts)
+        else:
+            _, _, q, a = _synth_qa(facts, rng.random() < 0.5, bag, rng, asked)
+        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return turns
+
+def _synth_tokenizer(texts):
+    """Byte-level BPE (round-trips any text, like GPT-2's) with LLaMA's special-token layout; encode() adds
+    BOS as LlamaTokenizerFast does, "</s>" and "<image>" in text encode as single special ids."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=SYNTH_VOCAB_SIZE, special_tokens=SYNTH_SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return tok
+
+def _synth_generate(root, seed):
+    """Write images/, train.json, captions.json, test.json, facts.json, tokenizer.json, config.json into root."""
+    (root / "images").mkdir()
+    rng = random.Random(seed)
+    train, captions, test, all_facts, corpus = [], [], [], {}, []
+    for s, (split, n) in enumerate(SYNTH_SPLITS.items()):
+        bag = _yes_no_bag(random.Random(seed * 1000 + s))  # one per split: each split is balanced on its own
+        for i in range(n):
+            img_rng = np.random.default_rng([seed, s, i])  # per-image stream: images do not shift when n changes
+            name, facts = f"synth_{split}_{i:05d}.png", synth_facts(img_rng)
+            synth_draw(facts, img_rng).save(root / "images" / name)
+            all_facts[name] = facts
+            if split == "train":
+                captions.append({"id": f"cap_{i:05d}", "image": name, "conversations": [
+                    {"from": "human", "value": "<image>\n" + CAPTION_INSTRUCTION},
+                    {"from": "gpt", "value": synth_caption(facts)}]})
+                for k in range(SYNTH_CONVS_PER_IMAGE):
+                    turns = _synth_conversation(facts, rng, bag)
+                    train.append({"id": f"{split}_{i:05d}_{k}", "image": name, "conversations": turns})
+                    roles = iter(["USER", "ASSISTANT", "VUSER", "ASSISTANT"] * 2)  # roughly as vicuna_v1_sq renders
+                    rendered = [f"{next(roles)}: {t['value']}" + "</s>" * (t["from"] == "gpt") for t in turns]
+                    corpus.append(" ".join([_SYNTH_SYSTEM_SQ, *rendered]))
+                continue
+            asked = set()  # test: 2 closed + 2 open questions per image, VQA-RAD's fields
+            for closed in (True, True, False, False):
+                kind, closed, q, a = _synth_qa(facts, closed, bag, rng, asked)
+                test.append({"qid": len(test), "image_name": name, "question": q, "answer": a,
+                             "answer_type": "CLOSED" if closed else "OPEN", "question_type": _VQA_RAD_TYPE[kind],
+                             "phrase_type": "test_freeform", "image_organ": _VQA_RAD_ORGAN[facts["organ"]]})
+                corpus.append(f"USER: <image>\n{q} ASSISTANT: {a}</s>")
+    tok = _synth_tokenizer(corpus)
+    tok.save(str(root / "tokenizer.json"))
+    files = {"train.json": train, "captions.json": captions, "test.json": test, "facts.json": all_facts,
+             "config.json": {"version": SYNTH_VERSION, "seed": seed, "image_size": SYNTH_IMAGE_SIZE,
+                             "vocab_size": tok.get_vocab_size(), "image_token_id": SYNTH_IMAGE_TOKEN_ID,
+                             "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}}
+    for fname, obj in files.items():
+        (root / fname).write_text(json.dumps(obj, indent=1))
+
+def synth_data(cache_dir=None, seed=0):
+    """Path of the toy-radiology dataset for a seed, generated on first use (a few seconds) into
+    cache_dir / f"{SYNTH_VERSION}-seed{seed}" (default cache: $STLLAVA_CACHE or ~/.cache/stllava-med).
+    Built in a temp dir and renamed into place, so a crash never leaves a half-written dataset behind."""
+    cache = Path(cache_dir or os.environ.get("STLLAVA_CACHE") or Path.home() / ".cache" / "stllava-med")
+    final = cache / f"{SYNTH_VERSION}-seed{seed}"
+    if not final.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache))
+        try:
+            _synth_generate(tmp, seed)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
+            os.rename(tmp, final)  # atomic; fails if a concurrent process finished first, and then we use its copy
+        except OSError:
+            if not final.is_dir():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,396 @@
+"""
+Stage 2 of STLLaVA-Med: preference revelation.
+
+1. generate: the stage-1 model describes each image, then speaks as the questioner (the conversation ends in
+   "...</s>VUSER:") and samples questions; each question is answered twice in a fresh single-turn prompt
+   (heliossun/STLLaVA-Med `llava/eval/visual_sq.py`, `llava/eval/model_collectA.py`).
+2. judge: an expert (GPT-4o over plain HTTP, any OpenAI-compatible server, or the synthetic oracle) scores
+   both answers; the higher-scored is chosen, the lower rejected (judge.py).
+3. train: DPO (Eq. 1 of STLLaVA-Med) of a fresh LoRA policy on the stage-1 model against the frozen stage-1
+   model as the reference (`base_dpo_trainer.py`, `dpo_finetune.sh`).
+
+    python dpo.py                                   # all three on the synthetic default, oracle judge
+    python dpo.py generate --model=out/sft/merged --data=instruct.json --image_dir=images/
+    python dpo.py judge --base_url=https://api.openai.com/v1 --judge_model=gpt-4o
+    torchrun --standalone --nproc_per_node=8 dpo.py train --model=out/sft/merged
+
+Every step resumes where a killed run stopped, and the judge never pays for a verdict twice.
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data as D
+import evaluate as E
+import judge as J
+from lora import LLM_LAYERS, VIT_LAYERS, LoRASpec, add_lora, disable_lora, mark_trainable, merge_lora, save_adapter
+from model import from_pretrained, save_pretrained
+from sft import (ask_questions, atomic_save, fit, load_images, param_groups, parse_config, print0,
+                 setup_distributed)
+
+
+@dataclass
+class Config:
+    model: str = ""  # the merged stage-1 model; "" = out/sft/merged, what `python sft.py` writes
+    data: str = ""  # LLaVA conversation JSON whose images are used; "" = the synthetic default (oracle judge)
+    image_dir: str = ""
+    out_dir: str = "out/dpo"
+    # generation (visual_sq.py, model_collectA.py)
+    n_images: int = 10000  # visual_sq.py takes os.listdir(image_folder)[10000:20000]
+    n_questions: int = 5  # n_shot
+    describe_tokens: int = 1024
+    q_temperature: float = 1.2
+    q_top_k: int = 300
+    q_top_p: float = 0.95
+    q_max_tokens: int = 300
+    a_temperature: float = 1.2  # the paper: "temperature 1.2, TopK=100, TopP=0.95"
+    a_top_k: int = 100
+    a_top_p: float = 0.95
+    a_max_tokens: int = 1024
+    answer_seeds: str = "40,42"  # model_collectA.py: set_seed(40), then set_seed(42)
+    gen_batch: int = 16
+    # judge (judge.py)
+    judge: str = "gpt"  # gpt | oracle (the synthetic facts)
+    base_url: str = "https://api.openai.com/v1"
+    judge_model: str = "gpt-4o"
+    api_key_env: str = "OPENAI_API_KEY"
+    workers: int = 4
+    swap: bool = False
+    price_in: float = 2.5
+    price_out: float = 10.0
+    # DPO (base_dpo_trainer.py, dpo_finetune.sh)
+    beta: float = 0.1  # the trainer's default; train_dpo.py does not pass one
+    lr: float = 5e-6  # LLM LoRA
+    vision_lr: float = 2e-5  # dpo_finetune.sh --vision_tower_lr (the paper says 2e-6)
+    projector_lr: float = 2e-5  # --mm_projector_lr
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    vit_lora_r: int = 32
+    vit_lora_alpha: int = 64
+    vit_lora_dropout: float = 0.1  # 0.2 in stage 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    global_batch: int = 64  # per-device 4 x grad-accum 16 per GPU in dpo_finetune.sh (the paper: 256 on 4 GPUs)
+    micro_batch: int = 4
+    epochs: float = 1
+    max_steps: int = -1
+    max_length: int = 2048
+    precompute_ref: bool = False  # reference log-probs computed once and stored with the pairs
+    grad_ckpt: bool = False
+    seed: int = 0
+    save_every: int = 50
+    resume: bool = False
+    log_every: int = 5
+
+
+# The synthetic default: the tiny model, the oracle judge and CPU-sized settings (each overridable).
+SYNTH_OVERRIDES = dict(n_images=400, n_questions=2, describe_tokens=48, q_max_tokens=24, a_max_tokens=16, gen_batch=100,
+                       judge="oracle", lr=5e-4, vision_lr=5e-4, projector_lr=5e-4, global_batch=32, micro_batch=32,
+                       epochs=2, log_every=5)
+
+# -----------------------------------------------------------------------------
+# 1. generate: self-asked questions and two sampled answers each
+
+
+def is_wellformed(q, max_chars=300):
+    """A usable question: non-empty, ends with '?', not runaway length (the authors keep everything)."""
+    return 0 < len(q) <= max_chars and q.rstrip().endswith("?")
+
+
+def read_batches(path):
+    """Lines of complete batches only: a batch written partly before a kill is dropped and redone."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line
+    per_batch = {}
+    for r in rows:
+        per_batch.setdefault(r["batch"], []).append(r)
+    return [r for b in sorted(per_batch) for r in per_batch[b] if len(per_batch[b]) == per_batch[b][0]["batch_lines"]]
+
+
+def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device):
+    """Questions and answer pairs for every image, one JSONL line per question, written batch by batch.
+
+    Each batch samples from its own seeded generator, so a resumed run writes exactly what an
+    uninterrupted one would.
+    """
+    done = read_batches(out_path)
+    with open(out_path, "w") as f:  # rewrite without any partial batch
+        f.writelines(json.dumps(r) + "\n" for r in done)
+    done_batches = {r["batch"] for r in done}
+    seeds = [int(s) for s in cfg.answer_seeds.split(",")]
+    size = model.config.vision.image_size
+    batches = [images[i:i + cfg.gen_batch] for i in range(0, len(images), cfg.gen_batch)]
+    t0, n_dropped = time.time(), 0
+    for b, names in enumerate(batches):
+        if b in done_batches:
+            continue
+        paths = [Path(image_dir) / n for n in names]
+        g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
+        per_image = [[] for _ in names]
+        for _ in range(cfg.n_questions):  # one VUSER sample per image per round
+            qs = ask_questions(model, tokenizer, paths, size, cfg.q_temperature, cfg.q_top_k, cfg.q_top_p, g,
+                               cfg.describe_tokens, cfg.q_max_tokens)
+            for lst, q in zip(per_image, qs):
+                lst.append(q.removesuffix("</s>").strip())
+        items = [(n, q) for n, qs in zip(names, per_image) for q in dict.fromkeys(qs) if is_wellformed(q)]
+        dropped = sum(len(qs) for qs in per_image) - len(items)
+        n_dropped += dropped
+        answers = []
+        for s in seeds:  # two answers per question, each from its own seed
+            ga = torch.Generator(device=device).manual_seed(s * 1_000_003 + b)
+            convs = [[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": None}] for _, q in items]
+            px = load_images([Path(image_dir) / n for n, _ in items], size) if items else None
+            answers.append(E.generate_text(model, tokenizer, convs, px, "vicuna_v1", cfg.a_max_tokens, cfg.a_temperature,
+                                           cfg.a_top_k, cfg.a_top_p, ga) if items else [])
+        sampling = {"q": [cfg.q_temperature, cfg.q_top_k, cfg.q_top_p], "a": [cfg.a_temperature, cfg.a_top_k, cfg.a_top_p]}
+        lines = [{"batch": b, "batch_lines": len(items) + 1, "image": n, "question": q,
+                  "answers": [a[i] for a in answers], "seeds": seeds, "sampling": sampling} for i, (n, q) in enumerate(items)]
+        lines.append({"batch": b, "batch_lines": len(items) + 1, "images": len(names), "dropped": dropped})  # batch end
+        with open(out_path, "a") as f:
+            f.write("".join(json.dumps(x) + "\n" for x in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        dt = time.time() - t0
+        print0(f"generate: batch {b + 1}/{len(batches)}, {len(items)} questions kept, {dropped} malformed dropped, "
+               f"ETA {dt / (b + 1 - len(done_batches)) * (len(batches) - b - 1):.0f}s")
+    rows = read_batches(out_path)
+    qa = [r for r in rows if "question" in r]
+    print0(f"generate: {len(qa)} questions with two answers each in {out_path} "
+           f"({sum(r.get('dropped', 0) for r in rows)} malformed questions dropped)")
+    return qa
+
+# -----------------------------------------------------------------------------
+# 2. judge: both answers scored, higher = chosen
+
+
+def make_judge(cfg, synth=None):
+    if cfg.judge == "oracle":
+        facts = json.loads(((synth or D.synth_data()) / "facts.json").read_text())
+        return J.OracleJudge(D.score_answer, facts)
+    if cfg.judge != "gpt":
+        raise ValueError(f"--judge must be gpt or oracle, not {cfg.judge!r}")
+    return J.GPTJudge(J.ChatClient(cfg.base_url, cfg.judge_model, cfg.api_key_env))
+
+
+def judge_step(cfg, rows, image_dir, judge, pairs_path):
+    """Rate every (question, answers) row; write preference pairs. Ties and failures are dropped and counted."""
+    cache = J.Cache(os.path.join(cfg.out_dir, "judge_cache.jsonl"))
+    try:
+        items = [{"image": r["image"], "question": r["question"], "answers": r["answers"]} for r in rows]
+        rated, stats = J.rate_items(items, judge, cache, cfg.swap, str(image_dir), cfg.workers)
+    finally:
+        cache.close()
+    pairs, ties, failed = [], 0, 0
+    for r in rated:
+        if "error" in r:
+            failed += 1
+            continue
+        s1, s2 = r["scores"]
+        if s1 == s2:  # the paper is silent on ties; a tie says nothing about which answer is better
+            ties += 1
+            continue
+        win = 0 if s1 > s2 else 1
+        pairs.append({"image": r["image"], "question": r["question"], "chosen": r["answers"][win],
+                      "rejected": r["answers"][1 - win], "scores": [r["scores"][win], r["scores"][1 - win]]})
+    tmp = pairs_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    os.replace(tmp, pairs_path)
+    print0(J.summary(stats, judge, cfg.price_in, cfg.price_out))
+    print0(f"judge: {len(pairs)} preference pairs, {ties} ties dropped, {failed} failed verdicts dropped -> {pairs_path}")
+    return pairs
+
+# -----------------------------------------------------------------------------
+# 3. train: DPO
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
+    """Eq. 1 of STLLaVA-Med (Rafailov et al. 2023), sigmoid loss, per pair:
+
+        loss = -log σ(β [(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))])
+
+    Returns (losses, chosen_rewards, rejected_rewards), rewards = β (log π - log π_ref), detached.
+    """
+    chosen = policy_chosen_logps - ref_chosen_logps
+    rejected = policy_rejected_logps - ref_rejected_logps
+    losses = -F.logsigmoid(beta * (chosen - rejected))
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def sequence_logps(model, b):
+    """Summed log-probabilities of the supervised (answer) tokens of each row: (2B,) for chosen ++ rejected."""
+    logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"])[:, :-1].float()
+    labels = b["labels"][:, 1:]
+    mask = labels != -100
+    logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return (logp * mask).sum(-1)
+
+
+class Reference:
+    """The frozen stage-1 model without a second copy of its weights: the policy with its LoRA switched off
+    and the stage-1 projector swapped back in (the projector trains in full, so it alone is copied).
+    The authors build the reference's image features with the policy's vision tower and projector
+    (`concatenated_forward` in base_dpo_trainer.py); here the reference uses its own, so it stays fixed."""
+
+    def __init__(self, model):
+        self.model, self.projector = model, {k: v.detach().clone() for k, v in model.projector.state_dict().items()}
+
+    @torch.no_grad()
+    def logps(self, b):
+        trained = {k: v.detach().clone() for k, v in self.model.projector.state_dict().items()}
+        self.model.projector.load_state_dict(self.projector)
+        was_training = self.model.training
+        self.model.eval()  # no LoRA dropout in the reference
+        try:
+            with disable_lora(self.model):
+                return sequence_logps(self.model, b)
+        finally:
+            self.model.projector.load_state_dict(trained)
+            self.model.train(was_training)
+
+
+def encode_pair_batch(pairs, tokenizer, model_cfg, image_dir, image_size, max_length, device):
+    """chosen_1..chosen_B ++ rejected_1..rejected_B as one right-padded batch (one forward for both, as the
+    authors' concatenated_forward does); `vicuna_v1` single-turn prompts, loss on the answer + "</s>"."""
+    items = []
+    for key in ("chosen", "rejected"):
+        for p in pairs:
+            turns = [{"from": "human", "value": "<image>\n" + p["question"]}, {"from": "gpt", "value": p[key]}]
+            ids, labels = D.encode_conversation(turns, tokenizer, "vicuna_v1", model_cfg.image_seq_length,
+                                                model_cfg.image_token_id, max_length)
+            items.append({"input_ids": ids, "labels": labels, "image": Path(image_dir) / p["image"]})
+    b = D.collate(items, padding_side="right", image_size=image_size)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
+    """DPO of a fresh LoRA (+ projector) on the merged stage-1 model; returns the trained model."""
+    model = from_pretrained(cfg.model, dtype=torch.float32, device=device)
+    model.language_model.gradient_checkpointing = cfg.grad_ckpt
+    add_lora(model, {LLM_LAYERS: LoRASpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+                     VIT_LAYERS: LoRASpec(cfg.vit_lora_r, cfg.vit_lora_alpha, cfg.vit_lora_dropout)})
+    mark_trainable(model, lora=True, full=("projector",))
+    groups = param_groups(model, cfg)
+    ref = Reference(model)
+    size = model.config.vision.image_size
+    ref_path = os.path.join(cfg.out_dir, "ref_logps.pt")
+    if cfg.precompute_ref:  # one pass of the reference over all pairs, saved with the pairs
+        if os.path.exists(ref_path) and torch.load(ref_path)["n"] == len(pairs):
+            stored = torch.load(ref_path)["logps"]
+        else:
+            stored = torch.cat([ref.logps(encode_pair_batch(pairs[i:i + cfg.micro_batch], tokenizer, model.config,
+                                                            image_dir, size, cfg.max_length, device)).view(2, -1).T
+                                for i in range(0, len(pairs), cfg.micro_batch)]).cpu()  # (P, 2): chosen, rejected
+            if rank == 0:
+                atomic_save({"n": len(pairs), "logps": stored}, ref_path)
+
+    def prepare(indices, epoch):
+        b = encode_pair_batch([pairs[i] for i in indices], tokenizer, model.config, image_dir, size, cfg.max_length,
+                              device)
+        b["ref"] = stored[indices].T.reshape(-1).to(device) if cfg.precompute_ref else ref.logps(b)
+        b["count"] = len(indices)
+        return b
+
+    def micro_loss(policy, b):
+        logps = sequence_logps(policy, b)
+        n = len(logps) // 2
+        losses, rc, rr = dpo_loss(logps[:n], logps[n:], b["ref"][:n], b["ref"][n:], cfg.beta)
+        return losses.sum(), {"loss_sum": losses.sum().item(), "loss_n": n, "reward_acc_sum": (rc > rr).sum().item(),
+                              "reward_acc_n": n, "margin_sum": (rc - rr).sum().item(), "margin_n": n,
+                              "chosen_reward_sum": rc.sum().item(), "chosen_reward_n": n,
+                              "rejected_reward_sum": rr.sum().item(), "rejected_reward_n": n,
+                              "tokens": int(b["attention_mask"].sum())}
+
+    fit(cfg, model, len(pairs), prepare, micro_loss, groups, cfg.out_dir, world, rank, device)
+    return model
+
+# -----------------------------------------------------------------------------
+# Entry point
+
+
+def image_list(cfg, synth):
+    if synth is not None and not cfg.data:
+        return sorted({r["image"] for r in json.loads((synth / "train.json").read_text())})[:cfg.n_images], synth / "images"
+    records = D.read_conversations(cfg.data, cfg.image_dir, skip_bad=True)
+    names = sorted({os.path.relpath(r["image"], cfg.image_dir) for r in records if r["image"]})
+    return names[:cfg.n_images], Path(cfg.image_dir)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    steps = ["generate", "judge", "train"]
+    if argv and argv[0] in steps:
+        steps, argv = [argv[0]], argv[1:]
+    cfg, given = parse_config(Config, argv)
+    synthetic = not cfg.data  # no data: the synthetic default, with the oracle judge
+    if synthetic:
+        cfg = replace(cfg, **{k: v for k, v in SYNTH_OVERRIDES.items() if k not in given})
+    cfg = replace(cfg, model=cfg.model or "out/sft/merged")
+    if not os.path.exists(os.path.join(cfg.model, "config.json")):
+        raise SystemExit(f"no stage-1 model at {cfg.model}: run `python sft.py` first, or pass --model=DIR")
+    synth = D.synth_data() if synthetic or cfg.judge == "oracle" else None
+    rank, world, device = setup_distributed()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    tokenizer = D.load_tokenizer(cfg.model)
+    images, image_dir = image_list(cfg, synth)
+    gen_path, pairs_path = os.path.join(cfg.out_dir, "generations.jsonl"), os.path.join(cfg.out_dir, "pairs.jsonl")
+    t0 = time.time()
+    if synthetic and len(steps) == 3 and rank == 0:
+        stage1 = from_pretrained(cfg.model, dtype=torch.float32, device=device)
+        before = E.evaluate_model(stage1, tokenizer, "synth", str(synth), os.path.join(cfg.out_dir, "answers_stage1.jsonl"))
+    if "generate" in steps and rank == 0:
+        model = from_pretrained(cfg.model, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
+        generate_step(cfg, model, tokenizer, images, image_dir, gen_path, device)
+        del model
+    if "judge" in steps and rank == 0:
+        rows = [r for r in read_batches(gen_path) if "question" in r]
+        judge_step(cfg, rows, image_dir, make_judge(cfg, synth), pairs_path)
+    if "train" in steps:
+        if world > 1:
+            torch.distributed.barrier()
+        pairs = [json.loads(x) for x in open(pairs_path)]
+        if not pairs:
+            raise SystemExit(f"no preference pairs in {pairs_path}")
+        model = train_step(cfg, pairs, tokenizer, image_dir, device, rank, world)
+        if rank == 0:
+            save_adapter(model, os.path.join(cfg.out_dir, "final"))
+            merged = os.path.join(cfg.out_dir, "merged")
+            save_pretrained(merge_lora(model), merged)
+            Path(merged, "tokenizer.json").write_text(Path(cfg.model, "tokenizer.json").read_text())
+            print0(f"stage 2 done in {(time.time() - t0) / 60:.1f} min; policy in {merged}")
+            if synthetic and len(steps) == 3:
+                after = E.evaluate_model(model.eval(), tokenizer, "synth", str(synth),
+                                         os.path.join(cfg.out_dir, "answers_stage2.jsonl"))
+                report(before, after, cfg, synth)
+
+
+def report(before, after, cfg, synth):
+    """The synthetic test scores after stage 1 and after stage 2, with the paired bootstrap difference."""
+    examples = E.load_dataset("synth", str(synth))
+    ta, _ = E.match_answers(examples, E.read_answers(os.path.join(cfg.out_dir, "answers_stage1.jsonl")))
+    tb, _ = E.match_answers(examples, E.read_answers(os.path.join(cfg.out_dir, "answers_stage2.jsonl")))
+    diff = E.compare(examples, ta, tb)
+    print0("\nsynthetic test           closed acc   open recall   open F1")
+    for name, s in (("after stage 1 (SFT)", before), ("after stage 2 (DPO)", after)):
+        print0(f"{name:24s} {s['closed_accuracy']:10.2f} {s['open_recall']:13.2f} {s['open_f1']:9.2f}")
+    print0(json.dumps({"stage1": {k: before[k] for k in ("closed_accuracy", "open_recall", "open_f1")},
+                       "stage2": {k: after[k] for k in ("closed_accuracy", "open_recall", "open_f1")},
+                       "difference": diff}))
+
+
+if __name__ == "__main__":
+    main()

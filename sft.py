@@ -1,0 +1,464 @@
+"""
+Stage 1 of STLLaVA-Med: reasoning and learning to question (supervised fine-tuning).
+
+The policy learns to answer (ASSISTANT turns) and to ask (VUSER turns): the loss is one mean
+cross-entropy over every supervised token, answers and questions alike (STLLaVA-Med §2; the authors'
+`llava/train/train.py` `preprocess_v1_sq2`). LoRA on the language model (r128/α256) and on the vision
+tower (r32/α64), the projector trained in full, three learning rates (`sqllava_med.sh`).
+The same trainer runs LLaVA-Med's curriculum: `--train=projector` (concept alignment on captions),
+then `--train=full` or `--train=lora` (instruction tuning).
+
+    python sft.py                                          # synthetic default, one CPU process
+    python sft.py --model=ckpt/llava-1.5-7b --data=instruct.json --image_dir=images/
+    torchrun --standalone --nproc_per_node=8 sft.py --model=... --data=... --image_dir=...
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 sft.py ...
+
+With no --model, the synthetic default stands in for the general-purpose LLaVA the paper starts from:
+a tiny model is trained from scratch (`full`) on the synthetic captions and answers, once, cached in
+<out_dir>/base; stage 1 then runs with the paper's trainable set on the synthetic conversations.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, fields, replace, asdict
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data as D
+import evaluate as E
+from lora import LLM_LAYERS, VIT_LAYERS, LoRASpec, add_lora, mark_trainable, merge_lora, param_report, save_adapter
+from model import CONFIGS, Llava, from_pretrained, generate, save_pretrained
+
+
+@dataclass
+class Config:
+    # what to train on; empty --model/--data = the synthetic default
+    model: str = ""  # checkpoint directory (llava-hf or original LLaVA layout)
+    vision_path: str = ""  # CLIP directory when the checkpoint does not hold the tower
+    data: str = ""  # LLaVA conversation JSON (id, image, conversations)
+    image_dir: str = ""
+    out_dir: str = "out/sft"
+    # what trains: lora = the paper (LoRA on both towers + projector), projector = LLaVA-Med alignment, full
+    train: str = "lora"
+    question_loss: bool = True  # STLLaVA-Med: supervise VUSER questions too; off = plain LLaVA answers-only
+    sq_r: float = 0.5  # probability that a later human turn becomes a VUSER turn (sqllava_med.sh --sq_r 0.5)
+    template: str = "vicuna_v1_sq"
+    lora_r: int = 128  # LLM LoRA (sqllava_med.sh)
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    vit_lora_r: int = 32  # vision-tower LoRA (sqllava_med.sh --vit_lora_enable)
+    vit_lora_alpha: int = 64
+    vit_lora_dropout: float = 0.2
+    # optimisation (sqllava_med.sh): AdamW, no weight decay, cosine with 3% warmup
+    lr: float = 2e-4  # LLM LoRA, or every weight in `full` mode
+    vision_lr: float = 5e-5  # the paper's garbled "5x10^-?"; the script's vision_tower_lr
+    projector_lr: float = 2e-5  # mm_projector_lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    global_batch: int = 128  # = micro_batch x accumulation x world size; accumulation is derived
+    micro_batch: int = 8
+    epochs: float = 3  # the script runs 3; the paper says one epoch
+    max_steps: int = -1  # stop early (for tests and smoke runs)
+    max_length: int = 2048
+    image_size: int = 336
+    grad_ckpt: bool = False
+    seed: int = 0
+    # bookkeeping
+    save_every: int = 200
+    resume: bool = False
+    merge: bool = False  # also write the merged model (llava-hf layout) after LoRA training
+    log_every: int = 10
+
+
+# Where --model is empty the synthetic default replaces the paper-scale values above, unless the
+# command line sets them: a tiny model, a small batch and larger learning rates train in minutes on a CPU.
+SYNTH_OVERRIDES = dict(global_batch=16, micro_batch=16, epochs=3, lr=2e-3, vision_lr=2e-3, projector_lr=2e-3,
+                       image_size=48, max_length=512, save_every=100, log_every=20)
+SYNTH_BASE = dict(train="full", question_loss=False, sq_r=0.0, template="vicuna_v1", lr=3e-3, epochs=4)
+
+# -----------------------------------------------------------------------------
+# Shared helpers (dpo.py imports these): config from the command line, torchrun, schedule, checkpoints
+
+
+def parse_config(cls, argv=None, overrides=None):
+    """A dataclass from `--key=value` arguments; `overrides` fill the fields the command line leaves alone.
+
+    Booleans are `--flag` / `--no-flag`. Unknown keys and wrong types stop at once (argparse's errors).
+    """
+    p = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0])
+    for f in fields(cls):
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=f"default {f.default}")
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(f"--{f.name}", type=typ, default=None, help=f"default {f.default!r}")
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return cls(**{**(overrides or {}), **given}) if overrides else cls(**given), given
+
+
+def setup_distributed():
+    """Rank, world size and device from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def cosine_lr_factor(step, total, warmup):
+    """Linear warmup to 1, then cosine decay to 0 (transformers' get_cosine_schedule_with_warmup)."""
+    if step < warmup:
+        return (step + 1) / warmup  # HF uses step/warmup, which makes step 0 a no-op; this starts moving at once
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def trainable_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class Logger:
+    """Rank-0 progress lines with tokens/s and ETA, and the same numbers as JSONL in the output directory."""
+
+    def __init__(self, out_dir, total_steps, start_step):
+        self.total, self.start, self.t0 = total_steps, start_step, time.time()
+        self.path = os.path.join(out_dir, "log.jsonl")
+
+    def log(self, step, **m):
+        if int(os.environ.get("RANK", 0)) != 0:
+            return
+        done = step + 1 - self.start
+        eta = (time.time() - self.t0) / done * (self.total - step - 1)
+        print(f"step {step + 1}/{self.total} " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in m.items()) + f" eta {eta / 60:.1f}m", flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step + 1, **m}) + "\n")
+
+
+def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, rank=0, device="cpu"):
+    """The training loop both stages share.
+
+    Each step takes `global_batch` example indices (a seeded permutation per epoch, so the data position
+    is just the step number), splits them into micro batches dealt round-robin to the ranks, and
+    accumulates gradients. `prepare(indices, epoch)` encodes one micro batch and says how many items it
+    normalises over (supervised tokens for SFT, pairs for DPO); counts are summed over the whole global
+    batch first, so the loss is one mean over the global batch however it is split across processes.
+    `micro_loss(model, batch)` returns (summed loss, {metric: summed value}).
+    """
+    micro_per_step = cfg.global_batch // cfg.micro_batch
+    if cfg.global_batch % (cfg.micro_batch * world):
+        raise ValueError(f"global_batch {cfg.global_batch} is not divisible by micro_batch {cfg.micro_batch} x "
+                         f"world size {world}")
+    steps_per_epoch = n_examples // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n_examples} examples are fewer than one global batch of {cfg.global_batch}")
+    total = math.ceil(steps_per_epoch * cfg.epochs)
+    if cfg.max_steps > 0:
+        total = min(total, cfg.max_steps)
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                            fused=torch.device(device).type == "cuda")
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    ddp = model
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path, step = os.path.join(out_dir, "checkpoint.pt"), 0
+    if cfg.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in ck["trainable"]:
+                    p.copy_(ck["trainable"][n])
+        opt.load_state_dict(ck["optimizer"])
+        set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+        step = ck["step"]
+        print0(f"resumed from {ckpt_path} at step {step}")
+    logger = Logger(out_dir, total, step)
+    model.train()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        idx = order[pos * cfg.global_batch:(pos + 1) * cfg.global_batch]
+        chunks = [idx[i * cfg.micro_batch:(i + 1) * cfg.micro_batch] for i in range(micro_per_step)][rank::world]
+        batches = [prepare(c, epoch) for c in chunks]
+        count = torch.tensor(float(sum(b["count"] for b in batches)), device=device)
+        if world > 1:
+            dist.all_reduce(count)
+        factor = cosine_lr_factor(step, total, warmup)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        t0, sums = time.time(), {}
+        for j, b in enumerate(batches):
+            # DDP all-reduces gradients on every backward unless told not to: sync only on the last micro batch
+            ddp.require_backward_grad_sync = j == len(batches) - 1
+            with amp:
+                loss_sum, metrics = micro_loss(ddp, b)
+            # DDP averages gradients over ranks; the world factor turns that average back into the global sum
+            (loss_sum * world / count).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if world > 1:
+            keys = sorted(sums)
+            t = torch.tensor([sums[k] for k in keys], device=device)
+            dist.all_reduce(t)
+            sums = dict(zip(keys, t.tolist()))
+        if step % cfg.log_every == 0 or step == total:
+            logger.log(step - 1, **summarize(sums), lr=opt.param_groups[0]["lr"], grad_norm=float(norm),
+                       tok_s=sums.get("tokens", 0) / (time.time() - t0))
+        if step % cfg.save_every == 0 or step == total:
+            rngs = [None] * world
+            if world > 1:
+                dist.all_gather_object(rngs, rng_state())
+            else:
+                rngs = [rng_state()]
+            if rank == 0:
+                atomic_save({"trainable": trainable_state(model), "optimizer": opt.state_dict(), "step": step,
+                             "rng": rngs, "config": asdict(cfg)}, ckpt_path)
+    return model
+
+
+def summarize(sums):
+    """Metric sums -> means: '<name>_sum' / '<name>_n' pairs become '<name>'."""
+    out = {}
+    for k, v in sums.items():
+        if k.endswith("_sum"):
+            n = sums.get(k[:-4] + "_n", 0)
+            out[k[:-4]] = v / n if n else float("nan")
+    return out
+
+# -----------------------------------------------------------------------------
+# Stage 1 pieces: trainable set, parameter groups, encoding, the loss
+
+
+def lora_targets(cfg):
+    """The paper's LoRA targets (sqllava_med.sh): every Linear of the decoder blocks, and of the ViT blocks."""
+    return {LLM_LAYERS: LoRASpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+            VIT_LAYERS: LoRASpec(cfg.vit_lora_r, cfg.vit_lora_alpha, cfg.vit_lora_dropout)}
+
+
+def setup_trainable(model, cfg):
+    """Inject LoRA / freeze per `cfg.train`; returns the AdamW parameter groups."""
+    if cfg.train == "lora":
+        add_lora(model, lora_targets(cfg))
+        mark_trainable(model, lora=True, full=("projector",))
+    elif cfg.train == "projector":
+        mark_trainable(model, lora=False, full=("projector",))
+    elif cfg.train == "full":
+        mark_trainable(model, lora=False, full=("vision_tower", "projector", "language_model", "lm_head"))
+    else:
+        raise ValueError(f"--train must be lora, projector or full, not {cfg.train!r}")
+    return param_groups(model, cfg)
+
+
+def param_groups(model, cfg):
+    """AdamW groups of the trainable weights: LLM (cfg.lr), vision tower (cfg.vision_lr), projector (cfg.projector_lr),
+    as the authors' create_optimizer (llava_trainer.py) splits them."""
+    # the vision blocks after the feature layer (and the post-layernorm) never run in LLaVA: freeze them so
+    # that no trainable weight goes without a gradient (DDP would wait for it forever)
+    v = model.config.vision
+    n_run = v.num_layers + 1 + v.feature_layer if v.feature_layer < 0 else v.feature_layer
+    for n, p in model.vision_tower.named_parameters():
+        if n.startswith("post_layernorm.") or (n.startswith("encoder.layers.") and int(n.split(".")[2]) >= n_run):
+            p.requires_grad_(False)
+    groups = {"llm": [], "vision": [], "projector": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups["vision" if n.startswith("vision_tower.") else "projector" if n.startswith("projector.") else "llm"].append(p)
+    lrs = {"llm": cfg.lr, "vision": cfg.vision_lr, "projector": cfg.projector_lr}
+    print0(param_report(model))
+    return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+
+
+def load_images(paths, size):
+    return torch.stack([D.preprocess_image(p, size=size) for p in paths])
+
+
+def make_sft_prepare(examples, tokenizer, cfg, model_cfg, device):
+    """Encode a micro batch: questioner roles redrawn per epoch (seeded per example), right padding."""
+    def prepare(indices, epoch):
+        items = []
+        for i in indices:
+            ex = examples[i]
+            turns = ex["conversations"]
+            if cfg.template == "vicuna_v1_sq" and cfg.sq_r > 0:
+                turns = D.assign_questioner_roles(turns, cfg.sq_r, random.Random(hash((cfg.seed, epoch, i))))
+            ids, labels, is_question = D.encode_conversation(turns, tokenizer, cfg.template, model_cfg.image_seq_length,
+                                                             model_cfg.image_token_id, cfg.max_length,
+                                                             return_question_mask=True)
+            if not cfg.question_loss:
+                labels = [-100 if q else l for l, q in zip(labels, is_question)]
+            items.append({"input_ids": ids, "labels": labels, "question_mask": is_question, "image": ex["image"]})
+        b = D.collate(items, padding_side="right", image_size=cfg.image_size)
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        b["count"] = int((b["labels"][:, 1:] != -100).sum())
+        return b
+    return prepare
+
+
+def sft_loss(model, b):
+    """Summed next-token cross-entropy over supervised tokens, plus answer/question sums for the log."""
+    logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"])
+    labels = b["labels"][:, 1:]  # position t predicts token t+1
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                         reduction="none").view_as(labels)
+    supervised = labels != -100
+    question = b["question_mask"][:, 1:].bool() & supervised
+    answer = supervised & ~question
+    return ce.sum(), {"answer_loss_sum": ce[answer].sum().item(), "answer_loss_n": int(answer.sum()),
+                      "question_loss_sum": ce[question].sum().item(), "question_loss_n": int(question.sum()),
+                      "tokens": int(b["attention_mask"].sum())}
+
+# -----------------------------------------------------------------------------
+# Entry point
+
+
+def init_weights(model, std=0.02):
+    """From-scratch initialisation (LLaMA-style normal(0, 0.02); norms at 1), for the synthetic base model."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    return model
+
+
+def synthetic_base(cfg, synth, tokenizer, rank, world, device):
+    """Train (once) the tiny stand-in for a general-purpose LLaVA: `full` on captions + answers."""
+    base_dir = os.path.join(cfg.out_dir, "base")
+    if os.path.exists(os.path.join(base_dir, "config.json")):
+        return base_dir
+    print0(f"synthetic default: training the tiny base model from scratch into {base_dir} (once)")
+    base_cfg = replace(cfg, **SYNTH_BASE, out_dir=os.path.join(cfg.out_dir, "base_run"))
+    mc = replace(CONFIGS["tiny"], text=replace(CONFIGS["tiny"].text, vocab_size=tokenizer.get_vocab_size()),
+                 image_token_id=D.SYNTH_IMAGE_TOKEN_ID)
+    torch.manual_seed(cfg.seed)
+    model = init_weights(Llava(mc)).to(device)
+    examples = D.read_conversations(synth / "captions.json", synth / "images") + \
+        D.read_conversations(synth / "train.json", synth / "images")
+    groups = setup_trainable(model, base_cfg)
+    fit(base_cfg, model, len(examples), make_sft_prepare(examples, tokenizer, base_cfg, mc, device), sft_loss, groups,
+        base_cfg.out_dir, world, rank, device)
+    if rank == 0:
+        save_pretrained(model, base_dir + ".tmp")
+        os.replace(base_dir + ".tmp", base_dir)
+    if world > 1:
+        dist.barrier()
+    return base_dir
+
+
+def main(argv=None):
+    cfg, given = parse_config(Config, argv)
+    synthetic = not cfg.model
+    if synthetic:
+        cfg = replace(cfg, **{k: v for k, v in SYNTH_OVERRIDES.items() if k not in given})
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed)
+    t_start = time.time()
+    if synthetic:
+        synth = D.synth_data()
+        tokenizer = D.load_tokenizer(synth / "tokenizer.json")
+        cfg = replace(cfg, model=synthetic_base(cfg, synth, tokenizer, rank, world, device),
+                      data=cfg.data or str(synth / "train.json"), image_dir=cfg.image_dir or str(synth / "images"))
+    else:
+        tokenizer = D.load_tokenizer(cfg.model)
+    model = from_pretrained(cfg.model, cfg.vision_path or None, dtype=torch.float32, device=device)
+    model.language_model.gradient_checkpointing = cfg.grad_ckpt
+    examples = D.read_conversations(cfg.data, cfg.image_dir)
+    groups = setup_trainable(model, cfg)
+    fit(cfg, model, len(examples), make_sft_prepare(examples, tokenizer, cfg, model.config, device), sft_loss, groups,
+        cfg.out_dir, world, rank, device)
+    if rank == 0:
+        final = os.path.join(cfg.out_dir, "final")
+        if cfg.train == "lora":
+            save_adapter(model, final)
+            if cfg.merge or synthetic:
+                save_pretrained(merge_lora(model), os.path.join(cfg.out_dir, "merged"))
+        else:
+            save_pretrained(model, final)
+        if synthetic and os.path.exists(os.path.join(synth, "tokenizer.json")):
+            import shutil
+            for d in ("final", "merged"):
+                if os.path.isdir(os.path.join(cfg.out_dir, d)):
+                    shutil.copy(synth / "tokenizer.json", os.path.join(cfg.out_dir, d, "tokenizer.json"))
+        print0(f"stage 1 done in {(time.time() - t_start) / 60:.1f} min; outputs in {cfg.out_dir}")
+        if synthetic:
+            report_synthetic(model, tokenizer, synth, cfg, device)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def report_synthetic(model, tokenizer, synth, cfg, device, n_ask=40):
+    """Short evaluation on the synthetic test split, and the questions the model asks about test images."""
+    model.eval()
+    out = os.path.join(cfg.out_dir, "synth_answers.jsonl")
+    if os.path.exists(out):
+        os.remove(out)  # a fresh model: answer everything again
+    scores = E.evaluate_model(model, tokenizer, "synth", str(synth), out=out)
+    print0(json.dumps({k: scores[k] for k in ("closed_accuracy", "open_recall", "open_f1")}))
+    images = sorted({t["image_name"] for t in json.load(open(synth / "test.json"))})[:n_ask]
+    asked = ask_questions(model, tokenizer, [synth / "images" / im for im in images], cfg.image_size)
+    good = [q for q in asked if D.parse_question(q)]
+    print0(f"questions asked about {len(asked)} unseen test images: {100 * len(good) / max(1, len(asked)):.0f}% "
+           "well-formed; e.g. " + " | ".join(asked[:4]))
+    return scores, asked
+
+
+def ask_questions(model, tokenizer, image_paths, image_size, temperature=0.0, top_k=None, top_p=None, generator=None,
+                  describe_tokens=64, question_tokens=32):
+    """The stage-2 questioner (STLLaVA-Med `llava/eval/visual_sq.py`): the model first describes the image,
+    then the conversation ends in the questioner role ("...</s>VUSER:") and the model asks."""
+    px = load_images(image_paths, image_size)
+    opener = {"from": "human", "value": "<image>\n" + D.DESCRIBE}
+    desc = E.generate_text(model, tokenizer, [[opener, {"from": "gpt", "value": None}]] * len(image_paths), px,
+                           "vicuna_v1_sq", describe_tokens)
+    # an untrained model may describe nothing; the template needs a non-empty turn
+    prompts = [[opener, {"from": "gpt", "value": d or "."}, {"from": "vuser", "value": None}] for d in desc]
+    return E.generate_text(model, tokenizer, prompts, px, "vicuna_v1_sq", question_tokens, temperature, top_k, top_p,
+                           generator)
+
+
+if __name__ == "__main__":
+    main()
