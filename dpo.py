@@ -233,11 +233,11 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def sequence_logps(model, b):
     """Summed log-probabilities of the supervised (answer) tokens of each row: (2B,) for chosen ++ rejected."""
-    logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"])[:, :-1].float()
-    labels = b["labels"][:, 1:]
-    mask = labels != -100
-    logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0)[..., None]).squeeze(-1)
-    return (logp * mask).sum(-1)
+    logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"])[:, :-1]
+    labels = b["labels"][:, 1:]  # position t predicts token t+1
+    # cross-entropy = -log p(label), without materialising a full fp32 log-softmax over the vocabulary
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
+    return -nll.view_as(labels).sum(-1)  # ignored positions contribute 0
 
 
 class Reference:

@@ -295,7 +295,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, Hkv * hd, bias=False)
         self.o_proj = nn.Linear(H * hd, C, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):  # x (B, T, C); mask (B, 1, T, T_keys) bool, True = attend
+    def forward(self, x, cos, sin, mask, cache=None):  # x (B, T, C); mask (B, 1, T, T_keys) bool, True = attend;
+        # mask None = causal
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.cfg.num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.cfg.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -304,7 +305,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         # grouped-query attention: each key/value head serves num_heads // num_kv_heads query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -353,6 +354,8 @@ class Llama(nn.Module):
         k_slot = torch.arange(T_all, device=x.device)[None, :]
         mask = (k_slot <= q_slot) & (attention_mask.bool()[:, None, :] | (k_slot == q_slot))  # (B, T, T_all)
         mask = mask[:, None]  # (B, 1, T, T_all)
+        if cache is None and bool(attention_mask.all()):
+            mask = None  # plain causal attention: lets SDPA pick its flash kernel
         for block in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
@@ -696,6 +699,13 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def mask_image_token(logits, image_token_id):
+    """The image placeholder is never a valid output (llava-hf keeps it inside the vocabulary)."""
+    if 0 <= image_token_id < logits.shape[-1]:
+        logits[:, image_token_id] = float("-inf")
+    return logits
+
+
 @torch.no_grad()
 def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
              top_k=None, top_p=None, eos_token_id=None, pad_token_id=0, generator=None):
@@ -711,7 +721,8 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
         raise ValueError("generate expects left-padded prompts: the last column of attention_mask must be 1")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=input_ids.device)
     cache = model.new_cache(B, T + max_new_tokens)
-    logits = model(input_ids, pixel_values, attention_mask, cache=cache)[:, -1]  # prefill
+    next_logits = lambda h: mask_image_token(model.lm_head(h[:, -1]), model.config.image_token_id)  # (B, V)
+    logits = next_logits(model.hidden_states(input_ids, pixel_values, attention_mask, cache))  # prefill
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
     for step in range(max_new_tokens):
@@ -722,5 +733,5 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
         if done.all() or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits = model(token[:, None], attention_mask=attention_mask, cache=cache)[:, -1]  # decode one token
+        logits = next_logits(model.hidden_states(token[:, None], None, attention_mask, cache))  # decode one token
     return torch.stack(out, dim=1)
