@@ -92,9 +92,11 @@ class Config:
 
 
 # The synthetic default: the tiny model, the oracle judge and CPU-sized settings (each overridable).
-SYNTH_OVERRIDES = dict(n_images=400, n_questions=2, describe_tokens=48, q_max_tokens=24, a_max_tokens=16, gen_batch=100,
-                       judge="oracle", lr=5e-4, vision_lr=5e-4, projector_lr=5e-4, global_batch=32, micro_batch=32,
-                       epochs=2, log_every=5)
+# The question sampling is cooled: a 1M-parameter model's tail over a 640-token vocabulary is not a 7B model's, and
+# at T 1.2 / top-k 300 (half the vocabulary) its questions are noise. Answers keep the paper's sampling.
+SYNTH_OVERRIDES = dict(n_images=800, n_questions=5, describe_tokens=48, q_temperature=1.0, q_top_k=20, q_max_tokens=24,
+                       a_max_tokens=16, gen_batch=200, judge="oracle", lr=5e-4, vision_lr=5e-4, projector_lr=5e-4,
+                       global_batch=32, micro_batch=32, epochs=2, log_every=5)
 
 # -----------------------------------------------------------------------------
 # 1. generate: self-asked questions and two sampled answers each
@@ -121,7 +123,7 @@ def read_batches(path):
     return [r for b in sorted(per_batch) for r in per_batch[b] if len(per_batch[b]) == per_batch[b][0]["batch_lines"]]
 
 
-def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device):
+def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device, keep=None):
     """Questions and answer pairs for every image, one JSONL line per question, written batch by batch.
 
     Each batch samples from its own seeded generator, so a resumed run writes exactly what an
@@ -134,7 +136,7 @@ def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device):
     seeds = [int(s) for s in cfg.answer_seeds.split(",")]
     size = model.config.vision.image_size
     batches = [images[i:i + cfg.gen_batch] for i in range(0, len(images), cfg.gen_batch)]
-    t0, n_dropped = time.time(), 0
+    t0 = time.time()
     for b, names in enumerate(batches):
         if b in done_batches:
             continue
@@ -146,9 +148,9 @@ def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device):
                                cfg.describe_tokens, cfg.q_max_tokens)
             for lst, q in zip(per_image, qs):
                 lst.append(q.removesuffix("</s>").strip())
-        items = [(n, q) for n, qs in zip(names, per_image) for q in dict.fromkeys(qs) if is_wellformed(q)]
-        dropped = sum(len(qs) for qs in per_image) - len(items)
-        n_dropped += dropped
+        unique = [(n, q) for n, qs in zip(names, per_image) for q in dict.fromkeys(qs)]  # repeats asked once
+        items = [(n, q) for n, q in unique if (keep or is_wellformed)(q)]
+        dropped, repeats = len(unique) - len(items), sum(len(qs) for qs in per_image) - len(unique)
         answers = []
         for s in seeds:  # two answers per question, each from its own seed
             ga = torch.Generator(device=device).manual_seed(s * 1_000_003 + b)
@@ -159,18 +161,21 @@ def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device):
         sampling = {"q": [cfg.q_temperature, cfg.q_top_k, cfg.q_top_p], "a": [cfg.a_temperature, cfg.a_top_k, cfg.a_top_p]}
         lines = [{"batch": b, "batch_lines": len(items) + 1, "image": n, "question": q,
                   "answers": [a[i] for a in answers], "seeds": seeds, "sampling": sampling} for i, (n, q) in enumerate(items)]
-        lines.append({"batch": b, "batch_lines": len(items) + 1, "images": len(names), "dropped": dropped})  # batch end
+        lines.append({"batch": b, "batch_lines": len(items) + 1, "images": len(names), "dropped": dropped,
+                      "repeats": repeats})  # the batch's end
         with open(out_path, "a") as f:
             f.write("".join(json.dumps(x) + "\n" for x in lines))
             f.flush()
             os.fsync(f.fileno())
         dt = time.time() - t0
-        print0(f"generate: batch {b + 1}/{len(batches)}, {len(items)} questions kept, {dropped} malformed dropped, "
+        print0(f"generate: batch {b + 1}/{len(batches)}, {len(items)} questions kept, {dropped} malformed and "
+               f"{repeats} repeats dropped, "
                f"ETA {dt / (b + 1 - len(done_batches)) * (len(batches) - b - 1):.0f}s")
     rows = read_batches(out_path)
     qa = [r for r in rows if "question" in r]
     print0(f"generate: {len(qa)} questions with two answers each in {out_path} "
-           f"({sum(r.get('dropped', 0) for r in rows)} malformed questions dropped)")
+           f"({sum(r.get('dropped', 0) for r in rows)} malformed and {sum(r.get('repeats', 0) for r in rows)} repeated "
+           "questions dropped)")
     return qa
 
 # -----------------------------------------------------------------------------
@@ -354,7 +359,9 @@ def main(argv=None):
         before = E.evaluate_model(stage1, tokenizer, "synth", str(synth), os.path.join(cfg.out_dir, "answers_stage1.jsonl"))
     if "generate" in steps and rank == 0:
         model = from_pretrained(cfg.model, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
-        generate_step(cfg, model, tokenizer, images, image_dir, gen_path, device)
+        # the oracle judge can only score questions of the synthetic grammar: keep those
+        keep = (lambda q: is_wellformed(q) and D.parse_question(q) is not None) if synthetic else None
+        generate_step(cfg, model, tokenizer, images, image_dir, gen_path, device, keep)
         del model
     if "judge" in steps and rank == 0:
         rows = [r for r in read_batches(gen_path) if "question" in r]

@@ -87,7 +87,7 @@ class LlavaConfig:
 CONFIGS = {
     # the CPU-sized model of the synthetic default; data.py fills vocab_size / image_token_id from its tokenizer
     "tiny": LlavaConfig(
-        vision=VisionConfig(hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4, image_size=48, patch_size=8),
+        vision=VisionConfig(hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4, image_size=48, patch_size=12),
         text=TextConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                         num_kv_heads=2, max_position_embeddings=1024),
         image_token_id=3),

@@ -191,8 +191,8 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
     if cfg.max_steps > 0:
         total = min(total, cfg.max_steps)
     warmup = math.ceil(cfg.warmup_ratio * total)
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                            fused=torch.device(device).type == "cuda")
+    cuda = torch.device(device).type == "cuda"  # fused kernels on GPU, multi-tensor ops on CPU
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=cuda, foreach=not cuda)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     ddp = model
