@@ -477,6 +477,87 @@ def collate(examples, pad_id=0, padding_side="right", image_size=None):
     return batch
 
 # -----------------------------------------------------------------------------
+# LLaVA-Med stage 1, concept alignment: image-caption pairs -> one-turn "describe the image" instructions
+#
+# LLaVA-Med §3 "Biomedical Concept Alignment Data": for an image X_v and its caption X_c, sample a question
+# X_q that asks to describe the image and build "Human: X_q X_v<STOP>\n Assistant: X_c<STOP>\n". The question
+# asks for a concise or a detailed description depending on the caption's length; the two lists are the
+# paper's Appendix A.2, Tables 6 and 7, copied verbatim (the brief ones end with a period, the detailed ones
+# do not). The released repository (microsoft/LLaVA-Med) ships the finished alignment JSON, not the code that
+# built it, so the paper is the only source for the lists and the rule.
+
+
+ALIGN_BRIEF = [  # LLaVA-Med Table 6: "The list of instructions for brief image description."
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.",
+    "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
+]
+ALIGN_DETAILED = [  # LLaVA-Med Table 7: "The list of instructions for detailed image description."
+    "Describe the following image in detail",
+    "Provide a detailed description of the given image",
+    "Give an elaborate explanation of the image you see",
+    "Share a comprehensive rundown of the presented image",
+    "Offer a thorough analysis of the image",
+    "Explain the various aspects of the image before you",
+    "Clarify the contents of the displayed image with great detail",
+    "Characterize the image using a well-detailed description",
+    "Break down the elements of the image in a detailed manner",
+    "Walk through the important details of the image",
+    "Portray the image with a rich, descriptive narrative",
+    "Narrate the contents of the image with precision",
+    "Analyze the image in a comprehensive and detailed manner",
+    "Illustrate the image through a descriptive explanation",
+    "Examine the image closely and share its details",
+    "Write an exhaustive depiction of the given image",
+]
+# LLaVA-Med §3: "In practice, 25% of captions have length less than 30 words in PMC-15M [51], and thus 30 words
+# is used as the cutoff point to determine which list to choose." So "short" means *less than* 30 words:
+# 29 words or fewer -> brief list, 30 or more -> detailed list. Words = whitespace-separated tokens.
+ALIGN_WORD_CUTOFF = 30
+
+
+def alignment_instructions(caption):
+    """The instruction list LLaVA-Med draws from for this caption: brief if it has < 30 words, else detailed."""
+    return ALIGN_BRIEF if len(caption.split()) < ALIGN_WORD_CUTOFF else ALIGN_DETAILED
+
+
+def caption_to_alignment(record, rng):
+    """One LLaVA-Med alignment record -> a one-turn instruction conversation, question drawn with `rng`.
+
+    record: {"id", "image", "conversations": [human, gpt caption]} (llava_med_alignment_500k.json; the human
+    turn's text is replaced, the caption is the first gpt turn) or {"id", "image", "caption"} (PMC-15M style).
+    rng: a random.Random; pass random.Random(seed) (or one per record, e.g. Random(f"{seed}-{id}"), for an order
+    that does not depend on the file's order). Returns {"id", "image", "conversations": [
+    {"from": "human", "value": "<image>\\n" + question}, {"from": "gpt", "value": caption}]}; the image tag goes
+    first, where data.py's reader moves it anyway (STLLaVA-Med train.py preprocess_multimodal).
+    """
+    if "caption" in record:
+        caption = record["caption"]
+    else:
+        caption = next(t["value"] for t in record["conversations"] if t["from"] == "gpt")
+    caption = caption.strip()
+    if not caption:
+        raise ValueError(f"record {record.get('id')!r}: empty caption")
+    question = rng.choice(alignment_instructions(caption))
+    return {"id": record.get("id"), "image": record["image"],
+            "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": caption}]}
+
+
+def captions_to_alignment(records, seed=0):
+    """Every record through caption_to_alignment with one random.Random(seed): same file + seed -> same output."""
+    rng = random.Random(seed)
+    return [caption_to_alignment(r, rng) for r in records]
+
+
+# -----------------------------------------------------------------------------
 # The synthetic default: "toy radiology"
 #
 # A seeded, deterministic stand-in for LLaVA-Med's data that a tiny model learns in minutes on a CPU: 48x48
@@ -486,13 +567,14 @@ def collate(examples, pad_id=0, padding_side="right", image_size=None):
 # the point is to exercise the pipeline, not to be hard. "left"/"right" are the image's (not the radiological
 # convention, where the patient's left is on the image's right), to keep the toy unambiguous.
 
-SYNTH_VERSION = "synth-v1"  # bump when the generator changes, so stale caches are not reused
+SYNTH_VERSION = "synth-v3"  # bump when the generator changes, so stale caches are not reused
 SYNTH_IMAGE_SIZE = 48
 SYNTH_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>"]  # ids 0..3, as LLaMA's unk/bos/eos + image
 SYNTH_IMAGE_TOKEN_ID = 3
 SYNTH_VOCAB_SIZE = 640
 SYNTH_SPLITS = {"train": 800, "test": 100}  # images per split
 SYNTH_CONVS_PER_IMAGE = 2                    # train conversations per image, 3-4 rounds each
+SYNTH_CLOSED_FRACTION = 0.75                # of train questions: yes/no needs comparing the asked value with the image, learnt slowest
 MODALITIES, ORGANS = ("ct", "mri", "x-ray"), ("brain", "chest", "abdomen")
 SIDES, SIZES = ("left", "right"), ("small", "large")  # a lesion-free image has side and size "none"
 DESCRIBE = "Can you describe the image in detail?"  # the stage-2 opener (STLLaVA-Med llava/eval/visual_sq.py)
@@ -693,8 +775,11 @@ def _synth_conversation(facts, rng, bag):
     for i in range(rng.choice([3, 4])):
         if i == 0 and rng.random() < 0.5:
             q, a = DESCRIBE, synth_caption(facts)
+        elif len(asked) >= 6 and not facts["count"]:
+            break  # a lesion-free image has only 3 facts that can be asked both ways
         else:
-            _, _, q, a = _synth_qa(facts, rng.random() < 0.5, bag, rng, asked)
+            kind, _, q, a = _synth_qa(facts, rng.random() < SYNTH_CLOSED_FRACTION, bag, rng, asked)
+            asked |= {(kind, True), (kind, False)}  # one question per fact: a later answer cannot be read off an earlier one
         turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
     return turns
 
@@ -714,10 +799,10 @@ def _synth_tokenizer(texts):
 def _synth_generate(root, seed):
     """Write images/, train.json, captions.json, test.json, facts.json, tokenizer.json, config.json into root."""
     (root / "images").mkdir()
-    rng = random.Random(seed)
     train, captions, test, all_facts, corpus = [], [], [], {}, []
     for s, (split, n) in enumerate(SYNTH_SPLITS.items()):
         bag = _yes_no_bag(random.Random(seed * 1000 + s))  # one per split: each split is balanced on its own
+        rng = random.Random(seed * 1000 + 100 + s)  # questions per split: the test split does not shift with train's
         for i in range(n):
             img_rng = np.random.default_rng([seed, s, i])  # per-image stream: images do not shift when n changes
             name, facts = f"synth_{split}_{i:05d}.png", synth_facts(img_rng)

@@ -5,8 +5,12 @@ The policy learns to answer (ASSISTANT turns) and to ask (VUSER turns): the loss
 cross-entropy over every supervised token, answers and questions alike (STLLaVA-Med §2; the authors'
 `llava/train/train.py` `preprocess_v1_sq2`). LoRA on the language model (r128/α256) and on the vision
 tower (r32/α64), the projector trained in full, three learning rates (`sqllava_med.sh`).
-The same trainer runs LLaVA-Med's curriculum: `--train=projector` (concept alignment on captions),
-then `--train=full` or `--train=lora` (instruction tuning).
+The same trainer runs LLaVA-Med's curriculum: `--train=projector --align_captions` (concept alignment on
+image-caption pairs), then `--train=full` or `--train=lora` (instruction tuning), e.g. on the synthetic data:
+
+    python sft.py --model=out/sft/base --data=<synth>/captions.json --train=projector --align_captions \
+        --template=vicuna_v1 --no-question_loss --lr=2e-3 --projector_lr=2e-3 --out_dir=out/align
+    python sft.py --model=out/align/final --data=<synth>/train.json --train=full --out_dir=out/instruct
 
     python sft.py                                          # synthetic default, one CPU process
     python sft.py --model=ckpt/llava-1.5-7b --data=instruct.json --image_dir=images/
@@ -48,6 +52,8 @@ class Config:
     # what trains: lora = the paper (LoRA on both towers + projector), projector = LLaVA-Med alignment, full
     train: str = "lora"
     question_loss: bool = True  # STLLaVA-Med: supervise VUSER questions too; off = plain LLaVA answers-only
+    align_captions: bool = False  # LLaVA-Med concept alignment: each caption record gets a "describe" instruction
+    # drawn per epoch from the paper's brief (< 30 words) or detailed list (data.caption_to_alignment)
     sq_r: float = 0.5  # probability that a later human turn becomes a VUSER turn (sqllava_med.sh --sq_r 0.5)
     template: str = "vicuna_v1_sq"
     lora_r: int = 128  # LLM LoRA (sqllava_med.sh)
@@ -322,6 +328,8 @@ def make_sft_prepare(examples, tokenizer, cfg, model_cfg, device):
         items = []
         for i in indices:
             ex = examples[i]
+            if cfg.align_captions:
+                ex = D.caption_to_alignment(ex, random.Random(hash((cfg.seed, epoch, i))))
             turns = ex["conversations"]
             if cfg.template == "vicuna_v1_sq" and cfg.sq_r > 0:
                 turns = D.assign_questioner_roles(turns, cfg.sq_r, random.Random(hash((cfg.seed, epoch, i))))
@@ -418,16 +426,21 @@ def main(argv=None):
                 save_pretrained(merge_lora(model), os.path.join(cfg.out_dir, "merged"))
         else:
             save_pretrained(model, final)
-        if synthetic and os.path.exists(os.path.join(synth, "tokenizer.json")):
-            import shutil
-            for d in ("final", "merged"):
-                if os.path.isdir(os.path.join(cfg.out_dir, d)):
-                    shutil.copy(synth / "tokenizer.json", os.path.join(cfg.out_dir, d, "tokenizer.json"))
+        for d in ("final", "merged"):  # the next stage loads its tokenizer from the model directory
+            if os.path.isdir(os.path.join(cfg.out_dir, d)):
+                copy_tokenizer(synth if synthetic else cfg.model, os.path.join(cfg.out_dir, d))
         print0(f"stage 1 done in {(time.time() - t_start) / 60:.1f} min; outputs in {cfg.out_dir}")
         if synthetic:
             report_synthetic(model, tokenizer, synth, cfg, device)
     if world > 1:
         dist.destroy_process_group()
+
+
+def copy_tokenizer(src, dst):
+    import shutil
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
 
 
 def report_synthetic(model, tokenizer, synth, cfg, device, n_ask=40):

@@ -1,3 +1,11 @@
+"""
+Every test of the project, one file: `python -m pytest -q test_all.py`.
+
+Tiny random models on CPU, checked against independent oracles: transformers (LlavaForConditionalGeneration,
+CLIPImageProcessor, logits warpers), PEFT (LoRA), sentencepiece (the tokenizer conversion), LLaVA-Med's metric
+definitions worked by hand, a fake OpenAI-compatible server on 127.0.0.1, and formulas computed another way.
+Sections follow the files: model, lora, data (+ synthetic default), evaluate, judge, sft/dpo, selector, bench.
+"""
 # ----------------------------------------------------------------------------- model.py
 import json
 import os
@@ -7,7 +15,7 @@ import torch
 
 import model as M
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 
 def tiny_hf_llava(theta=500000.0, kv_heads=2, vocab=120, image_token_id=119, tie=False, seed=0):
@@ -316,3 +324,2233 @@ def test_unknown_tower_hub_id_error_says_how_to_fix(tmp_path):
                                                        "mm_vision_tower": "someone/medclip"}))
     with pytest.raises(ValueError, match=r"'someone/medclip'.*pass vision_path="):
         M.from_pretrained(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- lora.py
+# Oracle: PEFT's LoRA on transformers' LlavaForConditionalGeneration, with the same base weights.
+import copy
+import json
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import lora as L
+import model as M
+
+import transformers
+import peft
+
+IMG_ID, N_IMG_TOKENS = 119, 16
+
+
+def lora_hf_llava(text_hidden=48, seed=0):
+    """Random transformers LlavaForConditionalGeneration: CLIP 3 layers (the last one unused, feature layer -2),
+    Llama 2 layers with GQA."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    torch.manual_seed(seed)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=28, patch_size=7, projection_dim=16)
+    tc = LlamaConfig(hidden_size=text_hidden, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=120, max_position_embeddings=256)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG_ID, image_seq_length=N_IMG_TOKENS,
+                      vision_feature_layer=-2)
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # norms and biases start at 1/0: make every weight non-trivial
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return hf
+
+
+def batch(seed=1):
+    """Two rows of [t, <image>*16, t x 5] and their images."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.full((N_IMG_TOKENS,), IMG_ID)
+    ids = torch.stack([torch.cat([torch.randint(3, 118, (1,), generator=g), img, torch.randint(3, 118, (5,), generator=g)])
+                       for _ in range(2)])
+    return ids, torch.randn(2, 3, 28, 28, generator=g)
+
+
+def authors_targets(hf):
+    """STLLaVA-Med train.py `find_all_linear_names`: last name component of every Linear, per tower."""
+    def last_names(module, skip=()):
+        return {n.split(".")[-1] for n, m in module.named_modules()
+                if isinstance(m, nn.Linear) and not any(s in n for s in skip)}
+    return sorted(last_names(hf.model.language_model) | last_names(hf.model.vision_tower))
+
+
+def peft_paper_config(**kw):
+    """The paper's two LoRAs as one PEFT config: LLM r128/a256, ViT r32/a64 via rank/alpha patterns."""
+    vit = r"model\.vision_tower\..*"
+    return peft.LoraConfig(r=128, lora_alpha=256, rank_pattern={vit: 32}, alpha_pattern={vit: 64}, **kw)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(hf, dir): transformers' model and its llava-hf checkpoint that our from_pretrained reads."""
+    hf = lora_hf_llava()
+    d = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(d)
+    return hf, str(d)
+
+
+def ours_from(d):
+    return M.from_pretrained(d, dtype=torch.float32)
+
+
+def randomize_lora(model, seed=0):
+    """Non-zero B (and a perturbed projector) so that every comparison below can fail."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in L.lora_layers(model).values():
+            m.lora_b.copy_(torch.randn(m.lora_b.shape, generator=g) * 0.02)
+        for p in model.projector.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+def peft_like_ours(hf, ours, config):
+    """PEFT model on a copy of `hf`, with our A, B and projector copied into it by name."""
+    pm = peft.get_peft_model(copy.deepcopy(hf), config)
+    lora_params = {n: m for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.Linear)}
+    assert len(lora_params) == len(L.lora_layers(ours))
+    with torch.no_grad():
+        for name, m in L.lora_layers(ours).items():
+            p = lora_params[L.PEFT_PREFIX + L.to_hf_name(name)]
+            p.lora_A["default"].weight.copy_(m.lora_a)
+            p.lora_B["default"].weight.copy_(m.lora_b)
+        mts = pm.base_model.model.model.multi_modal_projector.modules_to_save["default"]
+        mts.load_state_dict(ours.projector.state_dict())
+    return pm.eval()
+
+
+def logits(model, ids, pixels):
+    with torch.no_grad():
+        if isinstance(model, M.Llava):
+            return model(ids, pixels)
+        return model(input_ids=ids, pixel_values=pixels).logits
+
+
+def test_lora_linear_matches_peft_layer():
+    torch.manual_seed(0)
+    base_lin = nn.Linear(64, 48)
+    ours = L.LoRALinear(copy.deepcopy(base_lin), r=8, alpha=16, dropout=0.5)
+    pm = peft.get_peft_model(nn.Sequential(copy.deepcopy(base_lin)),
+                             peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.5, target_modules=["0"]))
+    theirs = pm.base_model.model[0]
+    # init: B = 0, A ~ U(+-1/sqrt(in)) in both (kaiming_uniform, a=sqrt(5))
+    bound = 64 ** -0.5
+    for a, b in [(ours.lora_a, ours.lora_b), (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight)]:
+        assert (b == 0).all() and a.abs().max() <= bound and a.abs().max() > 0.9 * bound and a.std() > 0.5 * bound / 3 ** 0.5
+    assert not ours.weight.requires_grad and ours.lora_a.requires_grad and ours.lora_b.requires_grad
+    with torch.no_grad():
+        ours.lora_b.normal_()
+        theirs.lora_A["default"].weight.copy_(ours.lora_a)
+        theirs.lora_B["default"].weight.copy_(ours.lora_b)
+    x = torch.randn(3, 5, 64)
+    ours.eval(), pm.eval()
+    assert (ours(x) - pm(x)).abs().max() < 1e-5
+    ours.train(), pm.train()  # same dropout mask from the same seed: dropout sits where PEFT puts it
+    torch.manual_seed(1)
+    y_ours = ours(x)
+    torch.manual_seed(1)
+    y_peft = pm(x)
+    assert (y_ours - y_peft).abs().max() < 1e-5 and (y_ours - ours.eval()(x)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="rank must be positive"):
+        L.LoRALinear(nn.Linear(4, 4), r=0, alpha=1)
+
+
+def test_half_precision_base_keeps_fp32_adapters_as_peft_does():
+    torch.manual_seed(0)
+    base_lin = nn.Linear(32, 16).to(torch.bfloat16)
+    ours = L.LoRALinear(copy.deepcopy(base_lin), r=4, alpha=8)
+    pm = peft.get_peft_model(nn.Sequential(copy.deepcopy(base_lin)), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    theirs = pm.base_model.model[0]
+    assert ours.weight.dtype == torch.bfloat16 and ours.lora_a.dtype == theirs.lora_A["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        ours.lora_b.normal_()
+        theirs.lora_A["default"].weight.copy_(ours.lora_a)
+        theirs.lora_B["default"].weight.copy_(ours.lora_b)
+    x = torch.randn(7, 32, dtype=torch.bfloat16)
+    y = ours(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, pm(x))
+
+
+def test_lora_linear_merge_unmerge():
+    torch.manual_seed(0)
+    m = L.LoRALinear(nn.Linear(32, 16), r=4, alpha=8)
+    with torch.no_grad():
+        m.lora_b.normal_()
+    w0, x = m.weight.clone(), torch.randn(7, 32)
+    y = m(x)
+    m.merge()
+    assert m.merged and (m(x) - y).abs().max() < 1e-5 and (m.weight - w0).abs().max() > 1e-2
+    m.merge()  # idempotent
+    assert (m(x) - y).abs().max() < 1e-5
+    m.unmerge()
+    assert not m.merged and (m.weight - w0).abs().max() < 1e-6 and (m(x) - y).abs().max() < 1e-5
+
+
+def test_paper_targets_are_the_authors_modules(base):
+    hf, d = base
+    ours = L.add_lora(ours_from(d), L.PAPER_TARGETS)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft_paper_config(target_modules=authors_targets(hf)))
+    theirs = {n[len(L.PEFT_PREFIX):]: m for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.Linear)}
+    layers = L.lora_layers(ours)
+    assert {L.to_hf_name(n) for n in layers} == set(theirs) and len(layers) == 2 * 7 + 3 * 6
+    for n, m in layers.items():
+        t = theirs[L.to_hf_name(n)]
+        assert (m.r, m.alpha, m.scale) == (t.r["default"], t.lora_alpha["default"], t.scaling["default"])
+        assert m.dropout_p == (0.2 if n.startswith("vision_tower") else 0.05)
+    assert all(m.dropout_p == 0.1 for n, m in L.lora_layers(L.add_lora(ours_from(d), L.PAPER_TARGETS_DPO)).items()
+               if n.startswith("vision_tower"))
+
+
+def test_forward_matches_peft_on_both_towers(base):
+    hf, d = base
+    ours = randomize_lora(L.add_lora(ours_from(d), L.PAPER_TARGETS)).eval()
+    pm = peft_like_ours(hf, ours, peft_paper_config(target_modules=authors_targets(hf),
+                                                    modules_to_save=["multi_modal_projector"]))
+    ids, pixels = batch()
+    want, got = logits(pm, ids, pixels), logits(ours, ids, pixels)
+    assert (got - want).abs().max() < 1e-5
+    assert (want - logits(hf, ids, pixels)).abs().max() > 1e-3  # the adapters do change the output
+    for tower in ("vision_tower", "language_model"):  # and each tower's adapters matter on their own
+        with torch.no_grad():
+            for n, m in L.lora_layers(ours).items():
+                if n.startswith(tower):
+                    m.disabled = True
+        assert (logits(ours, ids, pixels) - got).abs().max() > 1e-4
+        for m in L.lora_layers(ours).values():
+            m.disabled = False
+
+
+def test_disable_lora_is_base_and_merge_equals_unmerged(base, tmp_path):
+    hf, d = base
+    ids, pixels = batch()
+    plain = ours_from(d)
+    want_base = logits(plain, ids, pixels)
+    ours = L.add_lora(ours_from(d), L.PAPER_TARGETS).eval()
+    with torch.no_grad():  # B only: disable_lora turns LoRA off, not the (fully trained) projector
+        for m in L.lora_layers(ours).values():
+            m.lora_b.normal_(std=0.02)
+    lora_out = logits(ours, ids, pixels)
+    with L.disable_lora(ours):
+        assert torch.equal(logits(ours, ids, pixels), want_base)
+    assert torch.equal(logits(ours, ids, pixels), lora_out)  # back on after the block
+    assert (lora_out - want_base).abs().max() > 1e-3
+    L.merge_lora(ours)
+    assert not L.lora_layers(ours) and set(ours.state_dict()) == set(plain.state_dict())
+    assert all(type(m) is nn.Linear for m in ours.modules() if "Linear" in type(m).__name__)
+    assert (logits(ours, ids, pixels) - lora_out).abs().max() < 1e-5
+    M.save_pretrained(ours, str(tmp_path))  # merged checkpoint loads in transformers and computes the same
+    hf_merged = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert (logits(hf_merged, ids, pixels) - lora_out).abs().max() < 1e-4
+
+
+def test_only_lora_and_projector_get_gradients(base):
+    hf, d = base
+    ours = L.mark_trainable(randomize_lora(L.add_lora(ours_from(d), L.PAPER_TARGETS)).train())
+    ids, pixels = batch()
+    ours(ids, pixels).logsumexp(-1).mean().backward()
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in ours.named_parameters() if p.grad is not None}
+    expected = {n for n in dict(ours.named_parameters()) if n.endswith((".lora_a", ".lora_b")) or n.startswith("projector.")}
+    assert trainable == expected and len(expected) == 2 * len(L.lora_layers(ours)) + 4
+    # the last CLIP layer is past the feature layer (-2): never run, so no gradient, as in LLaVA
+    assert with_grad == {n for n in expected if not n.startswith("vision_tower.encoder.layers.2.")}
+    assert all(ours.get_parameter(n).grad.abs().sum() > 0 for n in with_grad)
+    assert L.param_report(ours).startswith(f"trainable params: {sum(ours.get_parameter(n).numel() for n in expected):,} / ")
+    L.mark_trainable(ours, lora=False, full=("vision_tower",))
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n for n in dict(ours.named_parameters()) if n.startswith("vision_tower.")}
+
+
+def test_param_report_counts_like_peft(base):
+    hf, d = base
+    ours = L.mark_trainable(L.add_lora(ours_from(d), L.PAPER_TARGETS), full=())
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft_paper_config(target_modules=authors_targets(hf)))
+    trainable, total = pm.get_nb_trainable_parameters()
+    assert L.param_report(ours) == f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)"
+
+
+def test_adapter_saved_here_loads_in_peft(base, tmp_path):
+    hf, d = base
+    ours = randomize_lora(L.add_lora(ours_from(d), L.PAPER_TARGETS)).eval()
+    L.save_adapter(ours, str(tmp_path / "ours"))
+    # same file layout as PEFT's own save of the equivalent model
+    pm = peft_like_ours(hf, ours, peft_paper_config(target_modules=authors_targets(hf),
+                                                    modules_to_save=["multi_modal_projector"]))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    mine, theirs = (load_file(str(tmp_path / s / "adapter_model.safetensors")) for s in ("ours", "peft"))
+    assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert "base_model.model.model.multi_modal_projector.linear_1.weight" in mine
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in mine
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "ours")).eval()
+    ids, pixels = batch()
+    assert (logits(loaded, ids, pixels) - logits(ours, ids, pixels)).abs().max() < 1e-5
+    # the projector comes back as a PEFT modules_to_save module (trainable there, saved again), not by accident
+    assert isinstance(loaded.base_model.model.model.multi_modal_projector, peft.utils.other.ModulesToSaveWrapper)
+    loaded.save_pretrained(str(tmp_path / "resaved"))
+    resaved = load_file(str(tmp_path / "resaved" / "adapter_model.safetensors"))
+    assert sorted(resaved) == sorted(mine) and all(torch.equal(mine[k], resaved[k]) for k in mine)
+
+
+def test_adapter_saved_by_peft_loads_here(base, tmp_path):
+    hf, d = base
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft_paper_config(
+        target_modules=authors_targets(hf), modules_to_save=["multi_modal_projector"], lora_dropout=0.05))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    pm.save_pretrained(str(tmp_path))
+    ours = L.load_adapter(ours_from(d), str(tmp_path)).eval()
+    layers = L.lora_layers(ours)
+    assert len(layers) == 2 * 7 + 3 * 6 and layers["vision_tower.encoder.layers.0.mlp.fc1"].scale == 2.0
+    assert (layers["vision_tower.encoder.layers.0.mlp.fc1"].r, layers["language_model.layers.0.mlp.up_proj"].r) == (32, 128)
+    ids, pixels = batch()
+    assert (logits(ours, ids, pixels) - logits(pm.eval(), ids, pixels)).abs().max() < 1e-5
+    adapted = L.add_lora(ours_from(d), {p: L.LoRASpec(s.r, 1.0) for p, s in L.PAPER_TARGETS.items()})
+    L.load_adapter(adapted, str(tmp_path))  # into existing LoRA layers: PEFT's alpha replaces theirs
+    assert (logits(adapted.eval(), ids, pixels) - logits(ours, ids, pixels)).abs().max() < 1e-5
+    L.save_adapter(ours, str(tmp_path / "again"))  # and round-trips through our writer unchanged
+    again = L.load_adapter(ours_from(d), str(tmp_path / "again")).eval()
+    assert torch.equal(logits(again, ids, pixels), logits(ours, ids, pixels))
+
+
+def test_lora_bad_inputs_give_clear_errors(base, tmp_path):
+    hf, d = base
+    ours = ours_from(d)
+    typo = r"language_model\.layer\.\d+\.q_proj"  # "layer", not "layers"
+    with pytest.raises(ValueError, match=re.escape(f"LoRA target {typo!r} matches no nn.Linear of Llava")):
+        L.add_lora(ours, {typo: L.LoRASpec(8, 16)})
+    with pytest.raises(ValueError, match="rank must be positive, got r=0"):
+        L.add_lora(ours, {r"q_proj": L.LoRASpec(0, 16)})
+    with pytest.raises(ValueError, match="has no LoRA layers"):
+        L.save_adapter(ours, str(tmp_path / "none"))
+    L.add_lora(ours, {r"q_proj": L.LoRASpec(4, 8)})
+    with pytest.raises(ValueError, match="matches no nn.Linear"):  # twice: already adapted
+        L.add_lora(ours, {r"q_proj": L.LoRASpec(4, 8)})
+    with pytest.raises(ValueError, match="'projector' has LoRA layers"):
+        L.save_adapter(L.add_lora(ours_from(d), {r"projector\.linear_1": L.LoRASpec(4, 8)}), str(tmp_path / "x"))
+    # an adapter for another architecture: PEFT LoRA of a LlamaForCausalLM
+    llama = transformers.LlamaForCausalLM(hf.config.text_config)
+    peft.get_peft_model(llama, peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "llama"))
+    with pytest.raises(ValueError, match="adapter for LlamaForCausalLM; expected LORA for LlavaForConditionalGeneration"):
+        L.load_adapter(ours_from(d), str(tmp_path / "llama"))
+    cfg_path = tmp_path / "llama" / "adapter_config.json"  # the same without the class name in its config
+    cfg = json.loads(cfg_path.read_text())
+    cfg["auto_mapping"] = None
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.q_proj' is not a LlavaForConditionalGeneration name"):
+        L.load_adapter(ours_from(d), str(tmp_path / "llama"))
+    # a Llava adapter of another size
+    other = lora_hf_llava(text_hidden=64)
+    peft.get_peft_model(other, peft.LoraConfig(r=4, target_modules=["o_proj"])).save_pretrained(str(tmp_path / "big"))
+    target = ours_from(d)
+    with pytest.raises(ValueError, match=r"shape mismatch at 'model\.language_model\.layers\.0\.self_attn\.o_proj'"):
+        L.load_adapter(target, str(tmp_path / "big"))
+    assert not L.lora_layers(target)  # checked before anything changed
+    peft.get_peft_model(lora_hf_llava(text_hidden=64), peft.LoraConfig(  # ViT fits, projector does not
+        r=4, target_modules=["fc1"], modules_to_save=["multi_modal_projector"])).save_pretrained(str(tmp_path / "proj"))
+    with pytest.raises(ValueError, match=r"'projector\.linear_1\.(weight|bias)' \(64.*has no parameter of that shape"):
+        L.load_adapter(target, str(tmp_path / "proj"))
+    assert not L.lora_layers(target)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        ours.language_model.layers[0].self_attn.q_proj.merge()
+        with L.disable_lora(ours):
+            pass
+
+
+# ----------------------------------------------------------------------------- data
+# Tests for data.py items 1-5 (issue 4), against oracles: sentencepiece for the tokenizer conversion, the
+# authors' tokenizer_image_token + preprocess_v1_sq2 masking (ported below) run on transformers' slow
+# sentencepiece tokenizer for the tokens and labels, and transformers' CLIPImageProcessorPil for the pixels.
+# sentencepiece and transformers are test-only. Real questions and images come from ../shared/data.
+
+import io
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data as D
+
+SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "vqa_rad").is_dir(), reason="needs ../shared/data (VQA-RAD, SLAKE)")
+DATA_N_IMG, DATA_IMG_ID = 7, 1500  # a short image placeholder run; an id just past the test vocabulary, as llava-hf's 32000
+
+# -----------------------------------------------------------------------------
+# Oracles: a SentencePiece model trained here, and the authors' code ported line by line
+
+
+def _vqa_rad():
+    return json.loads((SHARED / "vqa_rad" / "VQA_RAD_Dataset_Public.json").read_text())
+
+
+def _corpus():
+    rad, slake = _vqa_rad(), json.loads((SHARED / "slake" / "test.json").read_text())
+    qa = [(r["question"], str(r["answer"])) for r in rad + slake]  # SLAKE has Chinese questions too
+    lines = [q for q, _ in qa] + [a for _, a in qa]
+    lines += [f"USER: {q} ASSISTANT: {a}" for q, a in qa[:4000:3]] + [f"VUSER: {q}" for q, _ in qa[1:4000:5]]
+    lines += [D.QUESTIONER_SYSTEM] * 20 + ["  two  spaces,\ttabs\t\tand", "line one\nline two\n\n", "code:    indented"] * 10
+    return lines
+
+
+def _train_sp(path, lines, **kw):
+    import sentencepiece as spm
+    f = io.BytesIO()
+    spm.SentencePieceTrainer.train(  # LLaMA's trainer settings, small
+        sentence_iterator=iter(lines), model_writer=f, model_type="bpe", vocab_size=1500, byte_fallback=True,
+        character_coverage=0.9995, split_digits=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, num_threads=1, minloglevel=2, **kw)
+    path.write_bytes(f.getvalue())
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_sp(tmp_path_factory):
+    """A BPE tokenizer.model normalised as LLaMA's: identity, whitespace kept, dummy prefix."""
+    return _train_sp(tmp_path_factory.mktemp("sp") / "tokenizer.model", _corpus(),
+                     normalization_rule_name="identity", remove_extra_whitespaces=False)
+
+
+@pytest.fixture(scope="module")
+def oracle(llama_sp):
+    """LLaVA's tokenizer: LlamaTokenizer(use_fast=False), i.e. sentencepiece per text piece between special
+    tokens (legacy); in transformers 5 that is SentencePieceBackend. pad = unk as LLaVA sets it."""
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+    return SentencePieceBackend(vocab_file=str(llama_sp), legacy=True, bos_token="<s>", eos_token="</s>",
+                                unk_token="<unk>", pad_token="<unk>", special_tokens_pattern="bos")
+
+
+def authors_tokenizer_image_token(prompt, tokenizer, image_token_index=-200):
+    """STLLaVA-Med llava/mm_utils.py tokenizer_image_token, verbatim logic."""
+    prompt_chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+
+    def insert_separator(X, sep):
+        return [ele for sublist in zip(X, [sep] * len(X)) for ele in sublist][:-1]
+    input_ids, offset = [], 0
+    if len(prompt_chunks) > 0 and len(prompt_chunks[0]) > 0 and prompt_chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        input_ids.append(prompt_chunks[0][0])
+    for x in insert_separator(prompt_chunks, [image_token_index] * (offset + 1)):
+        input_ids.extend(x[offset:])
+    return input_ids
+
+
+def authors_labels(conversation, input_ids, tokenizer, roles=("USER", "ASSISTANT", "VUSER")):
+    """STLLaVA-Med train.py preprocess_v1_sq2 masking (L555-610, has_image=True), on one sample."""
+    tii = lambda text: authors_tokenizer_image_token(text, tokenizer)
+    target = list(input_ids)
+    total_len = sum(t != tokenizer.pad_token_id for t in target)
+    sep, sep_vur = " " + roles[1] + ": ", roles[2] + ": "
+    cur_len = 1
+    target[:cur_len] = [-100]
+    for i, rou in enumerate(conversation.split("</s>")):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) == 2:
+            parts[0] += sep
+            round_len = len(tii(rou))
+            instruction_len = len(tii(parts[0])) - 2
+            target[cur_len:cur_len + instruction_len] = [-100] * len(target[cur_len:cur_len + instruction_len])
+        else:
+            round_len = len(tii(rou))
+            if i == 0:
+                parts = rou.split("<image>\n")
+                sep_len = len(tii(parts[0] + "<image>\n"))
+            else:
+                sep_len = len(tii(sep_vur)) - 2
+            target[cur_len:cur_len + sep_len] = [-100] * len(target[cur_len:cur_len + sep_len])
+        cur_len += round_len
+    target[cur_len:] = [-100] * len(target[cur_len:])
+    if cur_len != total_len:  # "WARNING: tokenization mismatch" -> the whole sample is ignored
+        target = [-100] * len(target)
+    return target
+
+
+def expand_images(ids, labels=None):
+    """What llava_arch.prepare_inputs_labels_for_multimodal does with the -200 placeholder (ids side: ours)."""
+    out_ids, out_labels = [], []
+    for k, t in enumerate(ids):
+        out_ids += [DATA_IMG_ID] * DATA_N_IMG if t == -200 else [t]
+        if labels is not None:
+            out_labels += [-100] * DATA_N_IMG if t == -200 else [labels[k]]
+    return (out_ids, out_labels) if labels is not None else out_ids
+
+
+def loss_runs(labels):
+    """[(start, end)] of the contiguous runs of positions with loss."""
+    runs, start = [], None
+    for k, l in enumerate(labels + [-100]):
+        if l != -100 and start is None:
+            start = k
+        elif l == -100 and start is not None:
+            runs, start = runs + [(start, k)], None
+    return runs
+
+# -----------------------------------------------------------------------------
+# 1. Tokenizer
+
+
+VARIED = ["", " ", "   ", "\t", "\n", "a", "  leading spaces", "trailing spaces   ", "tabs\tin\t\tthe middle",
+          "multi\nline\n\ntext\n", " \t \n mixed whitespace", "naïve café, Ångström, façade", "Ça va? Ñandú über",
+          "这张图片的成像方式是什么?", "肺部 CT 显示 左下叶 结节", "emoji 😀🫀🩻 test", "ﬁ ligature ① Ⅻ",
+          "\u00a0nbsp\u3000ideographic space", "x-ray: 12345 67.8% (p<0.05)", "<0x0A> literal",
+          "▁ literal metaspace ▁▁", "ASSISTANT:  two spaces", "VUSER:\tQ", "Is there a mass?\n\n\n"]
+
+
+@needs_shared
+def test_tokenizer_matches_sentencepiece(llama_sp, tmp_path):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(llama_sp))
+    tok = D.load_tokenizer(llama_sp)
+    texts = VARIED + [line for line in _corpus()[::23]]
+    for text in texts:
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), repr(text)
+    assert any(3 <= i < 259 for t in VARIED for i in sp.encode(t))  # byte fallback was exercised
+    assert (tok.token_to_id("<unk>"), tok.token_to_id("<s>"), tok.token_to_id("</s>")) == (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2)
+    assert tok.encode("Is the liver normal?").ids == [1] + sp.encode("Is the liver normal?")  # BOS, no EOS
+    assert tok.padding["pad_id"] == 0 and tok.padding["pad_token"] == "<unk>"  # LLaVA pads with unk
+    for text in ["naïve café 😀", "Is there a mass?", "肺部 CT"]:
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)) == text
+    tok.save(str(tmp_path / "tokenizer.json"))
+    tok2 = D.load_tokenizer(tmp_path)  # a folder: tokenizer.json
+    for text in texts:
+        assert tok2.encode(text, add_special_tokens=False).ids == sp.encode(text), repr(text)
+    # the layout transformers 5's LlamaTokenizer writes: no normaliser, Metaspace(prepend_scheme="first")
+    from tokenizers import Tokenizer, pre_tokenizers
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(" x", add_special_tokens=False).ids != sp.encode(" x")
+    tok3 = D.load_tokenizer(tmp_path / "tokenizer.json")
+    for text in texts + ["a</s> b</s>c"]:
+        assert tok3.encode(text, add_special_tokens=False).ids == tok2.encode(text, add_special_tokens=False).ids, repr(text)
+
+
+@needs_shared
+def test_tokenizer_nfkc_normalizer(tmp_path):
+    """sentencepiece's defaults (nmt_nfkc, remove_extra_whitespaces) convert too, via the precompiled charsmap."""
+    import sentencepiece as spm
+    path = _train_sp(tmp_path / "tokenizer.model", _corpus()[::2])
+    pieces, trainer, norm = D.read_sentencepiece(path)
+    assert norm["name"] == "nmt_nfkc" and norm["remove_extra_whitespaces"] and trainer["byte_fallback"]
+    sp, tok = spm.SentencePieceProcessor(model_file=str(path)), D.load_tokenizer(path)
+    for text in VARIED:
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), repr(text)
+
+
+@pytest.mark.skipif(not os.environ.get("STLLAVA_LLAMA_TOKENIZER"), reason="set STLLAVA_LLAMA_TOKENIZER=<LLaMA tokenizer.model>")
+def test_real_llama_tokenizer():
+    """Optional: the real LLaMA/Vicuna tokenizer.model (32000 pieces), against sentencepiece and the authors' code."""
+    import sentencepiece as spm
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+    path = os.environ["STLLAVA_LLAMA_TOKENIZER"]
+    sp, tok = spm.SentencePieceProcessor(model_file=path), D.load_tokenizer(path)
+    for text in VARIED + [D.QUESTIONER_SYSTEM, "    def f(x):\n        return x"]:
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), repr(text)
+    slow = SentencePieceBackend(vocab_file=path, legacy=True, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                pad_token="<unk>", special_tokens_pattern="bos")
+    ref_ids = authors_tokenizer_image_token(TURNS_PROMPT, slow)
+    assert D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID) == expand_images(ref_ids, authors_labels(TURNS_PROMPT, ref_ids, slow))
+
+
+def test_tokenizer_errors(tmp_path):
+    import sentencepiece as spm
+    f = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["is there a mass in the left lung"] * 50), model_writer=f,
+                                   model_type="unigram", vocab_size=20, minloglevel=2, num_threads=1)
+    (tmp_path / "uni.model").write_bytes(f.getvalue())
+    with pytest.raises(ValueError, match="only SentencePiece BPE"):
+        D.load_tokenizer(tmp_path / "uni.model")
+    (tmp_path / "junk.model").write_bytes(b"\xff\xff\xff not a protobuf")
+    with pytest.raises(ValueError, match="junk.model: not a readable SentencePiece model"):
+        D.load_tokenizer(tmp_path / "junk.model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no tokenizer.json or tokenizer.model"):
+        D.load_tokenizer(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="tokenizer file .*nope.json not found"):
+        D.load_tokenizer(tmp_path / "nope.json")
+
+# -----------------------------------------------------------------------------
+# 2. Templates and questioner roles
+
+SQ_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the user's questions.Also, the artificial intelligence assistant is a "
+             "curious virtual user. The virtual user asks complex questions that are relevant to the content in the "
+             "image, for example, asking about background knowledge of the objects in the image, asking to discuss "
+             "about events happening in the image, etc. Again, do not ask about uncertain details.")
+TURNS = [{"from": "human", "value": "<image>\nWhat modality is this?"}, {"from": "gpt", "value": "It is a CT scan."},
+         {"from": "vuser", "value": "Is there a lesion?"}, {"from": "gpt", "value": "Yes, on the left."},
+         {"from": "human", "value": "How many lesions are there?"}, {"from": "gpt", "value": "One."}]
+# hand-worked from conv_vicuna_v1_sq: system + " ", then role + ": " + msg + [" ", "</s>"][i % 2], and
+# preprocess_v1_sq2 appends "</s>" to the VUSER message (so "</s> " follows it)
+TURNS_PROMPT = (SQ_SYSTEM + " USER: <image>\nWhat modality is this? ASSISTANT: It is a CT scan.</s>"
+                "VUSER: Is there a lesion?</s> ASSISTANT: Yes, on the left.</s>"
+                "USER: How many lesions are there? ASSISTANT: One.</s>")
+
+
+def test_render_templates():
+    assert D.render_conversation(TURNS, "vicuna_v1_sq") == TURNS_PROMPT
+    assert D.TEMPLATES["vicuna_v1_sq"].system == SQ_SYSTEM and "questions.Also" in SQ_SYSTEM
+    v1_system = SQ_SYSTEM[:SQ_SYSTEM.index("Also")]
+    ask = TURNS[:2] + [{"from": "human", "value": "Where?"}, {"from": "gpt", "value": None}]
+    assert D.render_conversation(ask, "vicuna_v1") == (
+        v1_system + " USER: <image>\nWhat modality is this? ASSISTANT: It is a CT scan.</s>USER: Where? ASSISTANT:")
+    # LLaVA-Med v1.5 conv_mistral_instruct (LLAMA_2 style, empty system, sep ""): "[INST] q [/INST]", " a </s>"
+    assert D.render_conversation(ask, "mistral_instruct") == (
+        "[INST] <image>\nWhat modality is this? [/INST] It is a CT scan. </s>[INST] Where? [/INST]")
+    assert D.render_conversation(TURNS[:2] + [{"from": "vuser", "value": None}], "vicuna_v1_sq").endswith(
+        "It is a CT scan.</s>VUSER:")  # stage 2 question generation (llava/eval/visual_sq.py)
+    for bad, msg in [(TURNS, "turn 2 is from 'vuser'"), (TURNS[1:], "turn 0 is from 'gpt'"),
+                     ([TURNS[0], {"from": "gpt", "value": None}, TURNS[2]], "turn 1 has an empty"),
+                     ([TURNS[0], {"from": "gpt", "value": ""}], "turn 1 has an empty"), ([], "empty conversation")]:
+        with pytest.raises(ValueError, match=msg):
+            D.render_conversation(bad, "vicuna_v1")
+
+
+def test_assign_questioner_roles():
+    turns = [{"from": ("human", "gpt")[j % 2], "value": f"m{j}"} for j in range(8)]
+    roles = lambda ts: [t["from"] for t in ts]
+    assert roles(D.assign_questioner_roles(turns, 0.0, random.Random(0))) == roles(turns)
+    assert roles(D.assign_questioner_roles(turns, 1.0, random.Random(0))) == ["human", "gpt"] + ["vuser", "gpt"] * 3
+    assert roles(turns) == ["human", "gpt"] * 4  # the input is not modified
+    for seed in range(20):  # the same draws as the authors' loop: random() once per human turn j > 0
+        rng = random.Random(seed)
+        theirs = ["vuser" if t["from"] == "human" and j > 0 and rng.random() < 0.5 else t["from"] for j, t in enumerate(turns)]
+        assert roles(D.assign_questioner_roles(turns, 0.5, random.Random(seed))) == theirs
+    n = sum(t["from"] == "vuser" for s in range(300) for t in D.assign_questioner_roles(turns, 0.5, random.Random(s)))
+    assert 0.4 < n / 900 < 0.6
+
+# -----------------------------------------------------------------------------
+# 3. Encoding
+
+
+@needs_shared
+def test_encode_conversation_hand_worked(llama_sp, oracle):
+    tok = D.load_tokenizer(llama_sp)
+    ids, labels, question = D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID, return_question_mask=True)
+    ref_ids = authors_tokenizer_image_token(TURNS_PROMPT, oracle)
+    assert (ids, labels) == expand_images(ref_ids, authors_labels(TURNS_PROMPT, ref_ids, oracle))
+    first = ids.index(DATA_IMG_ID)
+    assert ids.count(DATA_IMG_ID) == DATA_N_IMG and ids[first:first + DATA_N_IMG] == [DATA_IMG_ID] * DATA_N_IMG
+    # hand-worked loss positions: the two answers, the VUSER question and the last answer, each with its
+    # "</s>" and starting at the token that holds the space before it; nothing else (BOS, system, USER
+    # turns, role tags, image) has loss
+    runs = loss_runs(labels)
+    assert [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in runs] == [
+        "It is a CT scan.</s>", "Is there a lesion?</s>", "Yes, on the left.</s>", "One.</s>"]
+    assert all(oracle.convert_ids_to_tokens(ids[a]).startswith("▁") and ids[b - 1] == 2 for a, b in runs)
+    assert all(l in (-100, t) for l, t in zip(labels, ids)) and ids[0] == 1 and labels[0] == -100
+    assert [k for k, q in enumerate(question) if q] == list(range(*runs[1]))
+    assert "▁" in oracle.convert_ids_to_tokens(ids[runs[1][1]])  # text after "</s>" gets a dummy prefix (legacy)
+
+
+@needs_shared
+def test_encode_matches_authors_on_real_questions(llama_sp, oracle):
+    """Multi-round conversations of real VQA-RAD questions, VUSER turns drawn at random, both Vicuna templates."""
+    tok, by_image = D.load_tokenizer(llama_sp), {}
+    for r in _vqa_rad():
+        by_image.setdefault(r["image_name"], []).append((r["question"], str(r["answer"])))
+    rng = random.Random(0)
+    for k, qa in enumerate(list(by_image.values())[:40]):
+        turns = [{"from": f, "value": v} for q, a in qa[:1 + k % 4] for f, v in (("human", q), ("gpt", a))]
+        turns[0]["value"] = "<image>\n" + turns[0]["value"]
+        for template, ts in [("vicuna_v1", turns), ("vicuna_v1_sq", D.assign_questioner_roles(turns, 0.5, rng))]:
+            prompt = D.render_conversation(ts, template)
+            ref_ids = authors_tokenizer_image_token(prompt, oracle)
+            ref_labels = authors_labels(prompt, ref_ids, oracle)
+            assert any(l != -100 for l in ref_labels)  # no mismatch on the authors' side
+            assert D.encode_conversation(ts, tok, template, DATA_N_IMG, DATA_IMG_ID, name=f"rad-{k}") == expand_images(ref_ids, ref_labels)
+    ask = [{"from": "human", "value": "<image>\nIs the liver normal?"}, {"from": "gpt", "value": "No."},
+           {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "It is enlarged."}]
+    ids, labels = D.encode_conversation(ask, tok, "mistral_instruct", DATA_N_IMG, DATA_IMG_ID)
+    prompt = "[INST] <image>\nIs the liver normal? [/INST] No. </s>[INST] Why? [/INST] It is enlarged. </s>"
+    assert ids == expand_images(authors_tokenizer_image_token(prompt, oracle))
+    assert [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in loss_runs(labels)] == ["No. </s>", "It is enlarged. </s>"]
+
+
+@needs_shared
+def test_encode_prompt_truncation_and_errors(llama_sp, oracle):
+    tok = D.load_tokenizer(llama_sp)
+    for turns, template, end in [(TURNS[:2] + [{"from": "vuser", "value": None}], "vicuna_v1_sq", "VUSER:"),
+                                 ([TURNS[0], {"from": "gpt", "value": None}], "vicuna_v1", "ASSISTANT:"),
+                                 ([TURNS[0], {"from": "gpt", "value": None}], "mistral_instruct", "[/INST]")]:
+        prompt = D.render_conversation(turns, template)
+        assert prompt.endswith(end)
+        assert D.encode_prompt(turns, tok, template, DATA_N_IMG, DATA_IMG_ID) == expand_images(authors_tokenizer_image_token(prompt, oracle))
+    with pytest.raises(ValueError, match="last turn must have value None"):
+        D.encode_prompt(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID)
+    ids, labels = D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID)
+    end = ids.index(DATA_IMG_ID) + DATA_N_IMG
+    assert D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID, max_length=end + 3) == (ids[:end + 3], labels[:end + 3])
+    with pytest.raises(ValueError, match=f"rec-9: max_length={end - 1} would cut into the image tokens"):
+        D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID, max_length=end - 1, name="rec-9")
+    tagged = [{"from": "human", "value": "<image>\nWhat does ASSISTANT: mean?"}, {"from": "gpt", "value": "A role tag."}]
+    with pytest.raises(ValueError, match="tokenization mismatch in rec-7"):  # the authors would mask it wrongly
+        D.encode_conversation(tagged, tok, "vicuna_v1", DATA_N_IMG, DATA_IMG_ID, name="rec-7")
+    with pytest.raises(ValueError, match="rec-8: a training conversation ends with a gpt answer"):
+        D.encode_conversation(TURNS[:3], tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID, name="rec-8")
+
+# -----------------------------------------------------------------------------
+# 4. Images
+
+
+def authors_expand2square(pil_img, background_color):
+    """STLLaVA-Med train.py LazySupervisedDataset.__getitem__ expand2square, verbatim logic."""
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    elif width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    result = Image.new(pil_img.mode, (height, height), background_color)
+    result.paste(pil_img, ((height - width) // 2, 0))
+    return result
+
+
+def _real_images():
+    """Real images of several shapes: square, tall, wide, small, one from SLAKE."""
+    paths = sorted((SHARED / "vqa_rad" / "images").glob("*.jpg"))
+    sizes = {p: Image.open(p).size for p in paths}
+    pick = [next(p for p, (w, h) in sizes.items() if test(w, h)) for test in
+            (lambda w, h: w == h and w >= 512, lambda w, h: h > w * 1.2, lambda w, h: w > h * 1.2, lambda w, h: w < 300)]
+    return pick + [sorted((SHARED / "slake" / "imgs").glob("*/source.jpg"))[0]]
+
+
+@needs_shared
+def test_preprocess_image_matches_clip(tmp_path):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    for size in (336, 48):
+        clip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        ref = lambda img: torch.from_numpy(np.asarray(clip(images=img, return_tensors="np")["pixel_values"][0]))
+        bg = tuple(int(x * 255) for x in clip.image_mean)
+        assert bg == (122, 116, 104)
+        for path in _real_images()[:5 if size == 336 else 2]:
+            rgb = Image.open(path).convert("RGB")
+            alpha = rgb.convert("RGBA")
+            alpha.putalpha(Image.linear_gradient("L").resize(rgb.size))
+            for img in [rgb, rgb.convert("L"), rgb.convert("LA"), alpha, rgb.convert("P"), rgb.convert("CMYK")]:
+                ours = D.preprocess_image(img, size)
+                assert ours.shape == (3, size, size) and ours.dtype == torch.float32
+                theirs = ref(authors_expand2square(img.convert("RGB"), bg))  # LLaVA: .convert('RGB'), pad, CLIP
+                assert (ours - theirs).abs().max() < 1e-5, (path.name, img.mode, size)
+            assert (D.preprocess_image(rgb, size, pad_to_square=False) - ref(rgb)).abs().max() < 1e-5
+    gray = Image.open(_real_images()[1]).convert("L")
+    gray.save(tmp_path / "gray.png")
+    assert torch.equal(D.preprocess_image(tmp_path / "gray.png"), D.preprocess_image(gray))  # a path works
+    # 16-bit: scaled to 8 bits (v * 257 -> v), where PIL's convert('RGB') would clip at 255
+    deep = Image.fromarray((np.asarray(gray, dtype=np.uint16) * 257).astype(np.uint16))
+    assert deep.mode.startswith("I;16") and torch.equal(D.preprocess_image(deep), D.preprocess_image(gray))
+
+
+@needs_shared
+def test_preprocess_image_errors(tmp_path):
+    (tmp_path / "noise.jpg").write_bytes(bytes(range(256)) * 4)
+    good = _real_images()[0].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(good[:len(good) // 2])
+    for name in ("noise.jpg", "cut.jpg", "missing.png"):
+        with pytest.raises(ValueError, match=f"cannot read image .*{name}"):
+            D.preprocess_image(tmp_path / name)
+
+# -----------------------------------------------------------------------------
+# 5. Datasets and collation
+
+
+def test_read_conversations(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (20, 10), (40, 80, 120)).save(tmp_path / "images" / "a.png")
+    qa = lambda q, a="A CT.": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    good = {"id": "r0", "image": "a.png", "conversations": qa("What is shown?\n<image>") + qa("Which side?", "Left.")}
+    text_only = {"id": "t", "conversations": qa("Define CT.", "Computed tomography.")}
+    bad = [({"id": "r1", "image": "missing.png", "conversations": qa("<image>\nQ?")}, "image file .*missing.png not found"),
+           ({"id": "r2", "image": "a.png", "conversations": qa("Q?")}, "no <image> tag"),
+           ({"id": "r2b", "image": "a.png", "conversations": qa("Q?", "See <image>.")}, "needs exactly one <image> tag, in a human turn \\(found 1\\)"),
+           ({"id": "r3", "image": "a.png", "conversations": []}, "empty conversation"),
+           ({"id": "r4", "image": "a.png", "conversations": qa("<image>\nQ?")[::-1]}, "turn 0 is from 'gpt'"),
+           ({"id": "r5", "image": "a.png", "conversations": qa("<image>\nQ?")[:1] * 2}, "turn 1 is from 'human'"),
+           ({"id": "r6", "image": "a.png", "conversations": qa("<image>\nQ?") + qa("Q2?")[:1]}, "conversation does not end with a gpt"),
+           ({"id": "r7", "image": "a.png", "conversations": qa("<image>\nQ?", "")}, "turn 1 has an empty"),
+           ({"id": "r8", "conversations": qa("<image>\nQ?")}, "<image> tag but no 'image' field"),
+           ({"id": "r9", "image": "a.png"}, "no 'conversations' list")]
+    path = tmp_path / "data.json"
+    for rec, msg in bad:
+        path.write_text(json.dumps([good, rec]))
+        with pytest.raises(ValueError, match=f"data.json record 1 \\(id '{rec['id']}'\\): {msg}"):
+            D.read_conversations(path, tmp_path / "images")
+    path.write_text(json.dumps([good, text_only] + [rec for rec, _ in bad]))
+    out = D.read_conversations(path, tmp_path / "images", skip_bad=True)
+    assert f"skipped {len(bad)} of {len(bad) + 2} records" in capsys.readouterr().out
+    assert [r["id"] for r in out] == ["r0", "t"] and out[1]["image"] is None
+    assert out[0]["image"] == tmp_path / "images" / "a.png"
+    assert out[0]["conversations"][0] == {"from": "human", "value": "<image>\nWhat is shown?"}  # tag moved to front
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(ValueError, match="broken.json: cannot read JSON"):
+        D.read_conversations(tmp_path / "broken.json", tmp_path)
+
+
+def test_collate(tmp_path):
+    ex = [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6], "pixel_values": torch.zeros(3, 4, 4)},
+          {"input_ids": torch.tensor([1, 7]), "labels": [-100, 7], "pixel_values": torch.ones(3, 4, 4)}]
+    b = D.collate(ex)
+    assert b["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]] and b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
+    assert b["pixel_values"].shape == (2, 3, 4, 4) and b["pixel_values"][1].eq(1).all()
+    b = D.collate([{"input_ids": e["input_ids"]} for e in ex], padding_side="left")  # generation
+    assert b["input_ids"].tolist() == [[1, 5, 6], [0, 1, 7]] and b["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert "labels" not in b and b["pixel_values"] is None
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "x.png")
+    b = D.collate([{"input_ids": [1, 2], "image": tmp_path / "x.png", "question_mask": [False, True]}], image_size=48)
+    assert torch.equal(b["pixel_values"][0], D.preprocess_image(tmp_path / "x.png", 48))
+    assert b["question_mask"].dtype == torch.bool
+    with pytest.raises(ValueError, match="padding_side"):
+        D.collate(ex, padding_side="middle")
+
+
+# ----------------------------------------------------------------------------- synth
+# Tests of the synthetic "toy radiology" default (synth_draft.py; merged into data.py later).
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+from tokenizers import Tokenizer
+
+import data as SY
+
+FACT_KEYS = {"modality", "organ", "count", "side", "size"}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return SY.synth_data(tmp_path_factory.mktemp("cache"), seed=0)
+
+
+def load(root, name):
+    return json.loads((root / name).read_text())
+
+
+def all_files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_deterministic_per_seed(root, tmp_path):
+    again = all_files(SY.synth_data(tmp_path / "a", seed=0))
+    assert again == all_files(root)  # same bytes, tokenizer.json and PNGs included
+    other = all_files(SY.synth_data(tmp_path / "b", seed=1))
+    assert other.keys() == again.keys()
+    assert other["train.json"] != again["train.json"] and other["images/synth_test_00000.png"] != again["images/synth_test_00000.png"]
+
+
+def test_cache_idempotent_and_crash_safe(tmp_path, monkeypatch):
+    monkeypatch.setenv("STLLAVA_CACHE", str(tmp_path))
+    def crash(root, seed):
+        (root / "train.json").write_text("[")  # half-written, then the process dies
+        raise RuntimeError("boom")
+    monkeypatch.setattr(SY, "_synth_generate", crash)
+    with pytest.raises(RuntimeError):
+        SY.synth_data(seed=3)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left to be mistaken for a dataset
+    monkeypatch.undo()
+    monkeypatch.setenv("STLLAVA_CACHE", str(tmp_path))
+    path = SY.synth_data(seed=3)
+    assert path.parent == tmp_path and path.name == f"{SY.SYNTH_VERSION}-seed3"
+    stamp = (path / "train.json").stat().st_mtime_ns
+    monkeypatch.setattr(SY, "_synth_generate", crash)  # a second call must not regenerate
+    assert SY.synth_data(seed=3) == path and (path / "train.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_files_have_the_real_data_forms(root):
+    facts, train, caps, test = (load(root, f) for f in ("facts.json", "train.json", "captions.json", "test.json"))
+    names = sorted(p.name for p in (root / "images").iterdir())
+    assert names == sorted(facts) and all(set(f) == FACT_KEYS for f in facts.values())
+    assert sum("_train_" in n for n in names) == 800 and sum("_test_" in n for n in names) == 100
+    for n in names[:: 50]:
+        img = Image.open(root / "images" / n)
+        assert img.mode == "L" and img.size == (SY.SYNTH_IMAGE_SIZE,) * 2
+    assert len(train) == 1600 and len({r["id"] for r in train}) == len(train)
+    for r in train:  # LLaVA conversation JSON
+        assert set(r) == {"id", "image", "conversations"} and "_train_" in r["image"]
+        turns = r["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 3 <= len(turns) // 2 <= 4
+        assert turns[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in turns) == 1
+    assert len(caps) == 800 and all(c["conversations"][0]["value"] == "<image>\n" + SY.CAPTION_INSTRUCTION for c in caps)
+    assert len(test) == 400 and {r["qid"] for r in test} == set(range(400))
+    for r in test:  # VQA-RAD's fields
+        assert set(r) >= {"qid", "image_name", "question", "answer", "answer_type", "phrase_type"}
+        assert r["phrase_type"] == "test_freeform" and r["answer_type"] in ("CLOSED", "OPEN") and "_test_" in r["image_name"]
+    assert Counter(r["answer_type"] for r in test) == {"CLOSED": 200, "OPEN": 200}
+    assert load(root, "config.json")["image_size"] == 48
+
+
+def test_parser_reads_back_every_question_and_answer(root):
+    facts, train, caps, test = (load(root, f) for f in ("facts.json", "train.json", "captions.json", "test.json"))
+    kind_of = {"MODALITY": "modality", "ORGAN": "organ", "PRES": "lesion", "COUNT": "count", "POS": "side", "SIZE": "size"}
+    for r in test:
+        f, q = facts[r["image_name"]], SY.parse_question(r["question"])
+        assert q["type"] == kind_of[r["question_type"]] and q["closed"] == (r["answer_type"] == "CLOSED")
+        assert SY.answer_question(f, r["question"]) == r["answer"]
+        if q["closed"]:
+            assert SY.parse_answer(r["answer"]) == {"yesno": r["answer"]}
+            assert SY.synth_truth(f, q["type"], q["value"]) == (r["answer"] == "yes")
+        else:
+            assert SY.parse_answer(r["answer"]) == {q["type"]: f[q["type"]]}
+    for r in train:
+        f, turns = facts[r["image"]], r["conversations"]
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            question = human["value"].removeprefix("<image>\n")
+            if question == SY.DESCRIBE:
+                assert SY.parse_question(question) is None
+                stated = SY.parse_answer(gpt["value"])
+                assert stated == {k: v for k, v in f.items() if v != "none"}  # a caption states every fact
+            else:
+                assert SY.parse_question(question) is not None and SY.answer_question(f, question) == gpt["value"]
+    for c in caps:
+        assert SY.parse_answer(c["conversations"][1]["value"]) == {k: v for k, v in facts[c["image"]].items() if v != "none"}
+
+
+def test_parse_question_is_tolerant_but_strict():
+    assert SY.parse_question("  IS this an  MRI scan?\n") == {"type": "modality", "closed": True, "value": "mri"}
+    assert SY.parse_question("How many lesions are there? ") == {"type": "count", "closed": False, "value": None}
+    assert SY.parse_question("Is the lesion count 2?")["value"] == 2
+    for bad in ["", "Is this a pet scan?", "What organ is shown", "What organ is shown? yes", "Is the lesion huge?",
+                "Can you describe the image in detail?", "What organ is is shown?", "Is this a ct scan? Is this a ct scan?"]:
+        assert SY.parse_question(bad) is None, bad
+
+
+def test_answer_question_by_hand():
+    two = {"modality": "x-ray", "organ": "abdomen", "count": 2, "side": "both", "size": "large"}
+    none = {"modality": "mri", "organ": "chest", "count": 0, "side": "none", "size": "none"}
+    cases = [(two, "Is this an x-ray scan?", "yes"), (two, "Is the modality ct?", "no"), (two, "What organ is shown?",
+             "abdomen"), (two, "Is the lesion on the left side?", "yes"), (two, "Is the right side affected?", "yes"),
+             (two, "Is the lesion count 1?", "no"), (two, "How big is the lesion?", "large"), (two, "Where is the lesion?",
+             "both"), (none, "Is there a lesion?", "no"), (none, "How many lesions are there?", "0"),
+             (none, "Is there a lesion on the left?", "no"), (none, "What size is the lesion?", "none"),
+             (none, "Is the lesion small?", "no"), (none, "Does this scan show the chest?", "yes"),
+             (none, "Can you describe the image in detail?", None)]
+    for facts, question, answer in cases:
+        assert SY.answer_question(facts, question) == answer, question
+    assert SY.synth_caption(two) == "An x-ray scan of the abdomen with 2 large lesions on both sides."
+    assert SY.synth_caption(none) == "An mri scan of the chest with no lesions."
+
+
+def test_parse_answer():
+    assert SY.parse_answer("No.") == {"yesno": "no"}
+    assert SY.parse_answer("There are no lesions") == {"count": 0}
+    assert SY.parse_answer("yes, an X-ray of the chest, lesions left and right") == {
+        "yesno": "yes", "modality": "x-ray", "organ": "chest", "side": "both"}
+    assert SY.parse_answer("ct or mri") == {"modality": None}  # contradiction
+
+
+def test_closed_questions_balanced(root):
+    test = Counter(r["answer"] for r in load(root, "test.json") if r["answer_type"] == "CLOSED")
+    assert test["yes"] == test["no"] == 100
+    train = Counter(t["value"] for r in load(root, "train.json") for t in r["conversations"][1::2] if t["value"] in ("yes", "no"))
+    assert abs(train["yes"] - train["no"]) <= 10 and train["yes"] > 1000
+
+
+def test_score_answer_ranks_right_over_wrong(root):
+    facts = load(root, "facts.json")
+    for r in load(root, "test.json"):
+        f, q = facts[r["image_name"]], SY.parse_question(r["question"])
+        values = ("yes", "no") if q["closed"] else [str(v) for v in SY._VALUES[q["type"]]] + ["both"] * (q["type"] == "side")
+        for wrong in set(values) - {r["answer"]}:
+            assert SY.score_answer(f, r["question"], r["answer"]) == 10 > SY.score_answer(f, r["question"], wrong)
+    f = {"modality": "ct", "organ": "brain", "count": 1, "side": "left", "size": "small"}
+    score = lambda q, a: SY.score_answer(f, q, a)
+    assert score("Is this a ct scan?", "yes") == 10 > score("Is this a ct scan?", "yes, it is a ct scan of the brain") > \
+        score("Is this a ct scan?", "yes, it is a ct scan of the chest") > score("Is this a ct scan?", "brain") > \
+        score("Is this a ct scan?", "no") > score("Is this a ct scan?", "") == 1
+    assert score("Where is the lesion?", "left") == 10 > score("Where is the lesion?", "right") == 2
+    assert score(SY.DESCRIBE, SY.synth_caption(f)) == 10 > score(SY.DESCRIBE, "A ct scan of the brain.") > \
+        score(SY.DESCRIBE, "An mri scan of the chest.") == 1
+    none = {"modality": "ct", "organ": "brain", "count": 0, "side": "none", "size": "none"}
+    assert SY.score_answer(none, "Where is the lesion?", "none") == 10 > SY.score_answer(none, "Where is the lesion?", "left")
+
+
+def test_tokenizer(root):
+    tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+    assert 512 <= tok.get_vocab_size() <= 1024 and tok.get_vocab_size() == load(root, "config.json")["vocab_size"]
+    assert [tok.token_to_id(t) for t in ("<unk>", "<s>", "</s>", "<image>")] == [0, 1, 2, SY.SYNTH_IMAGE_TOKEN_ID]
+    assert tok.encode("</s>", add_special_tokens=False).ids == [2] and tok.encode("yes").ids[0] == 1  # BOS like LLaMA
+    text = "USER: <image>\nIs this an mri scan? ASSISTANT: no</s>VUSER: Where is the lesion?</s> ASSISTANT: left</s>"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert ids.count(2) == 3 and ids.count(3) == 1 and ids[ids.index(3) - 1] != 3
+    texts = [t["value"] for r in load(root, "train.json") for t in r["conversations"]] + [
+        SY._SYNTH_SYSTEM_SQ, "  odd\twhitespace \n\n, accents é, CJK 中文, emoji 🩻", ""]
+    for t in texts:
+        assert tok.decode(tok.encode(t, add_special_tokens=False).ids, skip_special_tokens=False) == t
+    n_words = sum(len(t.split()) for t in texts[:2000])
+    assert sum(len(tok.encode(t, add_special_tokens=False).ids) for t in texts[:2000]) < 1.5 * n_words  # compresses
+    assert len(tok.encode(SY._SYNTH_SYSTEM_SQ, add_special_tokens=False).ids) < 1.4 * len(SY._SYNTH_SYSTEM_SQ.split())
+
+
+def test_images_show_their_facts(root):
+    """Cheap learnability check: the cues are where the generator says (full check: report in the PR)."""
+    facts = load(root, "facts.json")
+    for name, f in list(facts.items())[::40]:
+        a = np.asarray(Image.open(root / "images" / name), dtype=float)
+        bg = {"ct": 0, "mri": 60, "x-ray": 200}[f["modality"]]
+        assert abs(np.median(a[:, :2]) - bg) < 15  # the background column at the edge sets the modality look
+        # lesion cores: 3x3 means above 240 (the 235 skull ring is too thin to reach that, noise averages out)
+        bright = np.lib.stride_tricks.sliding_window_view(a, (3, 3)).mean((-1, -2)) > 240  # (46, 46), centre x = j + 1
+        left, right = bright[:, :23].sum(), bright[:, 23:].sum()
+        assert (left > 2) == (f["side"] in ("left", "both")) and (right > 2) == (f["side"] in ("right", "both"))
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+# Metrics: hand-worked cases whose expected values are derived here from LLaVA-Med's definitions
+# (eval_metrics/glossary.py, evaluate_metrics.py @ b9a98a7), not copied from our output.
+# Data: the real VQA-RAD / SLAKE test sets in ../shared/data (skipped when absent).
+import copy
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import evaluate as E
+
+SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+need_data = pytest.mark.skipif(not (SHARED / "slake" / "test.json").exists() or
+                               not (SHARED / "vqa_rad" / "VQA_RAD_Dataset_Public.json").exists(),
+                               reason=f"real VQA-RAD/SLAKE test sets not found at {SHARED} (see shared/data/README.md)")
+
+
+def last_json(capsys):
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def write_answers(path, pairs):
+    with open(path, "w") as f:
+        for qid, text in pairs:
+            f.write(json.dumps({"question_id": qid, "text": text}) + "\n")
+
+# --- metric rules, by hand ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("3.5 cm. x-ray (ct)", "3.5 cm x ray ct"),  # " (" has a space -> "(" removed; ")" and "-" -> space; "cm." loses its dot
+    ("x-ray - ct", "xray ct"),         # one spaced "-" in the ORIGINAL string makes every "-" vanish: "x-ray" -> "xray"
+    ("ct(mr/(", "ct mr"),              # "/" -> space puts " (" in the EDITED string only; the test reads the original,
+                                       # so "(" still becomes a space (testing the edited string would give "ctmr")
+    ("1,000 x-ray", "1000 xray"),      # a digit,digit anywhere: every punctuation mark is removed, not spaced
+    ("left/right", "left right"),      # no space next to "/": it becomes a space
+    ("Is it? Yes!", "is it yes"),      # "? " has a space -> "?" removed; "!" has none -> a space, stripped by split
+    ("the left lung", "left lung"),    # articles dropped
+    ("a an the", ""),                  # only articles -> empty string
+    ("Two lesions", "2 lesions"),      # number words -> digits (after lower-casing)
+    ("none", "0"),                     # "none" is a number word too
+    ("dont know", "don't know"),       # contractions table
+    ("Im here", "im here"),            # the table's capitalised keys can never match lower-cased words
+    ("no.", "no"),                     # trailing period removed
+    ("2.5.", "2.5"),                   # a period before a digit survives, the final one does not
+])
+def test_normalize_word(raw, expected):
+    assert E.normalize_word(raw.lower()) == expected
+
+
+def test_period_limit_is_32():
+    # re.UNICODE (=32) is passed as `count`: only the first 32 periods not followed by a digit go
+    s = " ".join(["x."] * 40)
+    assert E.normalize_word(s).count(".") == 40 - 32
+
+
+def prf(tp, fp, fn):
+    """The definition: precision tp/(tp+fp), recall tp/(tp+fn), F1 their harmonic mean; 0 if tp == 0."""
+    if tp == 0:
+        return 0.0, 0.0, 0.0
+    p, r = tp / (tp + fp), tp / (tp + fn)
+    return 2 * p * r / (p + r), p, r
+
+
+@pytest.mark.parametrize("pred, gt, tp, fp, fn", [
+    ("left upper lobe of the lung", "left lung", 2, 3, 0),  # "the" dropped: 5 pred words, left+lung shared
+    ("left left", "left lung", 2, 0, 1),     # tp counted from the PREDICTION's counts: recall 2/3, not 1/2
+    ("left", "left left", 1, 0, 0),          # a repeated gt word is never a false negative once it appears
+    ("Lung.", "the lung", 1, 0, 0),          # punctuation, case and articles normalised away
+    ("2 lesions", "two", 1, 1, 0),           # number word in the gt -> "2"
+    ("heart", "liver", 0, 1, 1),             # nothing shared -> all zero
+])
+def test_f1score(pred, gt, tp, fp, fn):
+    assert E.calculate_f1score(pred.lower(), gt.lower()) == pytest.approx(prf(tp, fp, fn))
+
+
+def test_empty_prediction_scores_zero():
+    s = E.score_item("", "yes")
+    assert (s["closed"], s["closed_run_eval"], s["closed_strict"], s["f1"], s["recall"], s["em_score"]) == (0,) * 6
+    assert E.calculate_f1score("lung", "the") == (0.0, 0.0, 0.0)  # a gt that normalises to nothing scores 0 too
+
+
+def test_exact_match_score():
+    # distinct gt words present in the prediction / number of prediction words
+    assert E.calculate_exactmatch("left lung left", "left lung") == pytest.approx(2 / 3)
+    assert E.calculate_exactmatch("lung", "left lung lung") == pytest.approx(1 / 1)
+    assert E.score_item("The Lung.", "lung")["exact"] == 1.0 and E.score_item("lungs", "lung")["exact"] == 0.0
+
+
+@pytest.mark.parametrize("pred, gt, official, run_eval, strict", [
+    ("normal", "no", 1, 1, 0),       # the substring quirk: "no" is inside "normal"
+    ("the eyes", "yes", 1, 1, 0),    # "yes" inside "eyes"
+    ("Yes, it is.", "yes", 1, 1, 1),
+    ("No, there is no mass.", "yes", 0, 0, 0),  # "yes" nowhere
+    ("There is no mass", "no", 1, 1, 0),  # official hit; strict wants the answer to lead with it
+    ("liver", "liver", 1, 0, 1),     # run_eval.py also needs "yes"/"no" somewhere: a non-yes/no closed answer fails
+    ("the liver or the heart", "liver", 1, 0, 1),  # whole word for non-yes/no gt in the strict rule
+    ("livers", "liver", 1, 0, 0),    # substring hit, not a whole word
+    ("", "no", 0, 0, 0),
+])
+def test_closed_rules(pred, gt, official, run_eval, strict):
+    s = E.score_item(pred, gt)
+    assert (s["closed"], s["closed_run_eval"], s["closed_strict"]) == (official, run_eval, strict)
+
+# --- loaders on the real data ---------------------------------------------------------------------------------
+
+
+@need_data
+@pytest.mark.parametrize("name, n, n_closed, n_open, n_images", [
+    ("vqa_rad", 451, 272, 179, 203), ("slake", 1061, 416, 645, 96)])
+def test_real_test_splits(name, n, n_closed, n_open, n_images):
+    ex = E.load_dataset(name, SHARED / name)
+    types = [e["answer_type"] for e in ex]
+    assert (len(ex), types.count("CLOSED"), types.count("OPEN")) == (n, n_closed, n_open)
+    assert len({e["qid"] for e in ex}) == n
+    images = {e["image"] for e in ex}
+    assert len(images) == n_images
+    for p in images:
+        with Image.open(p) as im:
+            im.verify()
+    if name == "slake":
+        assert {e["modality"] for e in ex} == {"CT", "MRI", "X-Ray"}
+
+
+def test_missing_data_says_what_to_download(tmp_path):
+    with pytest.raises(E.DataError, match="Download SLAKE.*imgs"):
+        E.load_dataset("slake", tmp_path / "nope")
+    (tmp_path / "test.json").write_text(json.dumps([{"qid": 1, "img_name": "xmlab1/source.jpg", "question": "q",
+                                                     "answer": "yes", "q_lang": "en", "answer_type": "CLOSED",
+                                                     "modality": "CT"}]))
+    with pytest.raises(E.DataError, match="1 image"):
+        E.load_dataset("slake", tmp_path)
+    assert len(E.load_dataset("slake", tmp_path, check_images=False)) == 1  # --pred needs no images
+
+
+def test_pathvqa_and_synth_loaders(tmp_path):
+    (tmp_path / "images" / "test").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "test" / "p0.jpg")
+    recs = [{"image_path": "images\\test\\p0.jpg", "question": "is it?", "answer": "yes", "answer_type": "CLOSED"},
+            {"image_path": "images\\test\\p0.jpg", "question": "what?", "answer": "a cell"}]  # no answer_type
+    (tmp_path / "test.json").write_text(json.dumps(recs))
+    ex = E.load_dataset("pathvqa", tmp_path)
+    assert [e["qid"] for e in ex] == ["0", "1"] and [e["answer_type"] for e in ex] == ["CLOSED", "OPEN"]
+    assert ex[0]["image"] == tmp_path / "images" / "test" / "p0.jpg"
+    synth = [{"qid": 0, "image_name": "p0.jpg", "question": "q?", "answer": "no", "answer_type": "CLOSED"}]
+    (tmp_path / "test.json").write_text(json.dumps(synth))
+    (tmp_path / "images" / "p0.jpg").write_bytes((tmp_path / "images" / "test" / "p0.jpg").read_bytes())
+    assert E.load_dataset("synth", tmp_path)[0]["image"] == tmp_path / "images" / "p0.jpg"
+
+
+@need_data
+def test_llava_med_converted_format_matches_official(tmp_path):
+    ex = E.load_dataset("slake", SHARED / "slake")[:30]
+    conv = [{"id": e["qid"], "image": str(e["image"].relative_to(SHARED / "slake" / "imgs")), "answer_type": e["answer_type"],
+             "conversations": [{"from": "human", "value": e["question"] + "\n<image>"}, {"from": "gpt", "value": e["answer"]}]}
+            for e in ex]
+    (tmp_path / "test.json").write_text(json.dumps(conv))
+    (tmp_path / "imgs").symlink_to(SHARED / "slake" / "imgs")
+    got = E.load_dataset("slake", tmp_path)
+    key = lambda e: (e["qid"], e["question"], e["answer"], e["answer_type"], e["image"].name)
+    assert [key(e) for e in got] == [key(e) for e in ex]
+
+# --- scoring files ----------------------------------------------------------------------------------------------
+
+
+@need_data
+@pytest.mark.parametrize("name", ["vqa_rad", "slake"])
+def test_ground_truth_scores_100(name, tmp_path, capsys):
+    ex = E.load_dataset(name, SHARED / name, check_images=False)
+    write_answers(tmp_path / "gt.jsonl", [(e["qid"], e["answer"]) for e in ex])
+    res = E.main([name, "--pred", str(tmp_path / "gt.jsonl"), "--data", str(SHARED / name), "--bootstrap", "50",
+                  "--json", str(tmp_path / "r.json")])
+    assert last_json(capsys) == json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(res))
+    for k in ("closed_accuracy", "closed_accuracy_strict", "open_recall", "open_f1", "open_precision", "exact_match"):
+        assert res[k] == 100.0, k
+    assert (res["n_closed"], res["n_open"], res["n_missing"]) == ({"vqa_rad": 272, "slake": 416}[name],
+                                                                  {"vqa_rad": 179, "slake": 645}[name], 0)
+    assert res["ci"]["open_f1"] == [100.0, 100.0]
+
+
+@need_data
+def test_shuffled_truncated_duplicate_unknown(tmp_path, capsys):
+    ex = E.load_dataset("slake", SHARED / "slake", check_images=False)
+    rng = random.Random(0)  # a mediocre "model": right, "no", or the question's last word
+    pairs = [(e["qid"], rng.choice([e["answer"], "No, normal.", e["question"].split()[-1]])) for e in ex]
+    write_answers(tmp_path / "a.jsonl", pairs)
+    shuffled = pairs[:]
+    rng.shuffle(shuffled)
+    write_answers(tmp_path / "b.jsonl", shuffled)
+    args = ["--data", str(SHARED / "slake"), "--bootstrap", "200"]
+    a = E.main(["slake", "--pred", str(tmp_path / "a.jsonl")] + args)
+    b = E.main(["slake", "--pred", str(tmp_path / "b.jsonl")] + args)
+    assert a == b and 0 < a["closed_accuracy"] < 100 and a["ci"]["closed_accuracy"][0] < a["closed_accuracy"]
+    write_answers(tmp_path / "c.jsonl", pairs[:-7] + [pairs[0], ("no-such-id", "yes")])
+    capsys.readouterr()
+    c = E.main(["slake", "--pred", str(tmp_path / "c.jsonl")] + args)
+    assert c["missing_ids"] == [q for q, _ in pairs[-7:]] and c["n_missing"] == 7
+    assert c["duplicate_ids"] == [pairs[0][0]] and c["unknown_ids"] == ["no-such-id"]
+    out = capsys.readouterr().out
+    assert "7 missing question id(s)" in out and pairs[-1][0] in out
+
+
+@need_data
+def test_compare_is_paired(tmp_path, capsys):
+    ex = E.load_dataset("vqa_rad", SHARED / "vqa_rad", check_images=False)
+    write_answers(tmp_path / "gt.jsonl", [(e["qid"], e["answer"]) for e in ex])
+    write_answers(tmp_path / "no.jsonl", [(e["qid"], "no") for e in ex])
+    data = ["--data", str(SHARED / "vqa_rad"), "--bootstrap", "200"]
+    same = E.main(["vqa_rad", "--compare", str(tmp_path / "no.jsonl"), str(tmp_path / "no.jsonl")] + data)
+    assert same["closed_accuracy"]["diff"] == 0 and same["closed_accuracy"]["ci"] == [0.0, 0.0]  # paired: no noise
+    res = E.main(["vqa_rad", "--compare", str(tmp_path / "no.jsonl"), str(tmp_path / "gt.jsonl")] + data)
+    closed = [e for e in ex if e["answer_type"] == "CLOSED"]
+    always_no = 100 * sum(E.normalize_word(e["answer"].lower()) in "no" for e in closed) / len(closed)
+    d = res["closed_accuracy"]
+    assert d["a"] == pytest.approx(always_no, abs=1e-3) and d["diff"] == pytest.approx(100 - always_no, abs=1e-3)
+    assert d["ci"][0] < d["diff"] < d["ci"][1]
+    assert "closed_accuracy" in last_json(capsys)
+
+# --- end to end: a tiny random model answers 20 real SLAKE questions -----------------------------------------
+
+
+@need_data
+def test_tiny_model_end_to_end(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    M = pytest.importorskip("model")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from data import VICUNA_SYSTEM
+    ex = E.load_dataset("slake", SHARED / "slake")[:20]
+    tok = Tokenizer(models.BPE())  # byte-level BPE with LLaMA's special-token layout, "<image>" = 3 as in "tiny"
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([VICUNA_SYSTEM] + [e["question"] + " " + e["answer"] for e in ex], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<image>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    cfg = copy.deepcopy(M.CONFIGS["tiny"])
+    cfg.text.vocab_size, cfg.image_token_id = tok.get_vocab_size(), tok.token_to_id("<image>")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    M.save_pretrained(M.Llava(cfg), str(ckpt))
+    tok.save(str(ckpt / "tokenizer.json"))
+    out = tmp_path / "answers.jsonl"
+    run = ["slake", "--model", str(ckpt), "--data", str(SHARED / "slake"), "--limit", "20", "--out", str(out),
+           "--batch_size", "8", "--max_new_tokens", "4", "--bootstrap", "0", "--device", "cpu"]
+    res = E.main(run)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [e["qid"] for e in ex]
+    assert all(isinstance(r["text"], str) and r["prompt"] == e["question"] for r, e in zip(rows, ex))
+    assert res["n"] == 20 and res["n_missing"] == 0 and res["n_closed"] + res["n_open"] == 20
+    capsys.readouterr()
+    scored = E.main(["slake", "--pred", str(out), "--data", str(SHARED / "slake"), "--limit", "20", "--bootstrap", "0"])
+    assert scored == res and last_json(capsys) == json.loads(json.dumps(res))
+    # resumable: a run killed mid-write leaves a torn line; the rerun drops it and answers only what is missing
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:17]) + lines[17][:15])
+    E.main(run)
+    assert out.read_text().splitlines(keepends=True)[:17] == lines[:17]
+    assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == [e["qid"] for e in ex]
+
+
+# ----------------------------------------------------------------------------- judge
+# Tests for judge.py against a fake OpenAI-compatible server on 127.0.0.1 (http.server in a thread).
+#
+# The fake decides each reply from a script keyed by the question in the request and how often that question
+# was asked, so outcomes do not depend on thread timing. Waits are checked on a virtual clock (the injected
+# sleep advances it, the fake stamps each request with it), never on wall time.
+import base64, json, logging, re, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import judge
+
+KEY = "sk-test-DO-NOT-LEAK-0123456789"
+OK_REPLY = "8 6\nAnswer 1 is more accurate."
+PNG = b"\x89PNG\r\n\x1a\n" + b"fake image bytes"  # the magic bytes are all the client looks at
+
+
+class Clock:
+    """Virtual time: sleep(s) records s and advances now; no wall time passes."""
+
+    def __init__(self):
+        self.now, self.sleeps, self.lock = 0.0, [], threading.Lock()
+
+    def sleep(self, s):
+        with self.lock:
+            self.sleeps.append(s)
+            self.now += s
+
+
+class Fake:
+    """Scripted chat-completions server. script: {question: [behaviour, ...]}; a question asked more often than
+    its script is long gets "ok". Behaviours: ok, "429:<secs>", 500, malformed, noscores, slow, 401."""
+
+    def __init__(self, script=None, clock=None, reply=None):
+        self.script, self.clock, self.reply = script or {}, clock or Clock(), reply or (lambda text: OK_REPLY)
+        self.log, self.lock = [], threading.Lock()  # (question, behaviour, virtual time, authorization, image ok)
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                content = body["messages"][-1]["content"]
+                text = content[0]["text"]
+                url = content[1]["image_url"]["url"] if len(content) > 1 else ""
+                image_ok = url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",")[1]) == PNG
+                q = re.search(r"\[Question\]\n(.*?)\n", text).group(1)
+                with fake.lock:
+                    n = sum(e[0] == q for e in fake.log)
+                    steps = fake.script.get(q, [])
+                    what = steps[n] if n < len(steps) else "ok"
+                    fake.log.append((q, what, fake.clock.now, self.headers.get("Authorization"), image_ok))
+                try:
+                    if what.startswith("429"):
+                        self.send(429, b'{"error": "rate limited"}', {"Retry-After": what.split(":")[1]})
+                    elif what == "500":
+                        self.send(500, b"oops")
+                    elif what == "malformed":
+                        self.send(200, b'{"choices": [')
+                    elif what == "401":
+                        echo = f'{{"error": "Incorrect API key provided: {self.headers["Authorization"]}"}}'
+                        self.send(401, echo.encode())
+                    else:
+                        if what == "slow":
+                            time.sleep(0.5)  # the client's timeout is 0.2 s
+                        reply = "I cannot judge this." if what == "noscores" else fake.reply(body)
+                        self.send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}],
+                                                   "usage": {"prompt_tokens": 100, "completion_tokens": 10}}).encode())
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up on the slow reply
+
+            def send(self, code, data, headers={}):
+                self.send_response(code)
+                for k, v in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
+
+    def calls(self, q=None):
+        return [e for e in self.log if q is None or e[0] == q]
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    monkeypatch.setenv("JUDGE_TEST_KEY", KEY)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    (tmp_path / "img.png").write_bytes(PNG)
+    return tmp_path
+
+
+@pytest.fixture
+def fake(request):
+    f = Fake()
+    yield f
+    f.server.shutdown()
+    f.server.server_close()
+
+
+def make_judge(fake, max_tries=3, **kw):
+    client = judge.ChatClient(fake.url, "gpt-4o", "JUDGE_TEST_KEY", timeout=0.2, max_tries=max_tries,
+                              sleep=fake.clock.sleep, **kw)
+    return judge.GPTJudge(client)
+
+
+def items(n, prefix="q"):
+    return [{"image": "img.png", "question": f"{prefix}{i}", "answers": [f"first {i}", f"second {i}"]}
+            for i in range(n)]
+
+# --- parsing ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reply, scores", [
+    ("8 6\nAnswer 1 describes the wall correctly.", (8, 6)),            # the paper's format
+    ("  8    6  \n\nexplanation", (8, 6)),                                # extra spaces
+    ("8/10 6/10\nexpl", (8, 6)),
+    ("Scores: 8 6\nexpl", (8, 6)),
+    ("Answer 1: 8, Answer 2: 6\nexpl", (8, 6)),
+    ("7.5 6.0", (7.5, 6)),                                                # decimals
+    ("**8 6**\n\n**Explanation:** ...", (8, 6)),                          # markdown bold
+    ("Answer 1: 9/10\nAnswer 2: 3/10\n\nAnswer 1 is right about 2 lesions.", (9, 3)),  # two lines
+    ("**Score for Answer 1:** 7\n**Score for Answer 2:** 4", (7, 4)),
+    ("\n\n8\t10\n", (8, 10)),                                             # leading blank lines, tab, a 10
+    ("8 out of 10 and 6 out of 10.", (8, 6)),
+    ("Here are my scores.\n8 6\nbecause ...", (8, 6)),                   # a line of preamble
+    ("- Assistant 1: 5\n- Assistant 2: 5", (5, 5)),                       # a tie, bullets
+    ("8,6", (8, 6)),
+    ("I cannot judge this.", None),                                       # no scores
+    ("Answer 1 is better than Answer 2.", None),                          # label digits are not scores
+    ("8 6 7\nexpl", None),                                                # three numbers: ambiguous
+    ("11 3", None),                                                       # off the scale
+    ("The image shows\n2 lesions in\nthe liver\n3 4", None),              # numbers in prose are not scores
+])
+def test_parse_scores(reply, scores):
+    got = judge.parse_scores(reply)
+    assert (got[:2] if got else None) == scores
+
+
+def test_parse_scores_explanation_and_verdict():
+    assert judge.parse_scores(OK_REPLY)[2] == "Answer 1 is more accurate."
+    assert judge.parse_verdict("Both are close... [[B]] then later [[A]]") == "B"   # the first tag counts
+    assert judge.parse_verdict("[[ C ]]") == "C"
+    assert judge.parse_verdict("A is better") is None
+
+# --- client and batch runner ------------------------------------------------------------------------------------
+
+SCRIPT = {  # question -> the fake's answers to its 1st, 2nd, ... request (then "ok")
+    "q0": ["429:2.5", "ok"], "q1": ["500", "ok"], "q2": ["malformed", "ok"], "q3": ["noscores", "ok"],
+    "q4": ["slow", "ok"], "q5": [], "q6": ["500", "500", "500"], "q7": ["noscores", "noscores"],
+    "q8": ["429:0.7", "500", "ok"], "q9": ["500", "500", "ok"],
+}
+EXPECTED_CALLS = {"q0": 2, "q1": 2, "q2": 2, "q3": 2, "q4": 2, "q5": 1, "q6": 3, "q7": 2, "q8": 3, "q9": 3}
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_scripted_failures(env, fake, workers):
+    fake.script = SCRIPT
+    j = make_judge(fake, max_tries=3, backoff=1.0)
+    out, stats = judge.rate_items(items(10), j, judge.Cache(env / "c.jsonl"), image_dir=env, workers=workers)
+    by_q = {r["question"]: r for r in out}
+    assert {q for q, r in by_q.items() if "error" in r} == {"q6", "q7"}     # every item scored or failed
+    assert all(by_q[q]["scores"] == [8, 6] for q in by_q if q not in ("q6", "q7"))
+    assert "gave up after 3 tries" in by_q["q6"]["error"] and "unparseable" in by_q["q7"]["error"]
+    for q, n in EXPECTED_CALLS.items():                      # tries per item: exact, and within the bound
+        assert len(fake.calls(q)) == n <= 2 * 3              # 2 asks (one re-ask if unparseable) x max_tries
+    assert all(e[4] and e[3] == f"Bearer {KEY}" for e in fake.log)  # image inline, key sent
+    assert stats["new"] == 8 and stats["failed"] == 2 and stats["cached"] == 0
+    # usage comes from the 11 well-formed 200 replies: one per scored item, +1 each for q3 and q7's unparseable
+    # ones (paid too); none from 429/500, the malformed body or the reply the client timed out on
+    assert j.client.usage == {"requests": 22, "prompt_tokens": 1100, "completion_tokens": 110}
+    assert "est. cost $0.0039" in judge.summary(stats | {"items": 10}, j, 2.5, 10.0)
+    if workers == 1:  # one thread: the virtual clock between a question's requests is that item's wait
+        t = lambda q: [e[2] for e in fake.calls(q)]
+        assert t("q0")[1] - t("q0")[0] == pytest.approx(2.5)                           # Retry-After honoured
+        assert t("q8")[1] - t("q8")[0] == pytest.approx(0.7)
+        w1, w2 = t("q9")[1] - t("q9")[0], t("q9")[2] - t("q9")[1]                      # exponential + jitter
+        assert 0.5 <= w1 <= 1.0 and 1.0 <= w2 <= 2.0
+        assert t("q3")[1] == t("q3")[0]                                                # a re-ask needs no wait
+    else:
+        assert 2.5 in fake.clock.sleeps and 0.7 in fake.clock.sleeps
+    assert len(fake.clock.sleeps) == 10  # one per retried request (q0 q1 q2 q4, 2 each for q6 q8 q9); none to re-ask
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_interrupt_and_resume(env, fake, workers):
+    n, k, path, seen = 8, 3, env / "cache.jsonl", []
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_k(key, verdict):  # the batch dies (in the main thread) after its k-th verdict
+        seen.append(key)
+        if len(seen) == k:
+            raise Killed
+
+    with pytest.raises(Killed):
+        judge.rate_items(items(n), make_judge(fake), judge.Cache(path), image_dir=env, workers=workers,
+                         on_result=kill_after_k)
+    first = len(fake.log)
+    assert k <= first <= k + workers       # calls already in flight finish; no new ones start
+    cached = len(path.read_text().splitlines())
+    assert cached == first                 # every paid verdict reached the cache
+    out, stats = judge.rate_items(items(n), make_judge(fake), judge.Cache(path), image_dir=env, workers=workers)
+    assert len(fake.log) - first == n - cached                                  # exactly the remaining calls
+    assert sorted(e[0] for e in fake.log) == sorted(f"q{i}" for i in range(n))  # no item paid twice
+    assert stats["cached"] == cached and stats["new"] == n - cached
+    keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == n                                     # the cache holds each item once
+    assert all(r["scores"] == [8, 6] for r in out)
+    judge.rate_items(items(n), make_judge(fake), judge.Cache(path), image_dir=env)
+    assert len(fake.log) == n                                                   # a third run is free
+
+
+def test_cache_survives_a_cut_line(env, fake):
+    path = env / "cache.jsonl"
+    judge.rate_items(items(2), make_judge(fake), judge.Cache(path), image_dir=env)
+    path.write_text(path.read_text() + '{"key": "abc", "verd')  # a kill in the middle of a write
+    judge.rate_items(items(3), make_judge(fake), judge.Cache(path), image_dir=env)
+    assert len(fake.log) == 3
+    c = judge.Cache(path)
+    assert len(c.data) == 3
+
+
+def test_key_never_leaks(env, fake, caplog, capsys, monkeypatch):
+    fake.script = {"q0": ["401"], "q1": ["429:1", "ok"], "q2": ["slow", "500", "ok"]}
+    (env / "in.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items(4)))
+    caplog.set_level(logging.DEBUG)
+    argv = ["rate", str(env / "in.jsonl"), "--out", str(env / "out.jsonl"), "--image_dir", str(env),
+            "--cache", str(env / "cache.jsonl"), "--base_url", fake.url, "--api_key_env", "JUDGE_TEST_KEY",
+            "--timeout", "0.2", "--max_tries", "3", "--workers", "2"]
+    real = judge.ChatClient
+    assert KEY not in repr(real(fake.url, api_key_env="JUDGE_TEST_KEY"))
+    monkeypatch.setattr(judge, "ChatClient", lambda *a, **kw: real(*a, sleep=fake.clock.sleep, **kw))  # no real waits
+    judge.main(argv)
+    out = [json.loads(line) for line in (env / "out.jsonl").read_text().splitlines()]
+    assert "HTTP 401" in out[0]["error"] and "***" in out[0]["error"]          # the echoed key was scrubbed
+    assert [("error" in r) for r in out] == [True, False, False, False]
+    assert fake.calls("q0")[0][3] == f"Bearer {KEY}"                          # and it was really sent
+    written = "".join(p.read_text(errors="replace") for p in env.rglob("*") if p.is_file())
+    captured = capsys.readouterr()
+    assert KEY not in written and KEY not in caplog.text and KEY not in captured.out + captured.err
+    assert "items 4: cached 0, new 3, failed 1" in captured.out and "ETA" in caplog.text  # summary, progress
+
+
+def test_swap_averages_and_counts_disagreement(env, fake):
+    def reply(body):  # prefers answers containing "good"; biased towards position 1 when neither does
+        text = body["messages"][-1]["content"][0]["text"]
+        a1 = re.search(r"\[Answer 1\]\n(.*?)\n", text).group(1)
+        a2 = re.search(r"\[Answer 2\]\n(.*?)\n", text).group(1)
+        return "9 4" if "good" in a1 else "4 9" if "good" in a2 else "7 5"
+    fake.reply = reply
+    its = [{"image": "img.png", "question": "qa", "answers": ["bad", "good"]},
+           {"image": "img.png", "question": "qb", "answers": ["meh", "so-so"]}]
+    out, stats = judge.rate_items(its, make_judge(fake), None, swap=True, image_dir=env)
+    assert out[0]["scores"] == [4, 9] and out[0]["scores_swapped"] == [4, 9] and not out[0]["orders_disagree"]
+    assert out[1]["scores"] == [6, 6] and out[1]["orders_disagree"]          # position bias, exposed
+    assert stats["disagree"] == 1 and len(fake.log) == 4
+    assert "disagree on 1/2 items" in judge.summary(stats, make_judge(fake), 2.5, 10)
+
+
+def test_winrate_cli(env, fake, capsys):
+    def reply(body):
+        assert body["messages"][0]["content"] == judge.WINRATE_SYSTEM
+        text = body["messages"][-1]["content"][0]["text"]
+        a = re.search(r"\[Assistant A\]\n(.*?)\n", text).group(1)
+        return "A is right. [[A]]" if a.startswith("right") else "B is right. [[B]]"
+    fake.reply = reply
+    # model A right on q0-q5, B right on q6-q7; q8 is closed and skipped. Answers in evaluate.py's format.
+    test = [{"qid": i, "image_name": "img.png", "question": f"q{i}", "answer": "x", "answer_type": "OPEN"}
+            for i in range(8)] + [{"qid": 8, "image_name": "img.png", "question": "q8", "answer": "yes",
+                                   "answer_type": "CLOSED"}]
+    (env / "test.json").write_text(json.dumps(test))
+    for name, good in (("a.jsonl", range(6)), ("b.jsonl", range(6, 9))):
+        (env / name).write_text("".join(json.dumps({"question_id": str(i), "text": "right" if i in good else "wrong"})
+                                        + "\n" for i in range(9)))
+    judge.main(["winrate", str(env / "a.jsonl"), str(env / "b.jsonl"), "--questions", str(env / "test.json"),
+                "--image_dir", str(env), "--base_url", fake.url, "--api_key_env", "JUDGE_TEST_KEY",
+                "--cache", str(env / "c.jsonl")])
+    out = capsys.readouterr().out
+    assert "win rate of A over B: 0.750" in out and "6 wins, 0 ties, 2 losses" in out
+    assert len(fake.log) == 16   # 8 open questions x 2 orders
+
+
+def test_bootstrap_is_seeded_and_brackets_the_mean():
+    x = [1.0] * 30 + [0.0] * 10
+    m, lo, hi = judge.bootstrap(x, seed=0)
+    assert m == 0.75 and lo < 0.75 < hi and (m, lo, hi) == judge.bootstrap(x, seed=0)
+    assert judge.bootstrap([1.0] * 5) == (1.0, 1.0, 1.0)
+
+
+def test_relative_score(env, fake):
+    fake.reply = lambda body: "8 6\nAssistant 1 is more complete."
+    s_ref, s_ans, expl = make_judge(fake).relative(env / "img.png", "q0", "the reference", "the answer", "a caption")
+    assert (s_ref, s_ans) == (8, 6) and expl.startswith("Assistant 1")
+    assert fake.log[0][4]
+
+
+def test_oracle_judge_offline(env):
+    facts = {"img.png": {"organ": "liver"}}
+    score = lambda f, q, a: 10.0 if f["organ"] in a else 2.0
+    o = judge.OracleJudge(score, facts)
+    assert o.rate_pair(env / "img.png", "organ?", "the liver", "the brain")[:2] == (10.0, 2.0)
+    assert o.win("img.png", "organ?", "liver", "brain", "liver") == "B"
+    out, stats = judge.rate_items(items(2), o, judge.Cache(env / "oc.jsonl"), image_dir="/elsewhere")
+    assert [r["scores"] for r in out] == [[2.0, 2.0]] * 2 and stats["new"] == 2
+
+
+def test_duplicate_items_are_judged_once(env, fake):
+    out, stats = judge.rate_items(items(2) + items(2), make_judge(fake), judge.Cache(env / "c.jsonl"), image_dir=env)
+    assert len(fake.log) == 2 and stats["units"] == 2 and len(out) == 4 and all("scores" in r for r in out)
+    assert len((env / "c.jsonl").read_text().splitlines()) == 2
+
+
+def test_cli_oracle_path(env, monkeypatch, capsys):
+    """--judge oracle imports score_answer/synth_data from data.py lazily (a stand-in module here)."""
+    import types
+    data = types.SimpleNamespace(score_answer=lambda f, q, a: 9.0 if f["organ"] in a else 3.0,
+                                 synth_data=lambda: env)
+    monkeypatch.setitem(__import__("sys").modules, "data", data)
+    (env / "facts.json").write_text(json.dumps({"img.png": {"organ": "liver"}}))
+    its = [{"image": "img.png", "question": "organ?", "answers": ["brain", "liver"]}]
+    (env / "in.jsonl").write_text(json.dumps(its[0]) + "\n")
+    judge.main(["rate", str(env / "in.jsonl"), "--out", str(env / "out.jsonl"), "--judge", "oracle", "--cache", ""])
+    assert json.loads((env / "out.jsonl").read_text())["scores"] == [3.0, 9.0]
+    assert "new 1, failed 0" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- sft.py and dpo.py
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import data as D
+import dpo
+import model as M
+import sft
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return D.synth_data()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, synth):
+    """A random tiny LLaVA for the synthetic data (48x48 images, 36 image tokens), with its tokenizer."""
+    tok = D.load_tokenizer(synth / "tokenizer.json")
+    cfg = M.LlavaConfig(vision=M.VisionConfig(32, 64, 2, 4, 48, 8), text=M.TextConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
+        num_kv_heads=2), image_token_id=D.SYNTH_IMAGE_TOKEN_ID)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny")
+    M.save_pretrained(sft.init_weights(M.Llava(cfg)), d)
+    (d / "tokenizer.json").write_text((synth / "tokenizer.json").read_text())
+    return d
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, synth):
+    recs = json.loads((synth / "train.json").read_text())[:16]
+    p = tmp_path_factory.mktemp("data") / "train.json"
+    p.write_text(json.dumps(recs))
+    return p
+
+
+def run_sft(args, nproc=1):
+    cmd = [sys.executable, str(HERE / "sft.py")] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(HERE / "sft.py")]
+    r = subprocess.run(cmd + args, capture_output=True, text=True, cwd=HERE, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def sft_args(tiny_dir, small_data, synth, out, *extra):
+    return [f"--model={tiny_dir}", f"--data={small_data}", f"--image_dir={synth / 'images'}", f"--out_dir={out}",
+            "--global_batch=8", "--micro_batch=2", "--max_steps=3", "--epochs=2", "--image_size=48", "--max_length=512",
+            "--lr=1e-2", "--vision_lr=1e-2", "--projector_lr=1e-2", "--log_every=1", "--save_every=1", *extra]
+
+
+def read_log(out):
+    return [json.loads(x) for x in open(Path(out) / "log.jsonl")]
+
+
+def trained(out):
+    return torch.load(Path(out) / "checkpoint.pt", weights_only=False)["trainable"]
+
+
+def test_sft_two_processes_equal_one_process_with_accumulation(tiny_dir, small_data, synth, tmp_path):
+    # no dropout: its random masks would depend on which process draws them
+    # lr 1e-3: Adam divides by sqrt(v), so last-bit differences of near-zero gradients (DDP sums in another order)
+    # move a weight by up to ~lr x 1e-3; the updates themselves are ~lr, far above the 1e-5 tolerance
+    common = ["--lora_dropout=0", "--vit_lora_dropout=0", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3"]
+    run_sft(sft_args(tiny_dir, small_data, synth, tmp_path / "one", *common))
+    run_sft(sft_args(tiny_dir, small_data, synth, tmp_path / "two", *common), nproc=2)
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert abs(x["answer_loss"] - y["answer_loss"]) < 1e-5 and abs(x["question_loss"] - y["question_loss"]) < 1e-5
+    wa, wb = trained(tmp_path / "one"), trained(tmp_path / "two")
+    assert wa.keys() == wb.keys() and any("lora_a" in k for k in wa) and any(k.startswith("projector.") for k in wa)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    start = {k: v for k, v in M.from_pretrained(str(tiny_dir), dtype=torch.float32).state_dict().items() if k in wa}
+    assert max((wa[k] - start[k]).abs().max().item() for k in start) > 1e-4  # the projector really moved
+    assert (tmp_path / "one" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_sft_kill_and_resume_is_bit_identical(tiny_dir, small_data, synth, tmp_path, monkeypatch):
+    """Stopped after step 2 (an exception right after its checkpoint), resumed: same losses and weights."""
+    model_cfg = M.from_pretrained(str(tiny_dir), dtype=torch.float32).config
+    tok = D.load_tokenizer(tiny_dir)
+    recs = D.read_conversations(small_data, synth / "images")
+
+    def run(out, stop_after=None, resume=False):
+        cfg = replace(sft.Config(), model=str(tiny_dir), out_dir=str(out), global_batch=8, micro_batch=4, max_steps=4,
+                      epochs=2, image_size=48, max_length=512, lr=1e-2, vision_lr=1e-2, projector_lr=1e-2,
+                      log_every=1, save_every=2, resume=resume)
+        torch.manual_seed(0)
+        model = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
+        groups = sft.setup_trainable(model, cfg)  # LoRA with dropout 0.05 / 0.2: the RNG state must resume too
+        save = sft.atomic_save
+
+        def save_then_stop(obj, path):
+            save(obj, path)
+            if stop_after is not None and obj["step"] == stop_after:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(sft, "atomic_save", save_then_stop)
+        if resume:  # a new process would start from fresh RNG and weights; scramble both to be sure
+            torch.manual_seed(1234)
+        sft.fit(cfg, model, len(recs), sft.make_sft_prepare(recs, tok, cfg, model_cfg, "cpu"), sft.sft_loss, groups,
+                str(out))
+        return model
+
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop_after=2)
+    resumed = run(tmp_path / "cut", resume=True)
+    la, lb = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [x["step"] for x in lb] == [1, 2, 3, 4]
+    strip = lambda log: [{k: v for k, v in x.items() if k != "tok_s"} for x in log]  # wall-clock speed differs
+    assert strip(la) == strip(lb)  # every other logged number, bit for bit
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_question_loss_switch_masks_labels_and_gradients(tiny_dir, synth):
+    tok = D.load_tokenizer(tiny_dir)
+    model = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    rec = D.read_conversations(synth / "train.json", synth / "images")[0]
+    grads = {}
+    for on in (True, False):
+        cfg = replace(sft.Config(), question_loss=on, sq_r=1.0, image_size=48, max_length=512)  # every later turn asks
+        b = sft.make_sft_prepare([rec], tok, cfg, model.config, "cpu")([0], 0)
+        q = b["question_mask"]
+        assert q.any()
+        assert (b["labels"][q] != -100).all() if on else (b["labels"][q] == -100).all()
+        captured = {}
+
+        def forward(*a):
+            captured["logits"] = model(*a)
+            captured["logits"].retain_grad()
+            return captured["logits"]
+        loss, m = sft.sft_loss(forward, b)
+        loss.backward()
+        g = captured["logits"].grad[0, :-1].abs().sum(-1)  # gradient at the position that predicts token t+1
+        grads[on] = g[q[0, 1:]].sum().item()
+        assert (m["question_loss_n"] > 0) == on and m["answer_loss_n"] > 0
+    assert grads[True] > 0 and grads[False] == 0
+
+
+def test_bad_config_stops_with_clear_messages(tiny_dir, small_data, synth, tmp_path, capsys):
+    for bad, msg in (["--nonsense=1"], "unrecognized arguments: --nonsense=1"), (["--micro_batch=two"], "invalid int value"):
+        with pytest.raises(SystemExit):
+            sft.parse_config(sft.Config, bad)
+        assert msg in capsys.readouterr().err
+    cfg = replace(sft.Config(), global_batch=10, micro_batch=4)
+    with pytest.raises(ValueError, match="global_batch 10 is not divisible by micro_batch 4 x world size 1"):
+        sft.fit(cfg, None, 100, None, None, [], str(tmp_path))
+    with pytest.raises(ValueError, match="--train must be lora, projector or full"):
+        sft.setup_trainable(M.from_pretrained(str(tiny_dir), dtype=torch.float32), replace(sft.Config(), train="both"))
+    cfg, given = sft.parse_config(sft.Config, ["--no-question_loss", "--lr=0.5"])
+    assert cfg.question_loss is False and cfg.lr == 0.5 and given == {"question_loss": False, "lr": 0.5}
+
+def test_projector_only_training_changes_the_projector_and_nothing_else(tiny_dir, synth, tmp_path):
+    """LLaVA-Med's concept alignment: --train=projector on captions with the paper's instruction lists."""
+    tok = D.load_tokenizer(tiny_dir)
+    model = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recs = D.read_conversations(synth / "captions.json", synth / "images")[:8]
+    cfg = replace(sft.Config(), train="projector", align_captions=True, template="vicuna_v1", question_loss=False,
+                  global_batch=4, micro_batch=4, max_steps=2, image_size=48, max_length=512, projector_lr=1e-2,
+                  out_dir=str(tmp_path))
+    groups = sft.setup_trainable(model, cfg)
+    sft.fit(cfg, model, len(recs), sft.make_sft_prepare(recs, tok, cfg, model.config, "cpu"), sft.sft_loss, groups,
+            str(tmp_path))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {k for k in before if k.startswith("projector.")}
+
+
+# ----------------------------------------------------------------------------- dpo.py
+
+
+def test_dpo_loss_equals_eq1_with_rewards_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(6, generator=g, dtype=torch.float64) * 5 for _ in range(4))
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    beta = 0.1
+    losses, cr, rj = dpo.dpo_loss(pc, pr, rc, rr, beta)
+    for i in range(6):  # Eq. 1, term by term, with math only
+        z = beta * ((pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item()))
+        assert abs(losses[i].item() - math.log(1 + math.exp(-z))) < 1e-12
+        assert abs(cr[i].item() - beta * (pc[i].item() - rc[i].item())) < 1e-12
+        assert abs(rj[i].item() - beta * (pr[i].item() - rr[i].item())) < 1e-12
+    losses.sum().backward()
+    z = beta * ((pc - rc) - (pr - rr)).detach()
+    sig = 1 / (1 + torch.exp(z))  # d/dz of -log σ(z) is -σ(-z)
+    assert torch.allclose(pc.grad, -beta * sig) and torch.allclose(pr.grad, beta * sig)
+
+
+def hand_pair(tok, model_cfg, synth):
+    img = sorted(os.listdir(synth / "images"))[0]
+    return [{"image": img, "question": "What organ is shown?", "chosen": "brain", "rejected": "the chest"}]
+
+
+def test_logps_cover_answer_tokens_only(tiny_dir, synth):
+    tok = D.load_tokenizer(tiny_dir)
+    model = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    pairs = hand_pair(tok, model.config, synth)
+    b = dpo.encode_pair_batch(pairs, tok, model.config, synth / "images", 48, 512, "cpu")
+    with torch.no_grad():
+        got = dpo.sequence_logps(model, b)
+        logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"]).log_softmax(-1)
+    for row, answer in enumerate([pairs[0]["chosen"], pairs[0]["rejected"]]):
+        labels = b["labels"][row]
+        sup = (labels != -100).nonzero().flatten().tolist()
+        assert sup == list(range(sup[0], sup[-1] + 1))  # one contiguous run: the answer
+        assert tok.decode(labels[sup].tolist(), skip_special_tokens=False).strip() == answer + "</s>"
+        assert sup[-1] == int(b["attention_mask"][row].sum()) - 1  # ends at the last real token, not in padding
+        want = sum(logits[row, t - 1, labels[t]].item() for t in sup)  # position t-1 predicts token t
+        assert abs(got[row].item() - want) < 1e-4
+
+
+def test_reference_equals_stage1_and_precomputed_and_loss_is_log2_at_start(tiny_dir, synth, tmp_path):
+    tok = D.load_tokenizer(tiny_dir)
+    pairs = hand_pair(tok, None, synth) * 4
+    cfg = replace(dpo.Config(), model=str(tiny_dir), out_dir=str(tmp_path), global_batch=4, micro_batch=2, max_steps=1,
+                  lr=0.0, vision_lr=0.0, projector_lr=0.0, precompute_ref=True, log_every=1)
+    torch.manual_seed(0)
+    model = dpo.train_step(cfg, pairs, tok, synth / "images", "cpu")  # lr 0: the policy stays the stage-1 model
+    stored = torch.load(tmp_path / "ref_logps.pt")["logps"]
+    base = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    b = dpo.encode_pair_batch(pairs[:2], tok, base.config, synth / "images", 48, 512, "cpu")
+    with torch.no_grad():
+        live = dpo.Reference(model).logps(b)
+        plain = dpo.sequence_logps(base, b)
+    assert torch.allclose(live, plain, atol=1e-5)  # the reference is exactly the stage-1 model
+    assert torch.allclose(stored[:2].T.reshape(-1), live, atol=1e-5)  # and equals the precomputed log-probs
+    log = read_log(tmp_path)
+    assert abs(log[0]["loss"] - math.log(2)) < 1e-6 and log[0]["reward_acc"] == 0.0
+
+
+def test_dpo_steps_resume_without_losing_or_repeating_work(tiny_dir, synth, tmp_path, monkeypatch):
+    tok = D.load_tokenizer(tiny_dir)
+    model = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    cfg = replace(dpo.Config(), model=str(tiny_dir), out_dir=str(tmp_path), n_questions=2, describe_tokens=4,
+                  q_max_tokens=6, a_max_tokens=4, gen_batch=2)
+    monkeypatch.setattr(dpo, "is_wellformed", lambda q: len(q) > 0)  # a random model asks nothing well-formed
+    images = sorted(os.listdir(synth / "images"))[:6]
+    full = tmp_path / "full.jsonl"
+    dpo.generate_step(cfg, model, tok, images, synth / "images", str(full), "cpu")
+    cut = tmp_path / "cut.jsonl"
+    real_write = dpo.E.generate_text
+    calls = {"n": 0}
+
+    def flaky(*a, **k):  # die during the third batch
+        calls["n"] += 1
+        if calls["n"] == 2 * (cfg.n_questions + 2) + 3:
+            raise KeyboardInterrupt
+        return real_write(*a, **k)
+    monkeypatch.setattr(dpo.E, "generate_text", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.generate_step(cfg, model, tok, images, synth / "images", str(cut), "cpu")
+    with open(cut, "a") as f:
+        f.write('{"batch": 2, "torn')  # a line cut by the kill
+    monkeypatch.setattr(dpo.E, "generate_text", real_write)
+    dpo.generate_step(cfg, model, tok, images, synth / "images", str(cut), "cpu")
+    assert full.read_text() == cut.read_text()  # resumed = uninterrupted, line for line
+    rows = [r for r in dpo.read_batches(str(full)) if "question" in r]
+    assert rows and all(len(r["answers"]) == 2 for r in rows)
+    # judge: interrupted after some verdicts, rerun: each item judged exactly once
+    judge = dpo.make_judge(replace(cfg, judge="oracle"), synth)
+    seen = []
+    score = judge.score_fn
+
+    def counting(facts, q, a):
+        seen.append((q, a))
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return score(facts, q, a)
+    judge.score_fn = counting
+    cfg1 = replace(cfg, workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
+    judge.score_fn = lambda f, q, a: (seen.append((q, a)), score(f, q, a))[1]
+    dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
+    n_items = len({json.dumps([r["image"], r["question"], r["answers"]]) for r in rows})
+    assert len(seen) <= 2 * n_items + 2  # two answers per item; at most the interrupted item is scored again
+    before = len(seen)
+    dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
+    assert len(seen) == before  # a third run is all cache
+
+
+# ----------------------------------------------------------------------------- select
+# Issue 9: LLaVA-Med's concept-alignment instructions and BioMed-VITAL's learned data selector (judge.py select).
+#
+#     pytest -x -q test_select.py
+import json
+import math
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import judge as J
+
+from data import ALIGN_BRIEF, ALIGN_DETAILED, caption_to_alignment
+
+
+# --- LLaVA-Med alignment instructions ---------------------------------------------------------------------------
+
+def _caption_record(n_words):
+    caption = " ".join(f"w{i}" for i in range(n_words))
+    return {"id": "pmc_1", "image": "pmc_1.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhatever the file said."}, {"from": "gpt", "value": caption}]}
+
+
+def test_alignment_lists_are_the_papers():
+    # LLaVA-Med App. A.2: Table 6 has 11 brief instructions (with periods), Table 7 16 detailed ones (without)
+    assert len(ALIGN_BRIEF) == 11 and len(set(ALIGN_BRIEF)) == 11 and all(q.endswith(".") for q in ALIGN_BRIEF)
+    assert len(ALIGN_DETAILED) == 16 and len(set(ALIGN_DETAILED)) == 16
+    assert not any(q.endswith(".") for q in ALIGN_DETAILED)
+    assert ALIGN_BRIEF[0] == "Describe the image concisely."
+    assert ALIGN_BRIEF[-1] == "Create a compact narrative representing the image presented."
+    assert ALIGN_DETAILED[0] == "Describe the following image in detail"
+    assert ALIGN_DETAILED[-1] == "Write an exhaustive depiction of the given image"
+
+
+@pytest.mark.parametrize("n_words, brief", [(1, True), (29, True), (30, False), (31, False), (120, False)])
+def test_alignment_30_word_rule(n_words, brief):
+    # "25% of captions have length less than 30 words ... 30 words is used as the cutoff point": < 30 is brief
+    rng, rec = random.Random(0), _caption_record(n_words)
+    questions = set()
+    for _ in range(200):
+        out = caption_to_alignment(rec, rng)
+        human, gpt = out["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert gpt == {"from": "gpt", "value": rec["conversations"][1]["value"]}
+        assert out["id"] == "pmc_1" and out["image"] == "pmc_1.jpg"
+        questions.add(human["value"][len("<image>\n"):])
+    assert questions == set(ALIGN_BRIEF if brief else ALIGN_DETAILED)  # only that list, and all of it
+
+
+def test_alignment_counts_whitespace_words_and_is_seeded():
+    tabs = {"id": 1, "image": "a.png", "caption": "  one\ttwo\nthree " + " x" * 26}  # 29 words, odd spacing
+    assert caption_to_alignment(tabs, random.Random(0))["conversations"][0]["value"][8:] in ALIGN_BRIEF
+    recs = [_caption_record(n) for n in (5, 40, 29, 30)] * 5
+    draw = lambda seed: [caption_to_alignment(r, random.Random(seed + i)) for i, r in enumerate(recs)]
+    assert draw(3) == draw(3) and draw(3) != draw(4)
+
+# --- BioMed-VITAL's selector: loss, k-means, per-cluster top K% ------------------------------------------------------
+
+
+def _eq3(f_i, f_j, s_i, s_j, w):
+    """Eq. 3 written out per pair: z from Eq. 2 (R_i >= R_j -> (1, 0), so a tie counts for x_i), σ over the pair."""
+    total = 0.0
+    for a, b, ra, rb, wk in zip(f_i, f_j, s_i, s_j, w):
+        z_i, z_j = (1, 0) if ra >= rb else (0, 1)
+        p_i = 1 / (1 + math.exp(-(a - b)))  # softmax of (f_i, f_j), entry i
+        total += -wk * (z_i * math.log(p_i) + z_j * math.log(1 - p_i))
+    return total / len(f_i)
+
+
+def test_pairwise_loss_is_eq3_with_the_tie_rule():
+    g = torch.Generator().manual_seed(0)
+    f_i, f_j = torch.randn(50, generator=g, dtype=torch.float64) * 3, torch.randn(50, generator=g, dtype=torch.float64)
+    s_i, s_j = torch.randint(0, 4, (50,), generator=g).double(), torch.randint(0, 4, (50,), generator=g).double()
+    assert (s_i == s_j).sum() >= 5  # the tie rule is exercised
+    w = torch.where(torch.arange(50) % 7 == 0, 400.0, 1.0).double()  # human pairs weigh w, model pairs 1
+    got = J.pairwise_loss(f_i, f_j, s_i, s_j, w)
+    assert got.item() == pytest.approx(_eq3(f_i.tolist(), f_j.tolist(), s_i.tolist(), s_j.tolist(), w.tolist()), rel=1e-12)
+    # a second oracle: weighted binary cross-entropy on the rating difference, labels z_i = [s_i >= s_j]
+    bce = F.binary_cross_entropy_with_logits(f_i - f_j, (s_i >= s_j).double(), weight=w)
+    assert got.item() == pytest.approx(bce.item(), rel=1e-12)
+    assert J.pairwise_loss(f_i, f_j, s_i, s_j, 2.0).item() == pytest.approx(
+        2 * J.pairwise_loss(f_i, f_j, s_i, s_j, 1.0).item(), rel=1e-12)  # scalar w
+
+
+def test_tie_counts_for_the_first_sample():
+    one = lambda *v: torch.tensor(v, dtype=torch.float64)
+    tie_first_higher = J.pairwise_loss(one(2.0), one(0.0), one(5.0), one(5.0), 1.0)
+    tie_first_lower = J.pairwise_loss(one(0.0), one(2.0), one(5.0), one(5.0), 1.0)
+    assert tie_first_higher.item() == pytest.approx(-math.log(1 / (1 + math.exp(-2))))
+    assert tie_first_lower.item() == pytest.approx(-math.log(1 / (1 + math.exp(2))))  # order matters on a tie
+    f_i = one(0.0).requires_grad_()
+    J.pairwise_loss(f_i, one(0.0), one(5.0), one(5.0), 1.0).backward()
+    assert f_i.grad.item() < 0  # gradient descent raises the first sample of a tied pair
+
+
+@pytest.mark.parametrize("w, human_wins", [(400.0, True), (1.0, False)])
+def test_w_weighs_the_human_pairs(w, human_wins):
+    # 4 human pairs prefer sample a, 40 model pairs prefer b: w = 400 lets the few human pairs win (as the paper's
+    # "balance" needs), w = 1 lets the many model pairs win
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    human = torch.tensor([True] * 4 + [False] * 40)
+    x_i, x_j = a.repeat(44, 1), b.repeat(44, 1)
+    s_i, s_j = torch.where(human, 1.0, 0.0), torch.where(human, 0.0, 1.0)
+    head = J.train_selector(x_i, x_j, s_i, s_j, human, w=w, epochs=30, lr=1e-3, batch=11, hidden=16)
+    with torch.no_grad():
+        assert (head(a) > head(b)).item() == human_wins
+
+
+def _blobs(sizes, dim=6, spread=10.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(len(sizes), dim, generator=g) * spread
+    x = torch.cat([c + torch.randn(n, dim, generator=g) for c, n in zip(centres, sizes)])
+    truth = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    perm = torch.randperm(len(x), generator=g)
+    return x[perm], truth[perm], centres
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kmeans_recovers_planted_clusters(seed):
+    x, truth, centres = _blobs([40, 25, 60, 8, 30], seed=seed)
+    labels, found = J.kmeans(x, 5, iters=50, seed=seed)
+    mapping = {c: set(labels[truth == c].tolist()) for c in range(5)}
+    assert all(len(m) == 1 for m in mapping.values())  # every planted cluster is one found cluster ...
+    assert len(set().union(*mapping.values())) == 5  # ... and no two share one
+    for c in range(5):  # centres land on the planted ones (within the noise of a mean of >= 8 points)
+        assert torch.dist(found[next(iter(mapping[c]))], centres[c]) < 1.5
+    again, _ = J.kmeans(x, 5, iters=50, seed=seed)
+    assert torch.equal(labels, again)  # seeded
+    with pytest.raises(ValueError):
+        J.kmeans(x[:3], 5)
+
+
+def test_kmeans_plus_plus_seeding_spreads_the_centres():
+    # blobs 1000x further apart than their spread: D^2 sampling puts the k initial centres in k different blobs
+    # (almost surely), where uniform seeding would do so for 5 equal blobs only 5!/5^5 = 4% of the time
+    x, truth, _ = _blobs([30] * 5, spread=1000.0)
+    for seed in range(5):
+        _, init = J.kmeans(x, 5, iters=0, seed=seed, n_init=1)  # iters=0: the seeding itself
+        nearest = torch.cdist(init, x).argmin(1)
+        assert len(set(truth[nearest].tolist())) == 5
+
+
+def test_kmeans_plus_plus_with_duplicate_points():
+    x = torch.tensor([[0.0, 0.0]] * 5 + [[3.0, 3.0]] * 5)
+    labels, _ = J.kmeans(x, 3, seed=0)  # only 2 distinct points for 3 clusters: must not crash
+    assert len(set(labels[:5].tolist())) == 1 and len(set(labels[5:].tolist())) == 1
+
+
+# ceil(K% x size) per cluster, worked out by hand for cluster sizes 30, 7, 1, 10, 4
+EXPECTED_KEPT = {0.1: [3, 1, 1, 1, 1], 0.25: [8, 2, 1, 3, 1], 0.5: [15, 4, 1, 5, 2], 0.8: [24, 6, 1, 8, 4],
+                 1.0: [30, 7, 1, 10, 4]}
+
+
+@pytest.mark.parametrize("frac", sorted(EXPECTED_KEPT))
+def test_select_top_keeps_ceil_of_each_cluster(frac):
+    g = torch.Generator().manual_seed(1)
+    sizes = [30, 7, 1, 10, 4]
+    clusters = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])[torch.randperm(52, generator=g)]
+    scores = torch.randn(52, generator=g)
+    keep = J.select_top(scores, clusters, frac)
+    assert torch.equal(keep, keep.sort().values) and len(set(keep.tolist())) == len(keep)
+    for c, n in enumerate(sizes):
+        members = (clusters == c).nonzero().flatten().tolist()
+        best = sorted(members, key=lambda i: -scores[i].item())[:EXPECTED_KEPT[frac][c]]
+        assert sorted(i for i in keep.tolist() if clusters[i] == c) == sorted(best)
+
+
+def test_select_top_rounding_is_exact_for_float_products():
+    clusters, scores = torch.zeros(100, dtype=torch.long), torch.arange(100.0)
+    assert len(J.select_top(scores, clusters, 0.07)) == 7  # 0.07 * 100 = 7.000000000000001 in floats
+
+
+def test_pair_accuracy_and_auc():
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)
+    assert J.pair_accuracy(t(1, 0, 3), t(0, 1, 3), t(2, 2, 1), t(1, 1, 1)) == 0.5  # the tied pair is left out
+    assert J.auc(t(3, 2, 1, 0), torch.tensor([True, True, False, False])) == 1.0
+    assert J.auc(t(1, 1), torch.tensor([True, False])) == 0.5
+
+# --- the trained selector on synthetic data with known corruption -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def selection_setup(tmp_path_factory):
+    """A frozen *random-init* tiny model (no training needed) and the synthetic describe-the-image samples
+    (captions.json: "<image>\\nDescribe the image concisely." -> caption), 30% of them corrupted into a coherent
+    caption of another image (modality, organ and lesion count all wrong)."""
+    from data import load_tokenizer
+    from model import CONFIGS, Llava
+    torch.manual_seed(0)
+    S = J._synth()
+    tok = load_tokenizer(S.synth_data() / "tokenizer.json")
+    cfg = CONFIGS["tiny"]
+    model = Llava(replace(cfg, text=replace(cfg.text, vocab_size=tok.get_vocab_size()), image_token_id=S.SYNTH_IMAGE_TOKEN_ID))
+    data, pairs_path, image_dir = J.synthetic_selection_data(tmp_path_factory.mktemp("select"), corrupt=0.3,
+                                                             n_model=2000, n_human=10, source="captions.json")
+    records, pairs = json.loads(data.read_text()), J.read_pairs(pairs_path)
+    items, ij, rows = J.index_samples(pairs, records)
+    with torch.no_grad():
+        feats = J.selector_features(model, tok, items, image_dir)
+    seen = {x["image"] for p in pairs for x in p["items"]}
+    return dict(records=records, pairs=pairs, feats=feats, ij=ij, rows=rows, dv=cfg.vision.hidden_size,
+                bad=torch.tensor([r["corrupted"] for r in records]),
+                unseen=torch.tensor([r["image"] not in seen for r in records]))
+
+
+def _train_and_auc(d, feats):
+    s = torch.tensor([p["scores"] for p in d["pairs"]])
+    human = torch.tensor([p["source"] == "human" for p in d["pairs"]])
+    head = J.train_selector(feats[d["ij"][:, 0]], feats[d["ij"][:, 1]], s[:, 0], s[:, 1], human, w=400.0, epochs=6,
+                            lr=1e-4, batch=64, seed=0)  # the paper's settings
+    with torch.no_grad():
+        scores = head(feats[d["rows"]])
+    return J.auc(scores[d["unseen"]], ~d["bad"][d["unseen"]])
+
+
+def test_synthetic_selection_data_is_as_documented(selection_setup):
+    d = selection_setup
+    assert len(d["records"]) == 800 and d["bad"].float().mean().item() == pytest.approx(0.3)
+    assert d["unseen"][560:].all()  # the last 30% of images never appear in a training pair
+    assert sum(p["source"] == "human" for p in d["pairs"]) == 10
+    assert all(p["scores"][0] != p["scores"][1] for p in d["pairs"])  # drawn at two levels, as the authors do
+    S = J._synth()
+    facts = json.loads((S.synth_data() / "facts.json").read_text())
+    for r in d["records"][:100]:  # corrupted captions state wrong facts, clean ones are right
+        f, caption = facts[r["image"]], r["conversations"][1]["value"]
+        assert (S.score_answer(f, "Describe the image concisely.", caption) < 5) == r["corrupted"]
+
+
+def test_selector_ranks_clean_over_corrupted(selection_setup):
+    """What this shows: trained with Eq. 3 on oracle/"clinician" pairs, the MLP over *frozen random* tiny-model
+    features ranks clean over corrupted samples of images it never saw in a pair with AUC >= 0.9. The control
+    (each sample's image features swapped for another sample's) drops to chance, so the ranking comes from
+    image-text consistency, not from a text-only tell. It does not show that a trained model's features are
+    better (see the issue-9 experiment notes for conversation-level runs)."""
+    d = selection_setup
+    assert _train_and_auc(d, d["feats"]) >= 0.9
+    g = torch.Generator().manual_seed(1)
+    shuffled = d["feats"].clone()
+    shuffled[:, :d["dv"]] = shuffled[torch.randperm(len(shuffled), generator=g), :d["dv"]]
+    assert _train_and_auc(d, shuffled) < 0.7
+
+
+# ----------------------------------------------------------------------------- bench.py
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """Our tiny model and transformers + PEFT's, built as bench.py builds them."""
+    cfg = bench.SHAPES["tiny"]["config"]
+    ours = bench.build_ours(cfg, torch.device("cpu"), torch.float32)
+    return cfg, ours, bench.build_theirs(ours, torch.device("cpu"), torch.float32)
+
+
+def test_bench_tiny_quick_writes_both_sides(tmp_path):
+    """The command from the README runs and its JSON holds both sides, ratios, hardware, versions, settings."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench.py", "--shape", "tiny", "--repeats", "1", "--warmup", "0", "--quick", "--threads", "1", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert {"hardware", "versions", "settings", "formulas", "parity", "table", "raw"} <= set(rep)
+    assert rep["versions"]["torch"] == torch.__version__ and rep["versions"]["peft"] and rep["versions"]["transformers"]
+    assert rep["parity"]["weights_equal"] and rep["parity"]["logits_rel_max_diff"] < 1e-4
+    assert "6*N_llm" in rep["formulas"]["mfu"] and rep["settings"]["sampling"] == bench.SAMPLING
+    rows = {(row["section"].split()[0], row["metric"]): row for row in rep["table"]}
+    assert {s for s, _ in rows} == {"sft", "dpo", "vision+projector", "sample"}
+    # direct timings are always there; decode steps/s is a difference of two noisy timings and may be n/a
+    for key in [("sft", "tokens/s"), ("sft", "step ms"), ("dpo", "step ms"), ("vision+projector", "images/s"),
+                ("sample", "new tokens/s")]:
+        row = rows[key]
+        assert row["ours"] > 0 and row["theirs"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["theirs"])
+    sampled = {k for k in rep["raw"] if k.startswith("sample_")}
+    assert sampled == {"sample_b16_unmerged", "sample_b16_merged"}
+    assert all(len(side["times"]) == 1 for side in rep["raw"]["sft"].values())  # --repeats 1: one timed call per side
+
+
+def test_parity_check_catches_a_different_weight(tiny_pair):
+    cfg, ours, pm = tiny_pair
+    batch = bench.make_batch(cfg, 2, 16, "cpu", torch.float32, seed=0)
+    assert bench.check_parity(ours, pm, batch, bench.contextlib.nullcontext, 1e-4)["weights_equal"]
+    # frozen weights are shared, not copied; what trains (projector, adapters) is each side's own
+    q = "language_model.layers.0.self_attn.q_proj"
+    theirs_q = pm.base_model.model.model.language_model.layers[0].self_attn.q_proj
+    assert theirs_q.base_layer.weight.data_ptr() == ours.get_submodule(q).weight.data_ptr()
+    assert theirs_q.lora_B["default"].weight.data_ptr() != ours.get_submodule(q).lora_b.data_ptr()
+    b = theirs_q.lora_B["default"].weight
+    with torch.no_grad():
+        b[0, 0] += 1e-3
+    try:
+        with pytest.raises(RuntimeError, match="weights differ"):
+            bench.check_parity(ours, pm, batch, bench.contextlib.nullcontext, 1e-4)
+    finally:
+        with torch.no_grad():
+            b[0, 0] -= 1e-3
+
+
+def test_dpo_loss_is_log2_at_the_reference_and_prefers_chosen():
+    x = torch.tensor([-3.0, -7.0])
+    assert bench.dpo_loss(x, x, x, x).item() == pytest.approx(math.log(2))
+    pc = torch.tensor([-3.0], requires_grad=True)
+    bench.dpo_loss(pc, torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.0])).backward()
+    assert pc.grad.item() < 0  # descending the loss raises the chosen answer's log-probability
+    try:  # the same loss as the project's DPO job, where that imports
+        import dpo
+    except Exception:
+        return
+    args = [torch.randn(5, generator=torch.Generator().manual_seed(i)) * 3 for i in range(4)]
+    assert bench.dpo_loss(*args, beta=0.3).item() == pytest.approx(dpo.dpo_loss(*args, beta=0.3)[0].mean().item())
+
+
+def test_sequences_and_flops_count_image_tokens(tiny_pair):
+    cfg, ours, _ = tiny_pair
+    b = bench.make_batch(cfg, 3, 20, "cpu", torch.float32, seed=0)
+    assert b["input_ids"].shape == (3, cfg.image_seq_length + 20)
+    assert int((b["input_ids"] == cfg.image_token_id).sum()) == 3 * cfg.image_seq_length
+    assert (b["labels"][:, :1 + cfg.image_seq_length] == -100).all() and (b["labels"][:, -1] != -100).all()
+    pairs = bench.pair_batch(cfg, 2, 20, "cpu", torch.float32, seed=0)
+    assert torch.equal(pairs["pixel_values"][:2], pairs["pixel_values"][2:])
+    flops, formula = bench.train_flops(ours, 3, cfg.image_seq_length + 20)
+    n_llm = sum(p.numel() for n, p in ours.named_parameters() if n.startswith(("language_model.layers.", "lm_head.")))
+    assert flops > 6 * n_llm * 3 * (cfg.image_seq_length + 20) and f"N_llm={n_llm:,}" in formula
+
+
+@pytest.mark.parametrize("shape", ["7b", "mistral7b"])
+def test_gpu_shapes_map_onto_transformers_on_meta(shape):
+    """The 7B configs that only a GPU runs: same tensor names and shapes on both sides (built on meta: no memory)."""
+    from transformers import LlavaForConditionalGeneration
+    cfg = bench.SHAPES[shape]["config"]
+    with torch.device("meta"):
+        ours = bench.M.Llava(cfg)
+        hf = LlavaForConditionalGeneration(bench.hf_config(cfg))
+    theirs = {k: v.shape for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
+    assert {bench.to_hf_name(k): v.shape for k, v in ours.state_dict().items()} == theirs
+    n = sum(p.numel() for p in ours.parameters())
+    assert 7.0e9 < n < 7.6e9 and cfg.image_seq_length == 576 and cfg.text.vocab_size == 32064
+    flops, _ = bench.train_flops(ours, 8, 705)
+    assert 6 * 6.5e9 * 8 * 705 < flops < 8 * 7.6e9 * 8 * 705  # ~6 N per token (+ attention)
