@@ -86,7 +86,7 @@ class Config:
 
 # Where --model is empty the synthetic default replaces the paper-scale values above, unless the
 # command line sets them: a tiny model, a small batch and larger learning rates train in minutes on a CPU.
-SYNTH_OVERRIDES = dict(global_batch=16, micro_batch=16, epochs=1, lr=2e-3, vision_lr=2e-3, projector_lr=2e-3,
+SYNTH_OVERRIDES = dict(global_batch=16, micro_batch=16, epochs=3, lr=2e-3, vision_lr=2e-3, projector_lr=2e-3,
                        image_size=48, max_length=512, save_every=100, log_every=20)
 SYNTH_BASE = dict(train="full", question_loss=False, sq_r=0.0, template="vicuna_v1", lr=1e-3, vision_lr=1e-3,
                   projector_lr=1e-3, epochs=4)  # 3e-3 left the organ unlearnt (26% vs 98% open accuracy)

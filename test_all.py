@@ -1121,7 +1121,7 @@ def test_collate(tmp_path):
 
 
 # ----------------------------------------------------------------------------- synth
-# Tests of the synthetic "toy radiology" default (synth_draft.py; merged into data.py later).
+# Tests of the synthetic "toy radiology" default (the bottom section of data.py).
 import json
 from collections import Counter
 
@@ -2554,3 +2554,17 @@ def test_gpu_shapes_map_onto_transformers_on_meta(shape):
     assert 7.0e9 < n < 7.6e9 and cfg.image_seq_length == 576 and cfg.text.vocab_size == 32064
     flops, _ = bench.train_flops(ours, 8, 705)
     assert 6 * 6.5e9 * 8 * 705 < flops < 8 * 7.6e9 * 8 * 705  # ~6 N per token (+ attention)
+
+
+# ----------------------------------------------------------------------------- README
+import re
+from pathlib import Path
+
+
+def test_readme_line_counts_are_current():
+    """The README's file table states each file's line count; a stale number fails here, not in a reader's head."""
+    root = Path(__file__).resolve().parent
+    rows = re.findall(r"^\| `(\w+\.py)` \| (\d+) \|", (root / "README.md").read_text(), re.M)
+    assert len(rows) >= 8
+    for name, n in rows:
+        assert len((root / name).read_text().splitlines()) == int(n), f"README says {name} has {n} lines"
