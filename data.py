@@ -567,7 +567,7 @@ def captions_to_alignment(records, seed=0):
 # the point is to exercise the pipeline, not to be hard. "left"/"right" are the image's (not the radiological
 # convention, where the patient's left is on the image's right), to keep the toy unambiguous.
 
-SYNTH_VERSION = "synth-v1"  # bump when the generator changes, so stale caches are not reused
+SYNTH_VERSION = "synth-v2"  # bump when the generator changes, so stale caches are not reused
 SYNTH_IMAGE_SIZE = 48
 SYNTH_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>"]  # ids 0..3, as LLaMA's unk/bos/eos + image
 SYNTH_IMAGE_TOKEN_ID = 3

@@ -95,8 +95,8 @@ SYNTH_BASE = dict(train="full", question_loss=False, sq_r=0.0, template="vicuna_
 # Shared helpers (dpo.py imports these): config from the command line, torchrun, schedule, checkpoints
 
 
-def parse_config(cls, argv=None, overrides=None):
-    """A dataclass from `--key=value` arguments; `overrides` fill the fields the command line leaves alone.
+def parse_config(cls, argv=None):
+    """A dataclass from `--key=value` arguments, and the dict of the keys the command line set.
 
     Booleans are `--flag` / `--no-flag`. Unknown keys and wrong types stop at once (argparse's errors).
     """
@@ -109,7 +109,7 @@ def parse_config(cls, argv=None, overrides=None):
             p.add_argument(f"--{f.name}", type=typ, default=None, help=f"default {f.default!r}")
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
-    return cls(**{**(overrides or {}), **given}) if overrides else cls(**given), given
+    return cls(**given), given
 
 
 def setup_distributed():
