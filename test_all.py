@@ -1642,7 +1642,7 @@ class Fake:
                         self.send(401, echo.encode())
                     else:
                         if what == "slow":
-                            time.sleep(0.5)  # the client's timeout is 0.2 s
+                            time.sleep(2.5)  # the client's timeout is 1 s: well past it, yet a loaded CI box still answers in time
                         reply = "I cannot judge this." if what == "noscores" else fake.reply(body)
                         self.send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}],
                                                    "usage": {"prompt_tokens": 100, "completion_tokens": 10}}).encode())
@@ -1683,7 +1683,7 @@ def fake(request):
 
 
 def make_judge(fake, max_tries=3, **kw):
-    client = judge.ChatClient(fake.url, "gpt-4o", "JUDGE_TEST_KEY", timeout=0.2, max_tries=max_tries,
+    client = judge.ChatClient(fake.url, "gpt-4o", "JUDGE_TEST_KEY", timeout=1.0, max_tries=max_tries,
                               sleep=fake.clock.sleep, **kw)
     return judge.GPTJudge(client)
 
@@ -1811,7 +1811,7 @@ def test_key_never_leaks(env, fake, caplog, capsys, monkeypatch):
     caplog.set_level(logging.DEBUG)
     argv = ["rate", str(env / "in.jsonl"), "--out", str(env / "out.jsonl"), "--image_dir", str(env),
             "--cache", str(env / "cache.jsonl"), "--base_url", fake.url, "--api_key_env", "JUDGE_TEST_KEY",
-            "--timeout", "0.2", "--max_tries", "3", "--workers", "2"]
+            "--timeout", "1.0", "--max_tries", "3", "--workers", "2"]
     real = judge.ChatClient
     assert KEY not in repr(real(fake.url, api_key_env="JUDGE_TEST_KEY"))
     monkeypatch.setattr(judge, "ChatClient", lambda *a, **kw: real(*a, sleep=fake.clock.sleep, **kw))  # no real waits
