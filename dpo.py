@@ -31,7 +31,7 @@ import evaluate as E
 import judge as J
 from lora import LLM_LAYERS, VIT_LAYERS, LoRASpec, add_lora, disable_lora, mark_trainable, merge_lora, save_adapter
 from model import from_pretrained, save_pretrained
-from sft import (ask_questions, atomic_save, fit, load_images, param_groups, parse_config, print0,
+from sft import (ask_questions, atomic_save, copy_tokenizer, fit, load_images, param_groups, parse_config, print0,
                  setup_distributed)
 
 
@@ -294,8 +294,9 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
     size = model.config.vision.image_size
     ref_path = os.path.join(cfg.out_dir, "ref_logps.pt")
     if cfg.precompute_ref:  # one pass of the reference over all pairs, saved with the pairs
-        if os.path.exists(ref_path) and torch.load(ref_path)["n"] == len(pairs):
-            stored = torch.load(ref_path)["logps"]
+        saved = torch.load(ref_path) if os.path.exists(ref_path) else None
+        if saved is not None and saved["n"] == len(pairs):
+            stored = saved["logps"]
         else:
             stored = torch.cat([ref.logps(encode_pair_batch(pairs[i:i + cfg.micro_batch], tokenizer, model.config,
                                                             image_dir, size, cfg.max_length, device)).view(2, -1).T
@@ -354,11 +355,11 @@ def main(argv=None):
     images, image_dir = image_list(cfg, synth)
     gen_path, pairs_path = os.path.join(cfg.out_dir, "generations.jsonl"), os.path.join(cfg.out_dir, "pairs.jsonl")
     t0 = time.time()
-    if synthetic and len(steps) == 3 and rank == 0:
-        stage1 = from_pretrained(cfg.model, dtype=torch.float32, device=device)
-        before = E.evaluate_model(stage1, tokenizer, "synth", str(synth), os.path.join(cfg.out_dir, "answers_stage1.jsonl"))
-    if "generate" in steps and rank == 0:
+    if "generate" in steps and rank == 0:  # one copy of the stage-1 model serves the "before" scores and sampling
         model = from_pretrained(cfg.model, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
+        if synthetic and len(steps) == 3:
+            before = E.evaluate_model(model, tokenizer, "synth", str(synth),
+                                      os.path.join(cfg.out_dir, "answers_stage1.jsonl"))
         # the oracle judge can only score questions of the synthetic grammar: keep those
         keep = (lambda q: is_wellformed(q) and D.parse_question(q) is not None) if synthetic else None
         generate_step(cfg, model, tokenizer, images, image_dir, gen_path, device, keep)
@@ -377,7 +378,7 @@ def main(argv=None):
             save_adapter(model, os.path.join(cfg.out_dir, "final"))
             merged = os.path.join(cfg.out_dir, "merged")
             save_pretrained(merge_lora(model), merged)
-            Path(merged, "tokenizer.json").write_text(Path(cfg.model, "tokenizer.json").read_text())
+            copy_tokenizer(cfg.model, merged)
             print0(f"stage 2 done in {(time.time() - t0) / 60:.1f} min; policy in {merged}")
             if synthetic and len(steps) == 3:
                 after = E.evaluate_model(model.eval(), tokenizer, "synth", str(synth),

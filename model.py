@@ -350,12 +350,13 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         # causal mask over absolute slots, AND the key is not padding; a padded query may see itself so
         # that no row of the softmax is empty (its output is never used)
-        q_slot = torch.arange(T_all - T, T_all, device=x.device)[:, None]
-        k_slot = torch.arange(T_all, device=x.device)[None, :]
-        mask = (k_slot <= q_slot) & (attention_mask.bool()[:, None, :] | (k_slot == q_slot))  # (B, T, T_all)
-        mask = mask[:, None]  # (B, 1, T, T_all)
         if cache is None and bool(attention_mask.all()):
             mask = None  # plain causal attention: lets SDPA pick its flash kernel
+        else:
+            q_slot = torch.arange(T_all - T, T_all, device=x.device)[:, None]
+            k_slot = torch.arange(T_all, device=x.device)[None, :]
+            mask = (k_slot <= q_slot) & (attention_mask.bool()[:, None, :] | (k_slot == q_slot))  # (B, T, T_all)
+            mask = mask[:, None]  # (B, 1, T, T_all)
         for block in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)

@@ -434,6 +434,7 @@ def main(argv=None):
         if synthetic:
             report_synthetic(model, tokenizer, synth, cfg, device)
     if world > 1:
+        dist.barrier()  # leave together: a rank that exits while rank 0 still writes can make gloo abort
         dist.destroy_process_group()
 
 
