@@ -10,7 +10,9 @@ timed). Timed calls alternate ours, theirs, ours, theirs ... after warm-up, and 
 3. Sampling: new tokens/s at batch 16 (and 64 on GPU), one prompt repeated, temperature 1.2, top-k 100,
    top-p 0.95, exactly `new` decode steps on both sides (ours: no EOS given; transformers: min_new_tokens),
    with LoRA unmerged, then merged (lora.merge_lora in place, PEFT `merge_and_unload` on a copy). Decode-only
-   steps/s = (new - 1) / (t(new) - t(1)); bandwidth achieved = bytes read per decode step x steps/s.
+   steps/s = (new - 1) / (t(new) - t(1)); bandwidth achieved = bytes read per decode step x steps/s. With
+   --compile, rows "... compiled" time our generate(compile=True) (static-shape decode step under torch.compile,
+   CUDA graphs on a GPU) against the same transformers calls.
 4. Vision tower + projector: images/s (forward only).
 
 LoRA: the paper's (lora.py PAPER_TARGETS): LLM r128/a256 on q,k,v,o,gate,up,down; ViT r32/a64 on
@@ -213,8 +215,9 @@ def train_step(loss_fn, opt):
         opt.zero_grad(set_to_none=True)
 
 
-def ours_generate(model, b, n):  # no eos_token_id: every row decodes exactly n tokens
-    out = M.generate(model, b["input_ids"], b["pixel_values"], b["attention_mask"], max_new_tokens=n, **SAMPLING)
+def ours_generate(model, b, n, compile=False):  # no eos_token_id: every row decodes exactly n tokens
+    out = M.generate(model, b["input_ids"], b["pixel_values"], b["attention_mask"], max_new_tokens=n, compile=compile,
+                     **SAMPLING)
     assert out.shape[1] == n
 
 
@@ -299,9 +302,10 @@ def hardware(device):
 # The four measurements, then the report
 
 
-def per_side(res, fn):
-    """fn(side's result) for ours and theirs; None where a side has no timing (OOM)."""
-    return [res[k]["s"] and fn(res[k], k) for k in ("ours", "theirs")]
+def per_side(res, fn, ours="ours"):
+    """fn(side's result) for ours (or another of our keys, e.g. "compiled") and theirs; None where a side has no
+    timing (OOM)."""
+    return [res[k]["s"] and fn(res[k], k) for k in (ours, "theirs")]
 
 
 def bench_training(ours, pm, S, args, env, table):
@@ -360,24 +364,28 @@ def bench_sampling(ours, pm, S, args, env, table):
         if label == "merged":
             pm = copy.deepcopy(pm).merge_and_unload()  # one more copy of the weights, then ours merges in place
             merge_lora(ours)
-        gen = torch.compile(ours, dynamic=True) if args.compile else ours
         for B in S["batches"]:
             one = make_batch(cfg, 1, S["prompt"], env["device"], S["dtype"], seed=3)
             pb = {k: v.expand(B, *v.shape[1:]).contiguous() for k, v in one.items()}  # one prompt, B rows
+            calls = dict(ours=lambda: ours_generate(ours, pb, new), theirs=lambda: hf_generate(pm, pb, new),
+                         ours_1=lambda: ours_generate(ours, pb, 1), theirs_1=lambda: hf_generate(pm, pb, 1))
+            if args.compile:  # the same generate, decode step under torch.compile; warm-up call compiles
+                calls.update(compiled=lambda: ours_generate(ours, pb, new, compile=True),
+                             compiled_1=lambda: ours_generate(ours, pb, 1, compile=True))
             with env["amp"]():
-                r = measure(dict(ours=lambda: ours_generate(gen, pb, new), theirs=lambda: hf_generate(pm, pb, new),
-                                 ours_1=lambda: ours_generate(gen, pb, 1), theirs_1=lambda: hf_generate(pm, pb, 1)),
-                            args.repeats, args.warmup, env["device"])
+                r = measure(calls, args.repeats, args.warmup, env["device"])
             results[f"sample_b{B}_{label}"] = r
-            sec = f"sample b{B} {label} P{P}+{new}"
-            table.add(sec, "new tokens/s", *per_side(r, lambda x, k: B * new / x["s"]))
-            dts = [r[k]["s"] and r[k + "_1"]["s"] and r[k]["s"] - r[k + "_1"]["s"] for k in ("ours", "theirs")]
-            steps = [(new - 1) / dt if dt and dt > 0 else None for dt in dts]  # None: noise ate the difference
-            table.add(sec, "decode steps/s", *steps)
+            vars(ours).pop("decode_cache", None)  # generate(compile=True) keeps its cache: free it before the next B
             weights, kv = decode_bytes(ours, B, P + new / 2)
             scale, unit = (env["peak_bw"] / 100, "% of peak bw") if env["peak_bw"] else (1e9, "GB/s")
-            table.add(sec, f"weights {unit}", *(s and weights * s / scale for s in steps))
-            table.add(sec, f"weights+KV {unit}", *(s and (weights + kv) * s / scale for s in steps))
+            for mine, tag in [("ours", "")] + [("compiled", " compiled")] * args.compile:  # rows: ours, then compiled
+                sec = f"sample b{B} {label} P{P}+{new}{tag}"
+                table.add(sec, "new tokens/s", *per_side(r, lambda x, k: B * new / x["s"], mine))
+                dts = [r[k]["s"] and r[k + "_1"]["s"] and r[k]["s"] - r[k + "_1"]["s"] for k in (mine, "theirs")]
+                steps = [(new - 1) / dt if dt and dt > 0 else None for dt in dts]  # None: noise ate the difference
+                table.add(sec, "decode steps/s", *steps)
+                table.add(sec, f"weights {unit}", *(s and weights * s / scale for s in steps))
+                table.add(sec, f"weights+KV {unit}", *(s and (weights + kv) * s / scale for s in steps))
     return results
 
 
@@ -388,9 +396,9 @@ class Table(list):
 
     def print(self):
         fmt = lambda x: "n/a" if x is None else f"{x:.4g}"  # n/a: OOM (see raw) or a noisy difference
-        print(f"{'section':<32} {'metric':<24} {'ours':>10} {'theirs':>10} {'ours/theirs':>12}")
+        print(f"{'section':<38} {'metric':<24} {'ours':>10} {'theirs':>10} {'ours/theirs':>12}")
         for r in self:
-            print(f"{r['section']:<32} {r['metric']:<24} {fmt(r['ours']):>10} {fmt(r['theirs']):>10} {fmt(r['ratio']):>12}")
+            print(f"{r['section']:<38} {r['metric']:<24} {fmt(r['ours']):>10} {fmt(r['theirs']):>10} {fmt(r['ratio']):>12}")
         print("(ratio = ours / theirs: above 1 is better for rates, below 1 for ms and GiB; medians of alternating calls)")
 
 
@@ -401,7 +409,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed calls per side, alternating")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per side first")
     p.add_argument("--quick", action="store_true", help="8 new tokens, the first sampling batch only, 16 images")
-    p.add_argument("--compile", action="store_true", help="torch.compile our model for generate (dynamic shapes)")
+    p.add_argument("--compile", action="store_true",
+                   help="sampling: also time generate(compile=True), our decode step compiled (CUDA graphs on a GPU)")
     p.add_argument("--grad_ckpt", action="store_true", help="our decoder recomputes each block in backward")
     p.add_argument("--hf_grad_ckpt", action="store_true", help="transformers' gradient_checkpointing_enable()")
     p.add_argument("--no_merged", action="store_true", help="skip sampling with merged LoRA (one more weight copy)")

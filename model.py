@@ -271,18 +271,25 @@ class KVCache:
     """
 
     def __init__(self, num_layers, batch, num_kv_heads, max_len, head_dim, dtype, device):
-        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.seen = 0  # slots filled by earlier forward calls
+        # a tensor per layer: inductor turned a write into a view of one (L, ...) input into whole-layer copies
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.seen = 0  # slots filled by calls without input_pos
 
-    def update(self, layer, k, v):  # k, v: (B, Hkv, T_new, hd) -> all keys/values so far
+    def update(self, layer, k, v, input_pos=None):  # k, v: (B, Hkv, T_new, hd)
+        """Without input_pos: write at the next free slots, return the filled prefix (B, Hkv, seen + T_new, hd).
+        With input_pos (T_new,) slots as a tensor: write there, return the whole buffers, so shapes never change."""
+        if input_pos is not None:
+            self.k[layer][:, :, input_pos] = k  # a tensor index (index_put_), not a slice: same graph every step
+            self.v[layer][:, :, input_pos] = v
+            return self.k[layer], self.v[layer]
         end = self.seen + k.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"KV cache overflow: {end} > {self.k.shape[3]} slots")
-        self.k[layer, :, :, self.seen:end] = k
-        self.v[layer, :, :, self.seen:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if end > self.k[layer].shape[2]:
+            raise ValueError(f"KV cache overflow: {end} > {self.k[layer].shape[2]} slots")
+        self.k[layer][:, :, self.seen:end] = k
+        self.v[layer][:, :, self.seen:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -295,17 +302,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, Hkv * hd, bias=False)
         self.o_proj = nn.Linear(H * hd, C, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):  # x (B, T, C); mask (B, 1, T, T_keys) bool, True = attend;
-        # mask None = causal
+    def forward(self, x, cos, sin, mask, cache=None, input_pos=None):  # x (B, T, C); mask (B, 1, T, T_keys) bool,
+        # True = attend; mask None = causal
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.cfg.num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.cfg.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.cfg.num_kv_heads, -1).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        # grouped-query attention: each key/value head serves num_heads // num_kv_heads query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            k, v = cache.update(self.layer_idx, k, v, input_pos)
+        # grouped-query attention: each key/value head serves num_heads // num_kv_heads query heads. Only when
+        # needed: on CUDA enable_gqa allows flash or math only (torch docs), and flash takes no mask
+        gqa = self.cfg.num_kv_heads != self.cfg.num_heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -328,8 +337,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -342,27 +351,32 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
 
-    def forward(self, x, attention_mask, cache=None):
-        """x: input embeddings (B, T, C); attention_mask: (B, T_all) over cached + new tokens, 1 = real."""
+    def forward(self, x, attention_mask, cache=None, input_pos=None):
+        """x: input embeddings (B, T, C); attention_mask: (B, T_all) over cached + new tokens, 1 = real.
+
+        input_pos: (T,) cache slots of the new tokens, for the static decode step (`decode_one_token`):
+        attention_mask then spans the whole cache, (B, max_len), so every step has the same shapes.
+        """
         B, T, _ = x.shape
         T_all = attention_mask.shape[1]
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, T_all - T:]  # left padding -> 0-based
+        q_slot = torch.arange(T_all - T, T_all, device=x.device) if input_pos is None else input_pos  # (T,)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, q_slot]  # left padding -> 0-based
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         # causal mask over absolute slots, AND the key is not padding; a padded query may see itself so
-        # that no row of the softmax is empty (its output is never used)
+        # that no row of the softmax is empty (its output is never used). Slots past the query are masked
+        # by causality, so the static step may mark them 1 before they are written.
         if cache is None and bool(attention_mask.all()):
             mask = None  # plain causal attention: lets SDPA pick its flash kernel
         else:
-            q_slot = torch.arange(T_all - T, T_all, device=x.device)[:, None]
-            k_slot = torch.arange(T_all, device=x.device)[None, :]
+            q_slot, k_slot = q_slot[:, None], torch.arange(T_all, device=x.device)[None, :]
             mask = (k_slot <= q_slot) & (attention_mask.bool()[:, None, :] | (k_slot == q_slot))  # (B, T, T_all)
             mask = mask[:, None]  # (B, 1, T, T_all)
         for block in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache)
-        if cache is not None:
+                x = block(x, cos, sin, mask, cache, input_pos)
+        if cache is not None and input_pos is None:
             cache.seen += T
         return self.norm(x)
 
@@ -707,13 +721,55 @@ def mask_image_token(logits, image_token_id):
     return logits
 
 
+def decode_one_token(model, token, input_pos, attention_mask, cache):
+    """(B,) tokens written at cache slot input_pos (1,) -> (B, V) logits of the next ones.
+
+    Static shapes (gpt-fast `decode_one_token`): attention_mask (B, max_len) spans the whole cache, the new
+    key/value go in at a tensor index, and positions come from the mask, so torch.compile captures one graph
+    (one CUDA graph with mode="reduce-overhead") and replays it at every step.
+    """
+    x = model.language_model.embed_tokens(token[:, None])  # (B, 1, C); never the image token (mask_image_token)
+    h = model.language_model(x, attention_mask, cache, input_pos)
+    return mask_image_token(model.lm_head(h[:, -1]), model.config.image_token_id)
+
+
+_compiled = {}  # (backend, device type) -> compiled decode_one_token; dynamo keeps one graph per model and shape
+
+
+def compiled_decode(backend, device):
+    """decode_one_token under torch.compile, built once; on CUDA with inductor, as CUDA graphs ("reduce-overhead"):
+    a decode step is hundreds of small kernels, and replaying them as one graph removes the launch overhead."""
+    if (backend, device.type) not in _compiled:
+        mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+        _compiled[backend, device.type] = torch.compile(decode_one_token, backend=backend, mode=mode, fullgraph=True,
+                                                        dynamic=False)
+    return _compiled[backend, device.type]
+
+
+def static_cache(model, batch, max_len):
+    """The cache compiled decoding reuses, kept on the model: CUDA graphs replay fixed addresses, so a new cache
+    per call would be recorded again. Grows when a call needs more slots; `del model.decode_cache` frees it."""
+    c, w = getattr(model, "decode_cache", None), model.lm_head.weight
+    k = None if c is None else c.k[0]
+    if k is None or k.shape[0] != batch or k.shape[2] < max_len or (k.dtype, k.device) != (w.dtype, w.device):
+        c = model.decode_cache = model.new_cache(batch, max_len)
+        for t in c.k + c.v:  # CUDA graphs refuse to mutate an input in place unless its address is marked static
+            torch._dynamo.mark_static_address(t)
+    for t in c.k + c.v:  # an earlier call's values sit in masked slots; a zero weight times inf would still be NaN
+        t.zero_()
+    c.seen = 0
+    return c
+
+
 @torch.no_grad()
 def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
-             top_k=None, top_p=None, eos_token_id=None, pad_token_id=0, generator=None):
+             top_k=None, top_p=None, eos_token_id=None, pad_token_id=0, generator=None, compile=False):
     """Batched decoding of left-padded prompts with a KV cache.
 
     Returns only the new tokens, (B, n <= max_new_tokens); a row that produced EOS keeps it and is
     filled with `pad_token_id` afterwards; decoding stops when every row is done.
+    compile=True runs each decode step through torch.compile (inductor; CUDA graphs on a GPU), or pass a
+    backend name ("aot_eager"). The first call for a model, batch size and length compiles (seconds to minutes).
     """
     B, T = input_ids.shape
     if attention_mask is None:
@@ -721,18 +777,24 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate expects left-padded prompts: the last column of attention_mask must be 1")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=input_ids.device)
-    cache = model.new_cache(B, T + max_new_tokens)
-    next_logits = lambda h: mask_image_token(model.lm_head(h[:, -1]), model.config.image_token_id)  # (B, V)
-    logits = next_logits(model.hidden_states(input_ids, pixel_values, attention_mask, cache))  # prefill
+    cache = static_cache(model, B, T + max_new_tokens) if compile else model.new_cache(B, T + max_new_tokens)
+    step = compiled_decode("inductor" if compile is True else compile, input_ids.device) if compile else decode_one_token
+    h = model.hidden_states(input_ids, pixel_values, attention_mask, cache)  # prefill: (B, T, C)
+    logits = mask_image_token(model.lm_head(h[:, -1]), model.config.image_token_id)  # (B, V)
+    # from here the mask spans every cache slot: 1 for the tokens to come, hidden by causality until written
+    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, cache.k[0].shape[2] - T)], dim=1)
+    input_pos = torch.tensor([T], device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     out = []
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
         token = token.masked_fill(done, pad_token_id)
         out.append(token)
         done |= torch.isin(token, eos)
-        if done.all() or step == max_new_tokens - 1:
+        if done.all() or i == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits = next_logits(model.hidden_states(token[:, None], None, attention_mask, cache))  # decode one token
+        if compile:  # the last step's logits are no longer read, so its CUDA graph output may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step(model, token, input_pos, attention_mask, cache)  # decode one token
+        input_pos += 1
     return torch.stack(out, dim=1)

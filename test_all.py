@@ -171,6 +171,64 @@ def test_kv_cache_decoding_equals_full_forward(hf_and_ours):
         assert (lg - full[:, ids.shape[1] - 1 + i]).abs().max() < 1e-5
 
 
+def test_static_decode_step_equals_growing_cache(hf_and_ours):
+    """generate's decode step (whole-cache mask, tensor slot) gives the logits of the growing-slice path, left padding included."""
+    _, ours, _ = hf_and_ours
+    ids, mask, pixels = padded_batch()
+    B, T, n = ids.shape[0], ids.shape[1], 5
+    grow, static = ours.new_cache(B, T + n), ours.new_cache(B, T + n)
+    with torch.no_grad():
+        ours(ids, pixels, mask, cache=grow)
+        ours(ids, pixels, mask, cache=static)
+        full_mask = torch.cat([mask, torch.ones(B, n, dtype=mask.dtype)], 1)  # (B, max_len), as generate builds it
+        token, m = torch.tensor([7, 9]), mask
+        for i in range(n):
+            m = torch.cat([m, torch.ones(B, 1, dtype=m.dtype)], 1)
+            want = M.mask_image_token(ours(token[:, None], attention_mask=m, cache=grow)[:, -1], ours.config.image_token_id)
+            got = M.decode_one_token(ours, token, torch.tensor([T + i]), full_mask, static)
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=0)  # -inf at the image token
+            token = want.argmax(-1)
+    assert static.seen == T  # the static path leaves the count to its caller
+
+
+def test_compiled_generate_equals_eager_and_transformers(hf_and_ours):
+    """compile=<backend>: one graph for every decode step (static shapes), and the same greedy tokens as eager and HF."""
+    hf, ours, _ = hf_and_ours
+    ids, mask, pixels = padded_batch()
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                          pad_token_id=0)[:, ids.shape[1]:]
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # what dynamo hands to a backend: one call per (re)compile
+        graphs.append(gm)
+        return gm.forward
+
+    eager = M.generate(ours, ids, pixels, mask, max_new_tokens=10)
+    compiled = M.generate(ours, ids, pixels, mask, max_new_tokens=10, compile=counting_backend)
+    assert torch.equal(eager, ref) and torch.equal(compiled, ref)
+    assert len(graphs) == 1  # 9 decode steps, one graph: nothing in the step changes shape or guards on the step
+    again = M.generate(ours, ids[:, 1:], pixels, mask[:, 1:], max_new_tokens=6, compile=counting_backend)
+    assert len(graphs) == 1 and ours.decode_cache.k[0].shape[2] == ids.shape[1] + 10  # shorter call: cache reused
+    assert torch.equal(again, M.generate(ours, ids[:, 1:], pixels, mask[:, 1:], max_new_tokens=6))
+    out = M.generate(ours, ids, pixels, mask, max_new_tokens=10, compile="aot_eager")  # functionalized in-place writes
+    assert torch.equal(out, ref)
+    del ours.decode_cache
+
+
+def test_logits_and_generate_match_transformers_without_gqa(tmp_path):
+    """num_kv_heads == num_heads (LLaVA-1.5) takes SDPA's enable_gqa=False branch: same logits and greedy tokens."""
+    hf = tiny_hf_llava(kv_heads=4)
+    hf.save_pretrained(tmp_path)
+    ours = M.from_pretrained(str(tmp_path), dtype=torch.float32)
+    ids, mask, pixels = padded_batch()
+    with torch.no_grad():
+        out = ours(ids, pixels, mask)
+        ref = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                          pad_token_id=0)[:, ids.shape[1]:]
+    assert (out - hf_logits(hf, ids, mask, pixels))[mask.bool()].abs().max() < 1e-4
+    assert torch.equal(M.generate(ours, ids, pixels, mask, max_new_tokens=8), ref)
+
 def test_sampling_filter_matches_transformers_warpers():
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
