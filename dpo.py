@@ -13,6 +13,7 @@ Stage 2 of STLLaVA-Med: preference revelation.
     python dpo.py generate --model=out/sft/merged --data=instruct.json --image_dir=images/
     python dpo.py judge --base_url=https://api.openai.com/v1 --judge_model=gpt-4o
     torchrun --standalone --nproc_per_node=8 dpo.py train --model=out/sft/merged
+    torchrun --standalone --nproc_per_node=8 dpo.py train --model=out/sft/merged --shard=fsdp   # sharded policy
 
 Every step resumes where a killed run stopped, and the judge never pays for a verdict twice.
 """
@@ -32,7 +33,7 @@ import judge as J
 from lora import LLM_LAYERS, VIT_LAYERS, LoRASpec, add_lora, disable_lora, mark_trainable, merge_lora, save_adapter
 from model import from_pretrained, save_pretrained
 from sft import (ask_questions, atomic_save, copy_tokenizer, fit, load_images, param_groups, parse_config, print0,
-                 setup_distributed)
+                 setup_distributed, shard_model)
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Config:
     precompute_ref: bool = False  # reference log-probs computed once and stored with the pairs
     grad_ckpt: bool = False
     seed: int = 0
+    shard: str = "ddp"  # or fsdp: FSDP2 shards the policy (and with it the reference, the same weights); see sft.py
+    cpu_offload: bool = False  # fsdp only: the shards and the optimizer state live in CPU memory
     save_every: int = 50
     resume: bool = False
     log_every: int = 5
@@ -285,13 +288,19 @@ def encode_pair_batch(pairs, tokenizer, model_cfg, image_dir, image_size, max_le
 
 
 def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
-    """DPO of a fresh LoRA (+ projector) on the merged stage-1 model; returns the trained model."""
+    """DPO of a fresh LoRA (+ projector) on the merged stage-1 model; returns the trained model (under --shard=fsdp
+    gathered on rank 0, None on the other ranks)."""
     model = from_pretrained(cfg.model, dtype=torch.float32, device=device)
     model.language_model.gradient_checkpointing = cfg.grad_ckpt
+    # the same LoRA initialisation on every rank (DDP would broadcast rank 0's, FSDP shards what each rank holds)
+    # and in every rerun
+    torch.manual_seed(cfg.seed)
     add_lora(model, {LLM_LAYERS: LoRASpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
                      VIT_LAYERS: LoRASpec(cfg.vit_lora_r, cfg.vit_lora_alpha, cfg.vit_lora_dropout)})
     mark_trainable(model, lora=True, full=("projector",))
-    groups = param_groups(model, cfg)
+    groups = shard_model(model, cfg, device, param_groups(model, cfg))
+    # after sharding, so that it copies the projector's shards; FSDP2 reshards a module before its state_dict and
+    # load_state_dict, so the swaps in Reference.logps always meet shards, even after a no-grad forward
     ref = Reference(model)
     size = model.config.vision.image_size
     ref_path = os.path.join(cfg.out_dir, "ref_logps.pt")
@@ -323,8 +332,7 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
                               "rejected_reward_sum": rr.sum().item(), "rejected_reward_n": n,
                               "tokens": int(b["attention_mask"].sum())}
 
-    fit(cfg, model, len(pairs), prepare, micro_loss, groups, cfg.out_dir, world, rank, device)
-    return model
+    return fit(cfg, model, len(pairs), prepare, micro_loss, groups, cfg.out_dir, world, rank, device)
 
 # -----------------------------------------------------------------------------
 # Entry point
@@ -351,7 +359,7 @@ def main(argv=None):
     if not os.path.exists(os.path.join(cfg.model, "config.json")):
         raise SystemExit(f"no stage-1 model at {cfg.model}: run `python sft.py` first, or pass --model=DIR")
     synth = D.synth_data() if synthetic or cfg.judge == "oracle" else None
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.shard)
     os.makedirs(cfg.out_dir, exist_ok=True)
     tokenizer = D.load_tokenizer(cfg.model)
     images, image_dir = image_list(cfg, synth)
@@ -386,6 +394,9 @@ def main(argv=None):
                 after = E.evaluate_model(model.eval(), tokenizer, "synth", str(synth),
                                          os.path.join(cfg.out_dir, "answers_stage2.jsonl"))
                 report(before, after, cfg, synth)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # leave together: a rank that exits while rank 0 still writes can make gloo abort
+        torch.distributed.destroy_process_group()
 
 
 def report(before, after, cfg, synth):

@@ -16,6 +16,7 @@ image-caption pairs), then `--train=full` or `--train=lora` (instruction tuning)
     python sft.py --model=ckpt/llava-1.5-7b --data=instruct.json --image_dir=images/
     torchrun --standalone --nproc_per_node=8 sft.py --model=... --data=... --image_dir=...
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 sft.py ...
+    torchrun --standalone --nproc_per_node=8 sft.py --shard=fsdp ...  # FSDP2: weights, grads, optimizer sharded
 
 With no --model, the synthetic default stands in for the general-purpose LLaVA the paper starts from:
 a tiny model is trained from scratch (`full`) on the synthetic captions and answers, once, cached in
@@ -26,8 +27,10 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, fields, replace, asdict
 
 import torch
@@ -37,7 +40,8 @@ import torch.nn.functional as F
 
 import data as D
 import evaluate as E
-from lora import LLM_LAYERS, VIT_LAYERS, LoRASpec, add_lora, mark_trainable, merge_lora, param_report, save_adapter
+from lora import (LLM_LAYERS, VIT_LAYERS, LoRALinear, LoRASpec, add_lora, lora_layers, mark_trainable, merge_lora,
+                  param_report, save_adapter)
 from model import CONFIGS, Llava, from_pretrained, generate, save_pretrained
 
 
@@ -77,6 +81,9 @@ class Config:
     image_size: int = 336
     grad_ckpt: bool = False
     seed: int = 0
+    # ddp: every rank holds the whole model; fsdp: FSDP2 shards weights, gradients and optimizer state over the ranks
+    shard: str = "ddp"
+    cpu_offload: bool = False  # fsdp only: the shards and the optimizer state live in CPU memory
     # bookkeeping
     save_every: int = 200
     resume: bool = False
@@ -112,15 +119,26 @@ def parse_config(cls, argv=None):
     return cls(**given), given
 
 
-def setup_distributed():
-    """Rank, world size and device from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+def setup_distributed(shard="ddp"):
+    """Rank, world size and device from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
+
+    `shard="fsdp"` starts a process group even for a single process (FSDP's device mesh and the sharded checkpoints
+    need one); without torchrun it lives in an in-memory store.
+    """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or shard == "fsdp") and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if shard == "fsdp":
+            # --cpu_offload leaves the gradient shards in CPU memory, and the clipping norm is summed over them: gloo
+            # carries CPU tensors, NCCL the rest
+            backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+            store = None if "MASTER_ADDR" in os.environ else dist.HashStore()
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+        else:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 
@@ -141,6 +159,109 @@ def atomic_save(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def shard_model(model, cfg, device, groups):
+    """`--shard=fsdp`: shard `model` in place with FSDP2 and return the AdamW `groups` over its new parameters
+    (FSDP2 replaces each weight by a DTensor Parameter holding this rank's shard). `--shard=ddp`: `groups` as given.
+
+    One FSDP unit per decoder block, one for the vision tower, and the root for the rest: a unit's full weights
+    exist only while it runs forward or backward (all-gathered, then freed), and its gradients are reduce-scattered
+    to their shards. Frozen weights (a LoRA run's base) are sharded too: FSDP2 keeps trainable and frozen DTensors
+    side by side in one unit.
+    """
+    if cfg.shard not in ("ddp", "fsdp"):
+        raise ValueError(f"--shard must be ddp or fsdp, not {cfg.shard!r}")
+    if cfg.shard == "ddp":
+        if cfg.cpu_offload:
+            raise ValueError("--cpu_offload needs --shard=fsdp")
+        return groups
+    # imported here, as in the other FSDP helpers: they bring in DTensor, a second of imports only fsdp runs need
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    device = torch.device(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # GPU: bf16 weights in forward and backward, gradients reduced in fp32, AdamW updating fp32 shards.
+    # CPU: fp32 throughout, so that a sharded run equals an unsharded one
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else \
+        MixedPrecisionPolicy()
+    # pinned host memory speeds the copies to the GPU; without a GPU there is none to pin (and offloading does nothing)
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
+    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+    # the tower returns x[:, 1:], a view that FSDP2 warns about; nothing writes to it in place (Llava.embed copies
+    # the features into a clone of the token embeddings)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    name = {id(p): n for n, p in model.named_parameters()}
+    for block in model.language_model.layers:
+        fully_shard(block, **kw)
+    fully_shard(model.vision_tower, **kw)
+    fully_shard(model, **kw)  # the root: token embeddings, projector, final norm, lm_head
+    params = dict(model.named_parameters())
+    return [{**g, "params": [params[name[id(p)]] for p in g["params"]]} for g in groups]
+
+
+def gather_model(model):
+    """A trained FSDP model as a plain Llava (LoRA layers included) in rank 0's CPU memory, for the exports and the
+    evaluation after training; None on the other ranks. Every rank must call it: the weights are all-gathered."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):  # the module tree without memory; the gathered tensors are assigned into it
+        plain = Llava(model.config)
+        for n, m in lora_layers(model).items():
+            parent, _, child = n.rpartition(".")
+            setattr(plain.get_submodule(parent), child, LoRALinear(plain.get_submodule(n), m.r, m.alpha, m.dropout_p))
+    plain.load_state_dict(state, assign=True)
+    if model.config.text.tie_word_embeddings:  # assign gave the two names two tensors
+        plain.lm_head.weight = plain.language_model.embed_tokens.weight
+    trains = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in plain.named_parameters():
+        p.requires_grad_(trains[n])
+    plain.language_model.gradient_checkpointing = model.language_model.gradient_checkpointing
+    return plain
+
+
+def save_sharded(model, opt, path, meta, rank):
+    """FSDP checkpoint (torch.distributed.checkpoint): every rank writes its shards of what trains and of the optimizer
+    state, with the metadata that lets any number of ranks read them back. Written to `path`.tmp, then rank 0 swaps
+    the directory in, so a crash never leaves a half-written `path`. On several nodes, out_dir must be shared."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    tmp, old = path + ".tmp", path + ".old"
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # a killed save's leftovers
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)  # returns once all ranks wrote
+    if rank == 0:
+        torch.save(meta, os.path.join(tmp, "meta.pt"))
+        if os.path.exists(path):
+            os.replace(path, old)  # a directory cannot be replaced in one rename; load_sharded falls back on .old
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_sharded(model, opt, path, rank):
+    """Resume from `save_sharded`'s directory, whatever world size wrote it (each rank reads the parts of the saved
+    shards that overlap its own); returns the step, or 0 if there is no checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    if not os.path.exists(path) and os.path.exists(path + ".old"):  # killed between save_sharded's two renames
+        path += ".old"
+    if not os.path.exists(path):
+        return 0
+    model_state, optim_state = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)  # fails on any key the checkpoint lacks
+    # not strict: the frozen weights are not in the checkpoint, they stay as loaded
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+    set_rng_state(meta["rng"][rank] if rank < len(meta["rng"]) else meta["rng"][0])
+    print0(f"resumed from {path} at step {meta['step']} (saved by {len(meta['rng'])} ranks)")
+    return meta["step"]
 
 
 def trainable_state(model):
@@ -186,7 +307,11 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
     normalises over (supervised tokens for SFT, pairs for DPO); counts are summed over the whole global
     batch first, so the loss is one mean over the global batch however it is split across processes.
     `micro_loss(model, batch)` returns (summed loss, {metric: summed value}).
+
+    Under `--shard=fsdp` the model comes sharded (`shard_model`), checkpoints are sharded DCP directories that any
+    world size resumes, and the return value is the trained model gathered on rank 0 (`gather_model`; None elsewhere).
     """
+    fsdp = cfg.shard == "fsdp"
     micro_per_step = cfg.global_batch // cfg.micro_batch
     if cfg.global_batch % (cfg.micro_batch * world):
         raise ValueError(f"global_batch {cfg.global_batch} is not divisible by micro_batch {cfg.micro_batch} x "
@@ -198,16 +323,22 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
     if cfg.max_steps > 0:
         total = min(total, cfg.max_steps)
     warmup = math.ceil(cfg.warmup_ratio * total)
-    cuda = torch.device(device).type == "cuda"  # fused kernels on GPU, multi-tensor ops on CPU
+    # fused kernels on GPU, multi-tensor ops on CPU (where --cpu_offload keeps the weights AdamW updates)
+    cuda = torch.device(device).type == "cuda" and not cfg.cpu_offload
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=cuda, foreach=not cuda)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     ddp = model
-    if world > 1:
+    if world > 1 and not fsdp:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     os.makedirs(out_dir, exist_ok=True)
-    ckpt_path, step = os.path.join(out_dir, "checkpoint.pt"), 0
-    if cfg.resume and os.path.exists(ckpt_path):
+    ckpt_path, step = os.path.join(out_dir, "checkpoint" if fsdp else "checkpoint.pt"), 0
+    other = os.path.join(out_dir, "checkpoint.pt" if fsdp else "checkpoint")
+    if cfg.resume and not os.path.exists(ckpt_path) and os.path.exists(other):
+        raise ValueError(f"--resume: {other} was written with --shard={'ddp' if fsdp else 'fsdp'}; resume with that")
+    if cfg.resume and fsdp:
+        step = load_sharded(model, opt, ckpt_path, rank)
+    elif cfg.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -235,14 +366,18 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
             g["lr"] = g["base_lr"] * factor
         t0, sums = time.time(), {}
         for j, b in enumerate(batches):
-            # DDP all-reduces gradients on every backward unless told not to: sync only on the last micro batch
-            ddp.require_backward_grad_sync = j == len(batches) - 1
+            # DDP all-reduces gradients on every backward unless told not to: sync only on the last micro batch.
+            # FSDP reduce-scatters on every backward: skipping that would hold full unsharded gradients until the
+            # last micro batch, the memory that sharding saves
+            if not fsdp:
+                ddp.require_backward_grad_sync = j == len(batches) - 1
             with amp:
                 loss_sum, metrics = micro_loss(ddp, b)
-            # DDP averages gradients over ranks; the world factor turns that average back into the global sum
+            # DDP and FSDP average gradients over ranks; the world factor turns that average back into the global sum
             (loss_sum * world / count).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        # with FSDP the gradients are DTensor shards: the norm is a DTensor whose value is the full model's norm
         norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -261,10 +396,12 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
                 dist.all_gather_object(rngs, rng_state())
             else:
                 rngs = [rng_state()]
-            if rank == 0:
+            if fsdp:
+                save_sharded(model, opt, ckpt_path, {"step": step, "rng": rngs, "config": asdict(cfg)}, rank)
+            elif rank == 0:
                 atomic_save({"trainable": trainable_state(model), "optimizer": opt.state_dict(), "step": step,
                              "rng": rngs, "config": asdict(cfg)}, ckpt_path)
-    return model
+    return gather_model(model) if fsdp else model
 
 
 def summarize(sums):
@@ -387,9 +524,9 @@ def synthetic_base(cfg, synth, tokenizer, rank, world, device):
     model = init_weights(Llava(mc)).to(device)
     examples = D.read_conversations(synth / "captions.json", synth / "images") + \
         D.read_conversations(synth / "train.json", synth / "images")
-    groups = setup_trainable(model, base_cfg)
-    fit(base_cfg, model, len(examples), make_sft_prepare(examples, tokenizer, base_cfg, mc, device), sft_loss, groups,
-        base_cfg.out_dir, world, rank, device)
+    groups = shard_model(model, base_cfg, device, setup_trainable(model, base_cfg))
+    model = fit(base_cfg, model, len(examples), make_sft_prepare(examples, tokenizer, base_cfg, mc, device), sft_loss,
+                groups, base_cfg.out_dir, world, rank, device)
     if rank == 0:
         save_pretrained(model, base_dir + ".tmp")
         os.replace(base_dir + ".tmp", base_dir)
@@ -403,7 +540,7 @@ def main(argv=None):
     synthetic = not cfg.model
     if synthetic:
         cfg = replace(cfg, **{k: v for k, v in SYNTH_OVERRIDES.items() if k not in given})
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.shard)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
     if synthetic:
@@ -416,9 +553,9 @@ def main(argv=None):
     model = from_pretrained(cfg.model, cfg.vision_path or None, dtype=torch.float32, device=device)
     model.language_model.gradient_checkpointing = cfg.grad_ckpt
     examples = D.read_conversations(cfg.data, cfg.image_dir)
-    groups = setup_trainable(model, cfg)
-    fit(cfg, model, len(examples), make_sft_prepare(examples, tokenizer, cfg, model.config, device), sft_loss, groups,
-        cfg.out_dir, world, rank, device)
+    groups = shard_model(model, cfg, device, setup_trainable(model, cfg))
+    model = fit(cfg, model, len(examples), make_sft_prepare(examples, tokenizer, cfg, model.config, device), sft_loss,
+                groups, cfg.out_dir, world, rank, device)  # under fsdp: gathered on rank 0
     if rank == 0:
         final = os.path.join(cfg.out_dir, "final")
         if cfg.train == "lora":
@@ -433,7 +570,7 @@ def main(argv=None):
         print0(f"stage 1 done in {(time.time() - t_start) / 60:.1f} min; outputs in {cfg.out_dir}")
         if synthetic:
             report_synthetic(model, tokenizer, synth, cfg, device)
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()  # leave together: a rank that exits while rank 0 still writes can make gloo abort
         dist.destroy_process_group()
 

@@ -2014,9 +2014,9 @@ def small_data(tmp_path_factory, synth):
     return p
 
 
-def run_sft(args, nproc=1):
-    cmd = [sys.executable, str(HERE / "sft.py")] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(HERE / "sft.py")]
+def run_sft(args, nproc=1, script=HERE / "sft.py"):
+    cmd = [sys.executable, str(script)] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
     r = subprocess.run(cmd + args, capture_output=True, text=True, cwd=HERE, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -2260,6 +2260,181 @@ def test_dpo_steps_resume_without_losing_or_repeating_work(tiny_dir, synth, tmp_
     before = len(seen)
     dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
     assert len(seen) == before  # a third run is all cache
+
+
+# ----------------------------------------------------------------------------- --shard=fsdp (sft.py, dpo.py)
+# Issue 11: FSDP2 on 2 gloo processes against one unsharded process; DCP checkpoints across world sizes; the exports.
+import shutil
+
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.tensor import DTensor
+
+from lora import LoRALinear
+
+# as the DDP test: no dropout, lr 1e-3 (Adam amplifies last-bit differences of near-zero gradients)
+FSDP_COMMON = ["--lora_dropout=0", "--vit_lora_dropout=0", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3",
+               "--merge"]
+# sft.main or dpo.main once per [script, arguments] in a JSON file: every 2-process run in one torchrun launch, since
+# starting processes and importing torch take most of the time. All runs share one process group (a default group
+# made again in the same processes can meet the first one's keys in torchrun's store and hang). A copy of every
+# step's sharded checkpoint is kept, so that a later run can resume from any of them.
+DRIVER = '''import importlib, json, os, shutil, sys
+sys.path.insert(0, os.getcwd())  # run_sft runs in the repository
+import torch.distributed
+import sft
+
+torch.distributed.destroy_process_group = lambda *args, **kwargs: None
+
+save = sft.save_sharded
+
+
+def save_and_keep(model, opt, path, meta, rank):
+    save(model, opt, path, meta, rank)
+    if rank == 0:
+        shutil.copytree(path, f"{path}.step{meta['step']}")
+
+
+sft.save_sharded = save_and_keep
+for script, args in json.load(open(sys.argv[1])):
+    importlib.import_module(script).main(args)
+'''
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_dir, small_data, synth, tmp_path_factory):
+    """The directory of every run the tests below compare. SFT, 3 steps of the same global batch of 8:
+    {lora,full}-ddp1   one process, the default --shard=ddp (in this process)
+    {lora,full}-fsdp2  two processes, --shard=fsdp
+    lora-1to2          one process stopped right after its step-1 checkpoint, resumed on two
+    lora-2to1          lora-fsdp2's step-1 checkpoint resumed on one process
+    DPO, 2 steps of 4 pairs: dpo-ddp1 as above; dpo-fsdp2 and dpo-fsdp2-pre (--precompute_ref) on two processes"""
+    root = tmp_path_factory.mktemp("fsdp")
+    args = lambda name, *x: sft_args(tiny_dir, small_data, synth, root / name, f"--train={name.split('-')[0]}",
+                                     *FSDP_COMMON, *x)
+    dpo_args = lambda name, *x: ["train", f"--model={tiny_dir}", f"--out_dir={root / name}", "--global_batch=4",
+                                 "--micro_batch=1", "--epochs=2", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3",
+                                 "--lora_r=4", "--lora_alpha=8", "--vit_lora_r=2", "--vit_lora_alpha=4", "--lora_dropout=0",
+                                 "--vit_lora_dropout=0", "--log_every=1", *x]
+    pairs = [dict(hand_pair(None, None, synth)[0], chosen=c) for c in ("brain", "liver", "the chest", "a lung")]
+    for name in ("dpo-ddp1", "dpo-fsdp2", "dpo-fsdp2-pre"):
+        (root / name).mkdir()
+        (root / name / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    for train in ("lora", "full"):
+        sft.main(args(f"{train}-ddp1"))
+    dpo.main(dpo_args("dpo-ddp1"))
+    save = sft.save_sharded
+
+    def save_then_stop(model, opt, path, meta, rank):
+        save(model, opt, path, meta, rank)
+        if meta["step"] == 1:
+            raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(sft, "save_sharded", save_then_stop)
+        sft.main(args("lora-1to2", "--shard=fsdp"))
+    dist.destroy_process_group()  # the interrupted run left its one-process group behind
+    (root / "driver.py").write_text(DRIVER)
+    runs = [("sft", args("lora-fsdp2", "--shard=fsdp")), ("sft", args("full-fsdp2", "--shard=fsdp")),
+            ("sft", args("lora-1to2", "--shard=fsdp", "--resume")), ("dpo", dpo_args("dpo-fsdp2", "--shard=fsdp")),
+            ("dpo", dpo_args("dpo-fsdp2-pre", "--shard=fsdp", "--precompute_ref"))]
+    (root / "runs.json").write_text(json.dumps(runs))
+    run_sft([str(root / "runs.json")], nproc=2, script=root / "driver.py")
+    shutil.copytree(root / "lora-fsdp2" / "checkpoint.step1", root / "lora-2to1" / "checkpoint")
+    sft.main(args("lora-2to1", "--shard=fsdp", "--resume"))
+    return root
+
+
+def dcp_weights(ckpt, tmp_path):
+    """The model part of a sharded (DCP) checkpoint as full tensors, read without a process group."""
+    dcp_to_torch_save(ckpt, tmp_path / "ckpt.pt")
+    return torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+
+
+def assert_close_logs(a, b, tol=1e-5):
+    assert [x["step"] for x in a] == [y["step"] for y in b]
+    for x, y in zip(a, b):
+        for k in x.keys() - {"tok_s"}:
+            assert abs(x[k] - y[k]) < tol, (x["step"], k, x[k], y[k])
+
+
+def assert_same_exports(a, b, tol=1e-5):
+    """Two export directories: the same files, the same JSON, the same tensors within `tol`."""
+    names = sorted(p.name for p in Path(a).iterdir())
+    assert names == sorted(p.name for p in Path(b).iterdir())
+    for n in names:
+        if n.endswith(".safetensors"):
+            x, y = load_file(Path(a) / n), load_file(Path(b) / n)
+            assert x.keys() == y.keys()
+            assert max((x[k] - y[k]).abs().max().item() for k in x) < tol, n
+        else:
+            assert (Path(a) / n).read_bytes() == (Path(b) / n).read_bytes(), n
+
+
+@pytest.mark.parametrize("train", ["full", "lora"])
+def test_fsdp_two_processes_equal_one_process_with_accumulation(fsdp_runs, train, tiny_dir, tmp_path):
+    one, two = fsdp_runs / f"{train}-ddp1", fsdp_runs / f"{train}-fsdp2"
+    assert len(read_log(two)) == 3
+    assert_close_logs(read_log(one), read_log(two))  # losses and gradient norms (DTensor clipping: the full norm)
+    # the sharded checkpoint: one file per rank, holding exactly what trains (a LoRA run's frozen base stays out)
+    assert sorted(p.name for p in (two / "checkpoint").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    wa, wb = trained(one), dcp_weights(two / "checkpoint", tmp_path)
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    start = M.from_pretrained(str(tiny_dir), dtype=torch.float32).state_dict()
+    assert max((wa[k] - start[k]).abs().max().item() for k in wa if k in start) > 1e-4  # training really moved them
+
+
+def test_fsdp_exports_equal_ddp_exports(fsdp_runs):
+    """Gathered on rank 0, the FSDP model writes the files the unsharded run writes: adapter, merged model, full model."""
+    for train, dirs in (("lora", ("final", "merged")), ("full", ("final",))):
+        for d in dirs:
+            assert_same_exports(fsdp_runs / f"{train}-ddp1" / d, fsdp_runs / f"{train}-fsdp2" / d)
+
+
+def test_fsdp_checkpoint_resumes_on_another_world_size(fsdp_runs):
+    """Saved by 2 processes and resumed on 1, saved by 1 and resumed on 2: both continue as the uninterrupted run."""
+    two = fsdp_runs / "lora-fsdp2"
+    assert [x["step"] for x in read_log(fsdp_runs / "lora-1to2")] == [1, 2, 3]  # step 1 alone, 2 and 3 on two
+    assert_close_logs(read_log(fsdp_runs / "lora-1to2"), read_log(two))
+    assert_close_logs(read_log(fsdp_runs / "lora-2to1"), read_log(two)[1:])
+    for run in ("lora-1to2", "lora-2to1"):
+        for d in ("final", "merged"):
+            assert_same_exports(fsdp_runs / run / d, two / d)
+
+
+def test_fsdp_dpo_two_processes_equal_one_process(fsdp_runs):
+    """DPO's reference is the sharded policy with LoRA off and the stage-1 projector swapped back in: live or
+    precomputed (--precompute_ref), on two FSDP processes DPO trains as on one unsharded process."""
+    one = fsdp_runs / "dpo-ddp1"
+    log = read_log(one)
+    assert abs(log[0]["loss"] - math.log(2)) < 1e-6 and log[1]["loss"] < log[0]["loss"]
+    for run in ("dpo-fsdp2", "dpo-fsdp2-pre"):
+        assert_close_logs(read_log(fsdp_runs / run), log)
+        for d in ("final", "merged"):  # the adapter holds the projector, which the reference must swap back
+            assert_same_exports(one / d, fsdp_runs / run / d)
+
+
+def test_fsdp_shards_frozen_weights_too_and_gathers_them_back(tiny_dir):
+    """Every weight becomes a DTensor shard, trainable or frozen (a LoRA run's base), the AdamW groups hold the new
+    ones, and gather_model gives back the plain model."""
+    model = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    cfg = replace(sft.Config(), shard="fsdp", lora_r=4, lora_alpha=8, vit_lora_r=2, vit_lora_alpha=4)
+    groups = sft.setup_trainable(model, cfg)
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    sft.setup_distributed("fsdp")
+    try:
+        groups = sft.shard_model(model, cfg, "cpu", groups)
+        params = list(model.parameters())
+        assert all(isinstance(p, DTensor) for p in params) and any(not p.requires_grad for p in params)
+        assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in params if p.requires_grad}
+        plain = sft.gather_model(model)
+    finally:
+        dist.destroy_process_group()
+    after = {n: (p, p.requires_grad) for n, p in plain.named_parameters()}
+    assert after.keys() == before.keys() and isinstance(plain.language_model.layers[0].mlp.up_proj, LoRALinear)
+    for n, (p, trains) in after.items():
+        assert type(p) is torch.nn.Parameter and torch.equal(p, before[n][0]) and trains == before[n][1], n
 
 
 # ----------------------------------------------------------------------------- select
