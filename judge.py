@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import evaluate as E
+
 log = logging.getLogger("judge")
 
 # --- prompts ---------------------------------------------------------------------------------------------------
@@ -420,13 +422,6 @@ def win_items(pairs, judge, cache=None, swap=True, image_dir=".", workers=4):
                 float(np.mean([pt[v["verdict"]] for pt, v in zip(points, vs)])) for vs in verdicts]
     stats["items"], stats["failed_items"] = len(pairs), outcomes.count(None)
     return outcomes, stats
-
-
-def bootstrap(x, n_boot=1000, seed=0, alpha=0.05):
-    """(mean, lo, hi): the mean with a seeded percentile-bootstrap (1 - alpha) interval."""
-    x, rng = np.asarray(x, dtype=float), np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
-    return float(x.mean()), float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
 
 
 def summary(stats, judge, price_in, price_out):
@@ -821,8 +816,9 @@ def main(argv=None):
             outcomes, stats = win_items(pairs, judge, cache, args.swap, args.image_dir, args.workers)
             ok = [o for o in outcomes if o is not None]
             if ok:
-                rate_, lo, hi = bootstrap(ok, args.n_boot, args.seed)
-                print(f"win rate of A over B: {rate_:.3f} (95% bootstrap CI {lo:.3f}-{hi:.3f}; ties count half) on "
+                ci = E.bootstrap(np.asarray(ok, dtype=float), args.n_boot, args.seed)  # x100, or None for n_boot 0
+                interval = f"95% bootstrap CI {ci[0] / 100:.3f}-{ci[1] / 100:.3f}; " if ci else ""
+                print(f"win rate of A over B: {np.mean(ok):.3f} ({interval}ties count half) on "
                       f"{len(ok)} questions: {sum(o > 0.5 for o in ok)} wins, {sum(o == 0.5 for o in ok)} ties, "
                       f"{sum(o < 0.5 for o in ok)} losses")
         print(summary(stats, judge, args.price_in, args.price_out))
