@@ -405,13 +405,9 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
 
 
 def summarize(sums):
-    """Metric sums -> means: '<name>_sum' / '<name>_n' pairs become '<name>'."""
-    out = {}
-    for k, v in sums.items():
-        if k.endswith("_sum"):
-            n = sums.get(k[:-4] + "_n", 0)
-            out[k[:-4]] = v / n if n else float("nan")
-    return out
+    """Metric sums -> means: '<name>_sum' / '<name>_n' pairs become '<name>' (left out where n is 0, e.g. the
+    question loss when no token is a question)."""
+    return {k[:-4]: v / sums[k[:-4] + "_n"] for k, v in sums.items() if k.endswith("_sum") and sums.get(k[:-4] + "_n")}
 
 # -----------------------------------------------------------------------------
 # Stage 1 pieces: trainable set, parameter groups, encoding, the loss
@@ -576,7 +572,6 @@ def main(argv=None):
 
 
 def copy_tokenizer(src, dst):
-    import shutil
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.exists(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))

@@ -2120,6 +2120,12 @@ def test_question_loss_switch_masks_labels_and_gradients(tiny_dir, synth):
     assert grads[True] > 0 and grads[False] == 0
 
 
+def test_summarize_means_and_leaves_out_empty_metrics():
+    # answers-only training has no question tokens: no "question_loss nan" in the log
+    sums = {"answer_loss_sum": 3.0, "answer_loss_n": 4, "question_loss_sum": 0.0, "question_loss_n": 0, "tokens": 9}
+    assert sft.summarize(sums) == {"answer_loss": 0.75}
+
+
 def test_bad_config_stops_with_clear_messages(tiny_dir, small_data, synth, tmp_path, capsys):
     for bad, msg in (["--nonsense=1"], "unrecognized arguments: --nonsense=1"), (["--micro_batch=two"], "invalid int value"):
         with pytest.raises(SystemExit):
