@@ -677,8 +677,6 @@ def select_main(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = from_pretrained(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
     tok = args.tokenizer or args.model
-    if not args.data and not any(Path(tok).glob("tokenizer.*")):  # sft.py's synthetic base keeps none
-        tok = _synth().synth_data() / "tokenizer.json"
     records, pairs = json.loads(Path(data_path).read_text()), read_pairs(pairs_path)
     items, ij, rows = index_samples(pairs, records)
     s, human = torch.tensor([p["scores"] for p in pairs]), torch.tensor([p["source"] == "human" for p in pairs])

@@ -78,7 +78,7 @@ class Config:
     epochs: float = 3  # the script runs 3; the paper says one epoch
     max_steps: int = -1  # stop early (for tests and smoke runs)
     max_length: int = 2048
-    image_size: int = 336
+    image_size: int = 0  # 0 = the vision tower's own (config.json); images are resized to this
     grad_ckpt: bool = False
     seed: int = 0
     # ddp: every rank holds the whole model; fsdp: FSDP2 shards weights, gradients and optimizer state over the ranks
@@ -94,7 +94,7 @@ class Config:
 # Where --model is empty the synthetic default replaces the paper-scale values above, unless the
 # command line sets them: a tiny model, a small batch and larger learning rates train in minutes on a CPU.
 SYNTH_OVERRIDES = dict(global_batch=16, micro_batch=16, epochs=3, lr=2e-3, vision_lr=2e-3, projector_lr=2e-3,
-                       image_size=48, max_length=512, save_every=100, log_every=20)
+                       max_length=512, save_every=100, log_every=20)
 SYNTH_BASE = dict(train="full", question_loss=False, sq_r=0.0, template="vicuna_v1", lr=1e-3, vision_lr=1e-3,
                   projector_lr=1e-3, epochs=4)  # 3e-3 left the organ unlearnt (26% vs 98% open accuracy)
 
@@ -473,7 +473,7 @@ def make_sft_prepare(examples, tokenizer, cfg, model_cfg, device):
             if not cfg.question_loss:
                 labels = [-100 if q else l for l, q in zip(labels, is_question)]
             items.append({"input_ids": ids, "labels": labels, "question_mask": is_question, "image": ex["image"]})
-        b = D.collate(items, padding_side="right", image_size=cfg.image_size)
+        b = D.collate(items, padding_side="right", image_size=cfg.image_size or model_cfg.vision.image_size)
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
         b["count"] = int((b["labels"][:, 1:] != -100).sum())
         return b
@@ -525,6 +525,7 @@ def synthetic_base(cfg, synth, tokenizer, rank, world, device):
                 groups, base_cfg.out_dir, world, rank, device)
     if rank == 0:
         save_pretrained(model, base_dir + ".tmp")
+        copy_tokenizer(synth, base_dir + ".tmp")  # a model directory loads alone (align, select from out/sft/base)
         os.replace(base_dir + ".tmp", base_dir)
     if world > 1:
         dist.barrier()
@@ -586,7 +587,8 @@ def report_synthetic(model, tokenizer, synth, cfg, device, n_ask=40):
     scores = E.evaluate_model(model, tokenizer, "synth", str(synth), out=out)
     print0(json.dumps({k: scores[k] for k in ("closed_accuracy", "open_recall", "open_f1")}))
     images = sorted({t["image_name"] for t in json.load(open(synth / "test.json"))})[:n_ask]
-    asked = ask_questions(model, tokenizer, [synth / "images" / im for im in images], cfg.image_size)
+    asked = ask_questions(model, tokenizer, [synth / "images" / im for im in images],
+                          model.config.vision.image_size)
     good = [q for q in asked if D.parse_question(q)]
     print0(f"questions asked about {len(asked)} unseen test images: {100 * len(good) / max(1, len(asked)):.0f}% "
            "well-formed; e.g. " + " | ".join(asked[:4]))

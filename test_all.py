@@ -2120,6 +2120,15 @@ def test_question_loss_switch_masks_labels_and_gradients(tiny_dir, synth):
     assert grads[True] > 0 and grads[False] == 0
 
 
+def test_synthetic_base_is_a_model_directory_that_loads_alone(synth, tmp_path):
+    # the README's alignment and selector commands start from out/sft/base: it needs its own tokenizer
+    cfg = replace(sft.Config(), **sft.SYNTH_OVERRIDES, out_dir=str(tmp_path), max_steps=1)
+    tok = D.load_tokenizer(synth / "tokenizer.json")
+    base = sft.synthetic_base(cfg, synth, tok, 0, 1, torch.device("cpu"))
+    assert D.load_tokenizer(base).get_vocab() == tok.get_vocab()
+    assert M.from_pretrained(base).config.text.vocab_size == tok.get_vocab_size()
+
+
 def test_summarize_means_and_leaves_out_empty_metrics():
     # answers-only training has no question tokens: no "question_loss nan" in the log
     sums = {"answer_loss_sum": 3.0, "answer_loss_n": 4, "question_loss_sum": 0.0, "question_loss_n": 0, "tokens": 9}
