@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 
 import data as D
 import evaluate as E
-from lora import (LLM_LAYERS, VIT_LAYERS, LoRALinear, LoRASpec, add_lora, lora_layers, mark_trainable, merge_lora,
+from lora import (LLM_LAYERS, VIT_LAYERS, LoRASpec, add_lora, lora_layers, mark_trainable, merge_lora,
                   param_report, save_adapter)
 from model import CONFIGS, Llava, from_pretrained, generate, save_pretrained
 
@@ -209,9 +210,8 @@ def gather_model(model):
         return None
     with torch.device("meta"):  # the module tree without memory; the gathered tensors are assigned into it
         plain = Llava(model.config)
-        for n, m in lora_layers(model).items():
-            parent, _, child = n.rpartition(".")
-            setattr(plain.get_submodule(parent), child, LoRALinear(plain.get_submodule(n), m.r, m.alpha, m.dropout_p))
+        # the same layers with the same specs: each full name, escaped, is a pattern that matches only itself
+        add_lora(plain, {re.escape(n): LoRASpec(m.r, m.alpha, m.dropout_p) for n, m in lora_layers(model).items()})
     plain.load_state_dict(state, assign=True)
     if model.config.text.tie_word_embeddings:  # assign gave the two names two tensors
         plain.lm_head.weight = plain.language_model.embed_tokens.weight
