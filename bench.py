@@ -36,13 +36,15 @@ import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 import model as M
-from lora import LLM_LAYERS, VIT_LAYERS, LoRASpec, add_lora, disable_lora, lora_layers, mark_trainable, merge_lora, to_hf_name
+from dpo import dpo_loss
+from lora import (LLM_LAYERS, VIT_LAYERS, add_lora, disable_lora, lora_layers, lora_targets, mark_trainable,
+                  merge_lora, to_hf_name)
+from train import token_nll
 
 LORA_DROPOUT = 0.05  # PEFT has a single lora_dropout; the paper's ViT uses 0.2 (lora.py), a cost both sides share
-TARGETS = {LLM_LAYERS: LoRASpec(128, 256, LORA_DROPOUT), VIT_LAYERS: LoRASpec(32, 64, LORA_DROPOUT)}
+TARGETS = lora_targets(dropout=LORA_DROPOUT, vit_dropout=LORA_DROPOUT)
 # STLLaVA-Med train.py `find_all_linear_names`: the last name of every Linear in the two towers
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1", "fc2"]
 SAMPLING = dict(temperature=1.2, top_k=100, top_p=0.95)
@@ -182,17 +184,6 @@ def pair_batch(cfg, pairs, text_len, device, dtype, seed):
     return b
 
 
-def token_nll(logits, labels):
-    """(B, T, V), (B, T) -> (B, T-1): next-token cross-entropy, 0 where the label is -100."""
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=-100, reduction="none")
-
-
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
-    """Sigmoid DPO loss (Rafailov et al. 2023, eq. 7; TRL DPOTrainer loss_type="sigmoid")."""
-    margin = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
-    return -F.logsigmoid(beta * margin).mean()
-
-
 def sft_objective(logits_fn, b, amp):
     with amp():  # mean over supervised tokens, as transformers computes it from `labels`
         return token_nll(logits_fn(b), b["labels"]).sum() / (b["labels"][:, 1:] != -100).sum()
@@ -204,7 +195,7 @@ def dpo_objective(logits_fn, reference, b, amp):
         ref = -token_nll(logits_fn(b), b["labels"]).sum(-1)  # (2n,) summed log-probs of the answers
     with amp():
         pol = -token_nll(logits_fn(b), b["labels"]).sum(-1)
-        return dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:])
+        return dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:])[0].mean()
 
 
 def train_step(loss_fn, opt):

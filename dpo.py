@@ -30,10 +30,10 @@ import torch.nn.functional as F
 import data as D
 import evaluate as E
 import judge as J
-from lora import LLM_LAYERS, VIT_LAYERS, LoRASpec, add_lora, disable_lora, mark_trainable, merge_lora, save_adapter
-from model import from_pretrained, save_pretrained
-from sft import (ask_questions, atomic_save, copy_tokenizer, fit, load_images, param_groups, parse_config, print0,
-                 setup_distributed, shard_model)
+import synth as S
+from checkpoint import from_pretrained, save_pretrained
+from lora import add_lora, disable_lora, lora_targets, mark_trainable, merge_lora, save_adapter
+from train import atomic_save, fit, param_groups, parse_config, print0, setup_distributed, shard_model, token_nll
 
 
 @dataclass
@@ -149,7 +149,7 @@ def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device, ke
         g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
         per_image = [[] for _ in names]
         for _ in range(cfg.n_questions):  # one VUSER sample per image per round
-            qs = ask_questions(model, tokenizer, paths, size, cfg.q_temperature, cfg.q_top_k, cfg.q_top_p, g,
+            qs = D.ask_questions(model, tokenizer, paths, size, cfg.q_temperature, cfg.q_top_k, cfg.q_top_p, g,
                                cfg.describe_tokens, cfg.q_max_tokens)
             for lst, q in zip(per_image, qs):
                 lst.append(q.removesuffix("</s>").strip())
@@ -160,8 +160,8 @@ def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device, ke
         for s in seeds:  # two answers per question, each from its own seed
             ga = torch.Generator(device=device).manual_seed(s * 1_000_003 + b)
             convs = [[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": None}] for _, q in items]
-            px = load_images([Path(image_dir) / n for n, _ in items], size) if items else None
-            answers.append(E.generate_text(model, tokenizer, convs, px, "vicuna_v1", cfg.a_max_tokens, cfg.a_temperature,
+            px = D.load_images([Path(image_dir) / n for n, _ in items], size) if items else None
+            answers.append(D.generate_text(model, tokenizer, convs, px, "vicuna_v1", cfg.a_max_tokens, cfg.a_temperature,
                                            cfg.a_top_k, cfg.a_top_p, ga) if items else [])
         sampling = {"q": [cfg.q_temperature, cfg.q_top_k, cfg.q_top_p], "a": [cfg.a_temperature, cfg.a_top_k, cfg.a_top_p]}
         lines = [{"batch": b, "batch_lines": len(items) + 1, "image": n, "question": q,
@@ -189,8 +189,8 @@ def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device, ke
 
 def make_judge(cfg, synth=None):
     if cfg.judge == "oracle":
-        facts = json.loads(((synth or D.synth_data()) / "facts.json").read_text())
-        return J.OracleJudge(D.score_answer, facts)
+        facts = json.loads(((synth or S.synth_data()) / "facts.json").read_text())
+        return J.OracleJudge(S.score_answer, facts)
     if cfg.judge != "gpt":
         raise ValueError(f"--judge must be gpt or oracle, not {cfg.judge!r}")
     return J.GPTJudge(J.ChatClient(cfg.base_url, cfg.judge_model, cfg.api_key_env))
@@ -243,11 +243,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def sequence_logps(model, b):
     """Summed log-probabilities of the supervised (answer) tokens of each row: (2B,) for chosen ++ rejected."""
-    logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"])[:, :-1]
-    labels = b["labels"][:, 1:]  # position t predicts token t+1
-    # cross-entropy = -log p(label), without materialising a full fp32 log-softmax over the vocabulary
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
-    return -nll.view_as(labels).sum(-1)  # ignored positions contribute 0
+    logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"])
+    return -token_nll(logits, b["labels"]).sum(-1)  # ignored positions contribute 0
 
 
 class Reference:
@@ -295,8 +292,8 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
     # the same LoRA initialisation on every rank (DDP would broadcast rank 0's, FSDP shards what each rank holds)
     # and in every rerun
     torch.manual_seed(cfg.seed)
-    add_lora(model, {LLM_LAYERS: LoRASpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
-                     VIT_LAYERS: LoRASpec(cfg.vit_lora_r, cfg.vit_lora_alpha, cfg.vit_lora_dropout)})
+    add_lora(model, lora_targets(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.vit_lora_r, cfg.vit_lora_alpha,
+                                 cfg.vit_lora_dropout))
     mark_trainable(model, lora=True, full=("projector",))
     groups = shard_model(model, cfg, device, param_groups(model, cfg))
     # after sharding, so that it copies the projector's shards; FSDP2 reshards a module before its state_dict and
@@ -358,7 +355,7 @@ def main(argv=None):
     cfg = replace(cfg, model=cfg.model or "out/sft/merged")
     if not os.path.exists(os.path.join(cfg.model, "config.json")):
         raise SystemExit(f"no stage-1 model at {cfg.model}: run `python sft.py` first, or pass --model=DIR")
-    synth = D.synth_data() if synthetic or cfg.judge == "oracle" else None
+    synth = S.synth_data() if synthetic or cfg.judge == "oracle" else None
     rank, world, device = setup_distributed(cfg.shard)
     os.makedirs(cfg.out_dir, exist_ok=True)
     tokenizer = D.load_tokenizer(cfg.model)
@@ -371,7 +368,7 @@ def main(argv=None):
             before = E.evaluate_model(model, tokenizer, "synth", str(synth),
                                       os.path.join(cfg.out_dir, "answers_stage1.jsonl"))
         # the oracle judge can only score questions of the synthetic grammar: keep those
-        keep = (lambda q: is_wellformed(q) and D.parse_question(q) is not None) if synthetic else None
+        keep = (lambda q: is_wellformed(q) and S.parse_question(q) is not None) if synthetic else None
         generate_step(cfg, model, tokenizer, images, image_dir, gen_path, device, keep)
         del model
     if "judge" in steps and rank == 0:
@@ -388,7 +385,7 @@ def main(argv=None):
             save_adapter(model, os.path.join(cfg.out_dir, "final"))
             merged = os.path.join(cfg.out_dir, "merged")
             save_pretrained(merge_lora(model), merged)
-            copy_tokenizer(cfg.model, merged)
+            D.copy_tokenizer(cfg.model, merged)
             print0(f"stage 2 done in {(time.time() - t0) / 60:.1f} min; policy in {merged}")
             if synthetic and len(steps) == 3:
                 after = E.evaluate_model(model.eval(), tokenizer, "synth", str(synth),

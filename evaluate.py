@@ -149,7 +149,7 @@ DOWNLOAD = {
     "slake": "SLAKE 1.0 from https://www.med-vqa.com/slake/ : test.json and imgs.zip unpacked as imgs/",
     "pathvqa": "PathVQA's test split (https://github.com/UCSD-AI4H/PathVQA) as test.json, either a list of "
                "{image_path, question, answer, answer_type} or LLaVA-Med's converted pvqa test.json, with its images",
-    "synth": "nothing: leave --data out and data.synth_data() generates it",
+    "synth": "nothing: leave --data out and synth.synth_data() generates it",
 }
 
 
@@ -198,7 +198,7 @@ def load_llava_med(records, root):
 def load_dataset(name, data_dir=None, check_images=True):
     """Test questions of `name` from `data_dir` (default data/<name> next to this file; synth: generated)."""
     if data_dir is None and name == "synth":
-        from data import synth_data
+        from synth import synth_data
         data_dir = synth_data()
     root = Path(data_dir) if data_dir is not None else Path(__file__).resolve().parent / "data" / name
     if not root.exists():
@@ -358,29 +358,7 @@ def compare(examples, texts_a, texts_b, n_boot=1000, seed=0):
     return out
 
 # -----------------------------------------------------------------------------
-# Answering with a model: batched greedy decoding of left-padded prompts, written as it goes
-
-def generate_text(model, tokenizer, conversations, pixel_values=None, template="vicuna_v1", max_new_tokens=64,
-                  temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Replies of `model` to a batch of conversations whose last turn has value None.
-
-    The one place prompts become text: evaluation, the questions stage 2 asks (VUSER) and the answers it
-    samples all go through here. Prompts are left-padded, so decoding starts at the same column in every row.
-    """
-    import torch
-    from data import collate, encode_prompt
-    from model import generate
-    cfg = model.config
-    prompts = [{"input_ids": encode_prompt(c, tokenizer, template, cfg.image_seq_length, cfg.image_token_id)}
-               for c in conversations]
-    b = collate(prompts, padding_side="left")
-    device = model.lm_head.weight.device
-    eos = cfg.text.eos_token_id
-    new = generate(model, b["input_ids"].to(device), None if pixel_values is None else pixel_values.to(device),
-                   b["attention_mask"].to(device), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, eos_token_id=eos, generator=generator).tolist()
-    return [tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True).strip()
-            for row in new]
+# Answering with a model: batched greedy decoding (data.generate_text), written as it goes
 
 
 def done_ids(path):
@@ -404,7 +382,7 @@ def answer(examples, model_path, out, vision_path=None, adapter=None, batch_size
     """Load a checkpoint (and adapter) and answer every question not yet in `out`."""
     import torch
     from data import load_tokenizer
-    from model import from_pretrained
+    from checkpoint import from_pretrained
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model = from_pretrained(model_path, vision_path, dtype=dtype, device=device)
@@ -419,7 +397,7 @@ def answer_with(model, tokenizer, examples, out, batch_size=8, max_new_tokens=10
                 model_id="model"):
     """Answer every question not yet in `out` (JSONL, appended and flushed per batch, so reruns resume)."""
     import torch
-    from data import preprocess_image
+    from data import generate_text, preprocess_image
     size = model.config.vision.image_size
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     todo = [e for e in examples if e["qid"] not in done_ids(out)]

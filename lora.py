@@ -36,8 +36,17 @@ class LoRASpec(NamedTuple):
 # Patterns are matched as PEFT matches `rank_pattern` keys: against a dotted suffix of the module name.
 LLM_LAYERS = r"language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 VIT_LAYERS = r"vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
-PAPER_TARGETS = {LLM_LAYERS: LoRASpec(128, 256, 0.05), VIT_LAYERS: LoRASpec(32, 64, 0.2)}  # stage 1
-PAPER_TARGETS_DPO = {LLM_LAYERS: LoRASpec(128, 256, 0.05), VIT_LAYERS: LoRASpec(32, 64, 0.1)}  # stage 2
+
+
+def lora_targets(r=128, alpha=256, dropout=0.05, vit_r=32, vit_alpha=64, vit_dropout=0.2) -> dict:
+    """The paper's LoRA targets, {pattern: LoRASpec}: every Linear of the decoder blocks (r, alpha, dropout) and
+    of the ViT blocks (vit_*). The defaults are stage 1's (sqllava_med.sh, train.py); sft.py and dpo.py pass
+    their configs' values, so a flag changes a rank without a second copy of the patterns."""
+    return {LLM_LAYERS: LoRASpec(r, alpha, dropout), VIT_LAYERS: LoRASpec(vit_r, vit_alpha, vit_dropout)}
+
+
+PAPER_TARGETS = lora_targets()  # stage 1
+PAPER_TARGETS_DPO = lora_targets(vit_dropout=0.1)  # stage 2 (train_dpo.py)
 
 
 class LoRALinear(nn.Module):

@@ -22,28 +22,23 @@ With no --model, the synthetic default stands in for the general-purpose LLaVA t
 a tiny model is trained from scratch (`full`) on the synthetic captions and answers, once, cached in
 <out_dir>/base; stage 1 then runs with the paper's trainable set on the synthetic conversations.
 """
-import argparse
 import json
-import math
 import os
 import random
-import re
-import shutil
-import sys
 import time
-import warnings
-from dataclasses import dataclass, fields, replace, asdict
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data as D
 import evaluate as E
-from lora import (LLM_LAYERS, VIT_LAYERS, LoRASpec, add_lora, lora_layers, mark_trainable, merge_lora,
-                  param_report, save_adapter)
-from model import CONFIGS, Llava, from_pretrained, generate, save_pretrained
+import synth as S
+from checkpoint import from_pretrained, save_pretrained
+from lora import add_lora, lora_targets, mark_trainable, merge_lora, save_adapter
+from model import CONFIGS, Llava
+from train import fit, param_groups, parse_config, print0, setup_distributed, shard_model, token_nll
 
 
 @dataclass
@@ -100,329 +95,14 @@ SYNTH_BASE = dict(train="full", question_loss=False, sq_r=0.0, template="vicuna_
                   projector_lr=1e-3, epochs=4)  # 3e-3 left the organ unlearnt (26% vs 98% open accuracy)
 
 # -----------------------------------------------------------------------------
-# Shared helpers (dpo.py imports these): config from the command line, torchrun, schedule, checkpoints
-
-
-def parse_config(cls, argv=None):
-    """A dataclass from `--key=value` arguments, and the dict of the keys the command line set.
-
-    Booleans are `--flag` / `--no-flag`. Unknown keys and wrong types stop at once (argparse's errors).
-    """
-    p = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0])
-    for f in fields(cls):
-        if f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=f"default {f.default}")
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(f"--{f.name}", type=typ, default=None, help=f"default {f.default!r}")
-    args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    return cls(**given), given
-
-
-def setup_distributed(shard="ddp"):
-    """Rank, world size and device from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
-
-    `shard="fsdp"` starts a process group even for a single process (FSDP's device mesh and the sharded checkpoints
-    need one); without torchrun it lives in an in-memory store.
-    """
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if (world > 1 or shard == "fsdp") and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        if shard == "fsdp":
-            # --cpu_offload leaves the gradient shards in CPU memory, and the clipping norm is summed over them: gloo
-            # carries CPU tensors, NCCL the rest
-            backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
-            store = None if "MASTER_ADDR" in os.environ else dist.HashStore()
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
-        else:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def cosine_lr_factor(step, total, warmup):
-    """Linear warmup to 1, then cosine decay to 0 (transformers' get_cosine_schedule_with_warmup)."""
-    if step < warmup:
-        return (step + 1) / warmup  # HF uses step/warmup, which makes step 0 a no-op; this starts moving at once
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def shard_model(model, cfg, device, groups):
-    """`--shard=fsdp`: shard `model` in place with FSDP2 and return the AdamW `groups` over its new parameters
-    (FSDP2 replaces each weight by a DTensor Parameter holding this rank's shard). `--shard=ddp`: `groups` as given.
-
-    One FSDP unit per decoder block, one for the vision tower, and the root for the rest: a unit's full weights
-    exist only while it runs forward or backward (all-gathered, then freed), and its gradients are reduce-scattered
-    to their shards. Frozen weights (a LoRA run's base) are sharded too: FSDP2 keeps trainable and frozen DTensors
-    side by side in one unit.
-    """
-    if cfg.shard not in ("ddp", "fsdp"):
-        raise ValueError(f"--shard must be ddp or fsdp, not {cfg.shard!r}")
-    if cfg.shard == "ddp":
-        if cfg.cpu_offload:
-            raise ValueError("--cpu_offload needs --shard=fsdp")
-        return groups
-    # imported here, as in the other FSDP helpers: they bring in DTensor, a second of imports only fsdp runs need
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-    device = torch.device(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    # GPU: bf16 weights in forward and backward, gradients reduced in fp32, AdamW updating fp32 shards.
-    # CPU: fp32 throughout, so that a sharded run equals an unsharded one
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else \
-        MixedPrecisionPolicy()
-    # pinned host memory speeds the copies to the GPU; without a GPU there is none to pin (and offloading does nothing)
-    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
-    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
-    # the tower returns x[:, 1:], a view that FSDP2 warns about; nothing writes to it in place (Llava.embed copies
-    # the features into a clone of the token embeddings)
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    name = {id(p): n for n, p in model.named_parameters()}
-    for block in model.language_model.layers:
-        fully_shard(block, **kw)
-    fully_shard(model.vision_tower, **kw)
-    fully_shard(model, **kw)  # the root: token embeddings, projector, final norm, lm_head
-    params = dict(model.named_parameters())
-    return [{**g, "params": [params[name[id(p)]] for p in g["params"]]} for g in groups]
-
-
-def gather_model(model):
-    """A trained FSDP model as a plain Llava (LoRA layers included) in rank 0's CPU memory, for the exports and the
-    evaluation after training; None on the other ranks. Every rank must call it: the weights are all-gathered."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
-        return None
-    with torch.device("meta"):  # the module tree without memory; the gathered tensors are assigned into it
-        plain = Llava(model.config)
-        # the same layers with the same specs: each full name, escaped, is a pattern that matches only itself
-        add_lora(plain, {re.escape(n): LoRASpec(m.r, m.alpha, m.dropout_p) for n, m in lora_layers(model).items()})
-    plain.load_state_dict(state, assign=True)
-    if model.config.text.tie_word_embeddings:  # assign gave the two names two tensors
-        plain.lm_head.weight = plain.language_model.embed_tokens.weight
-    trains = {n: p.requires_grad for n, p in model.named_parameters()}
-    for n, p in plain.named_parameters():
-        p.requires_grad_(trains[n])
-    plain.language_model.gradient_checkpointing = model.language_model.gradient_checkpointing
-    return plain
-
-
-def save_sharded(model, opt, path, meta, rank):
-    """FSDP checkpoint (torch.distributed.checkpoint): every rank writes its shards of what trains and of the optimizer
-    state, with the metadata that lets any number of ranks read them back. Written to `path`.tmp, then rank 0 swaps
-    the directory in, so a crash never leaves a half-written `path`. On several nodes, out_dir must be shared."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    tmp, old = path + ".tmp", path + ".old"
-    if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # a killed save's leftovers
-    dist.barrier()
-    model_state, optim_state = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)  # returns once all ranks wrote
-    if rank == 0:
-        torch.save(meta, os.path.join(tmp, "meta.pt"))
-        if os.path.exists(path):
-            os.replace(path, old)  # a directory cannot be replaced in one rename; load_sharded falls back on .old
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def load_sharded(model, opt, path, rank):
-    """Resume from `save_sharded`'s directory, whatever world size wrote it (each rank reads the parts of the saved
-    shards that overlap its own); returns the step, or 0 if there is no checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-    if not os.path.exists(path) and os.path.exists(path + ".old"):  # killed between save_sharded's two renames
-        path += ".old"
-    if not os.path.exists(path):
-        return 0
-    model_state, optim_state = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
-    state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=path)  # fails on any key the checkpoint lacks
-    # not strict: the frozen weights are not in the checkpoint, they stay as loaded
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
-    set_rng_state(meta["rng"][rank] if rank < len(meta["rng"]) else meta["rng"][0])
-    print0(f"resumed from {path} at step {meta['step']} (saved by {len(meta['rng'])} ranks)")
-    return meta["step"]
-
-
-def trainable_state(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-class Logger:
-    """Rank-0 progress lines with tokens/s and ETA, and the same numbers as JSONL in the output directory."""
-
-    def __init__(self, out_dir, total_steps, start_step):
-        self.total, self.start, self.t0 = total_steps, start_step, time.time()
-        self.path = os.path.join(out_dir, "log.jsonl")
-
-    def log(self, step, **m):
-        if int(os.environ.get("RANK", 0)) != 0:
-            return
-        done = step + 1 - self.start
-        eta = (time.time() - self.t0) / done * (self.total - step - 1)
-        print(f"step {step + 1}/{self.total} " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                         for k, v in m.items()) + f" eta {eta / 60:.1f}m", flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step + 1, **m}) + "\n")
-
-
-def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, rank=0, device="cpu"):
-    """The training loop both stages share.
-
-    Each step takes `global_batch` example indices (a seeded permutation per epoch, so the data position
-    is just the step number), splits them into micro batches dealt round-robin to the ranks, and
-    accumulates gradients. `prepare(indices, epoch)` encodes one micro batch and says how many items it
-    normalises over (supervised tokens for SFT, pairs for DPO); counts are summed over the whole global
-    batch first, so the loss is one mean over the global batch however it is split across processes.
-    `micro_loss(model, batch)` returns (summed loss, {metric: summed value}).
-
-    Under `--shard=fsdp` the model comes sharded (`shard_model`), checkpoints are sharded DCP directories that any
-    world size resumes, and the return value is the trained model gathered on rank 0 (`gather_model`; None elsewhere).
-    """
-    fsdp = cfg.shard == "fsdp"
-    micro_per_step = cfg.global_batch // cfg.micro_batch
-    if cfg.global_batch % (cfg.micro_batch * world):
-        raise ValueError(f"global_batch {cfg.global_batch} is not divisible by micro_batch {cfg.micro_batch} x "
-                         f"world size {world}")
-    steps_per_epoch = n_examples // cfg.global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{n_examples} examples are fewer than one global batch of {cfg.global_batch}")
-    total = math.ceil(steps_per_epoch * cfg.epochs)
-    if cfg.max_steps > 0:
-        total = min(total, cfg.max_steps)
-    warmup = math.ceil(cfg.warmup_ratio * total)
-    # fused kernels on GPU, multi-tensor ops on CPU (where --cpu_offload keeps the weights AdamW updates)
-    cuda = torch.device(device).type == "cuda" and not cfg.cpu_offload
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=cuda, foreach=not cuda)
-    for g in opt.param_groups:
-        g["base_lr"] = g["lr"]
-    ddp = model
-    if world > 1 and not fsdp:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path, step = os.path.join(out_dir, "checkpoint" if fsdp else "checkpoint.pt"), 0
-    other = os.path.join(out_dir, "checkpoint.pt" if fsdp else "checkpoint")
-    if cfg.resume and not os.path.exists(ckpt_path) and os.path.exists(other):
-        raise ValueError(f"--resume: {other} was written with --shard={'ddp' if fsdp else 'fsdp'}; resume with that")
-    if cfg.resume and fsdp:
-        step = load_sharded(model, opt, ckpt_path, rank)
-    elif cfg.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in ck["trainable"]:
-                    p.copy_(ck["trainable"][n])
-        opt.load_state_dict(ck["optimizer"])
-        set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
-        step = ck["step"]
-        print0(f"resumed from {ckpt_path} at step {step}")
-    logger = Logger(out_dir, total, step)
-    model.train()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
-    while step < total:
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        idx = order[pos * cfg.global_batch:(pos + 1) * cfg.global_batch]
-        chunks = [idx[i * cfg.micro_batch:(i + 1) * cfg.micro_batch] for i in range(micro_per_step)][rank::world]
-        batches = [prepare(c, epoch) for c in chunks]
-        count = torch.tensor(float(sum(b["count"] for b in batches)), device=device)
-        if world > 1:
-            dist.all_reduce(count)
-        factor = cosine_lr_factor(step, total, warmup)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * factor
-        t0, sums = time.time(), {}
-        for j, b in enumerate(batches):
-            # DDP all-reduces gradients on every backward unless told not to: sync only on the last micro batch.
-            # FSDP reduce-scatters on every backward: skipping that would hold full unsharded gradients until the
-            # last micro batch, the memory that sharding saves
-            if not fsdp:
-                ddp.require_backward_grad_sync = j == len(batches) - 1
-            with amp:
-                loss_sum, metrics = micro_loss(ddp, b)
-            # DDP and FSDP average gradients over ranks; the world factor turns that average back into the global sum
-            (loss_sum * world / count).backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        # with FSDP the gradients are DTensor shards: the norm is a DTensor whose value is the full model's norm
-        norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if world > 1:
-            keys = sorted(sums)
-            t = torch.tensor([sums[k] for k in keys], device=device)
-            dist.all_reduce(t)
-            sums = dict(zip(keys, t.tolist()))
-        if step % cfg.log_every == 0 or step == total:
-            logger.log(step - 1, **summarize(sums), lr=opt.param_groups[0]["lr"], grad_norm=float(norm),
-                       tok_s=sums.get("tokens", 0) / (time.time() - t0))
-        if step % cfg.save_every == 0 or step == total:
-            rngs = [None] * world
-            if world > 1:
-                dist.all_gather_object(rngs, rng_state())
-            else:
-                rngs = [rng_state()]
-            if fsdp:
-                save_sharded(model, opt, ckpt_path, {"step": step, "rng": rngs, "config": asdict(cfg)}, rank)
-            elif rank == 0:
-                atomic_save({"trainable": trainable_state(model), "optimizer": opt.state_dict(), "step": step,
-                             "rng": rngs, "config": asdict(cfg)}, ckpt_path)
-    return gather_model(model) if fsdp else model
-
-
-def summarize(sums):
-    """Metric sums -> means: '<name>_sum' / '<name>_n' pairs become '<name>' (left out where n is 0, e.g. the
-    question loss when no token is a question)."""
-    return {k[:-4]: v / sums[k[:-4] + "_n"] for k, v in sums.items() if k.endswith("_sum") and sums.get(k[:-4] + "_n")}
-
-# -----------------------------------------------------------------------------
-# Stage 1 pieces: trainable set, parameter groups, encoding, the loss
-
-
-def lora_targets(cfg):
-    """The paper's LoRA targets (sqllava_med.sh): every Linear of the decoder blocks, and of the ViT blocks."""
-    return {LLM_LAYERS: LoRASpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
-            VIT_LAYERS: LoRASpec(cfg.vit_lora_r, cfg.vit_lora_alpha, cfg.vit_lora_dropout)}
+# Stage 1 pieces: trainable set, encoding, the loss
 
 
 def setup_trainable(model, cfg):
     """Inject LoRA / freeze per `cfg.train`; returns the AdamW parameter groups."""
     if cfg.train == "lora":
-        add_lora(model, lora_targets(cfg))
+        add_lora(model, lora_targets(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                          cfg.vit_lora_r, cfg.vit_lora_alpha, cfg.vit_lora_dropout))
         mark_trainable(model, lora=True, full=("projector",))
     elif cfg.train == "projector":
         mark_trainable(model, lora=False, full=("projector",))
@@ -431,29 +111,6 @@ def setup_trainable(model, cfg):
     else:
         raise ValueError(f"--train must be lora, projector or full, not {cfg.train!r}")
     return param_groups(model, cfg)
-
-
-def param_groups(model, cfg):
-    """AdamW groups of the trainable weights: LLM (cfg.lr), vision tower (cfg.vision_lr), projector (cfg.projector_lr),
-    as the authors' create_optimizer (llava_trainer.py) splits them."""
-    # the vision blocks after the feature layer (and the post-layernorm) never run in LLaVA: freeze them so
-    # that no trainable weight goes without a gradient (DDP would wait for it forever)
-    v = model.config.vision
-    n_run = v.num_layers + 1 + v.feature_layer if v.feature_layer < 0 else v.feature_layer
-    for n, p in model.vision_tower.named_parameters():
-        if n.startswith("post_layernorm.") or (n.startswith("encoder.layers.") and int(n.split(".")[2]) >= n_run):
-            p.requires_grad_(False)
-    groups = {"llm": [], "vision": [], "projector": []}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            groups["vision" if n.startswith("vision_tower.") else "projector" if n.startswith("projector.") else "llm"].append(p)
-    lrs = {"llm": cfg.lr, "vision": cfg.vision_lr, "projector": cfg.projector_lr}
-    print0(param_report(model))
-    return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
-
-
-def load_images(paths, size):
-    return torch.stack([D.preprocess_image(p, size=size) for p in paths])
 
 
 def make_sft_prepare(examples, tokenizer, cfg, model_cfg, device):
@@ -483,9 +140,8 @@ def make_sft_prepare(examples, tokenizer, cfg, model_cfg, device):
 def sft_loss(model, b):
     """Summed next-token cross-entropy over supervised tokens, plus answer/question sums for the log."""
     logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"])
-    labels = b["labels"][:, 1:]  # position t predicts token t+1
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                         reduction="none").view_as(labels)
+    ce = token_nll(logits, b["labels"])  # (B, T - 1): position t predicts token t + 1
+    labels = b["labels"][:, 1:]
     supervised = labels != -100
     question = b["question_mask"][:, 1:].bool() & supervised
     answer = supervised & ~question
@@ -515,7 +171,7 @@ def synthetic_base(cfg, synth, tokenizer, rank, world, device):
     print0(f"synthetic default: training the tiny base model from scratch into {base_dir} (once)")
     base_cfg = replace(cfg, **SYNTH_BASE, out_dir=os.path.join(cfg.out_dir, "base_run"))
     mc = replace(CONFIGS["tiny"], text=replace(CONFIGS["tiny"].text, vocab_size=tokenizer.get_vocab_size()),
-                 image_token_id=D.SYNTH_IMAGE_TOKEN_ID)
+                 image_token_id=S.SYNTH_IMAGE_TOKEN_ID)
     torch.manual_seed(cfg.seed)
     model = init_weights(Llava(mc)).to(device)
     examples = D.read_conversations(synth / "captions.json", synth / "images") + \
@@ -525,7 +181,7 @@ def synthetic_base(cfg, synth, tokenizer, rank, world, device):
                 groups, base_cfg.out_dir, world, rank, device)
     if rank == 0:
         save_pretrained(model, base_dir + ".tmp")
-        copy_tokenizer(synth, base_dir + ".tmp")  # a model directory loads alone (align, select from out/sft/base)
+        D.copy_tokenizer(synth, base_dir + ".tmp")  # a model directory loads alone (align, select from out/sft/base)
         os.replace(base_dir + ".tmp", base_dir)
     if world > 1:
         dist.barrier()
@@ -541,7 +197,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     t_start = time.time()
     if synthetic:
-        synth = D.synth_data()
+        synth = S.synth_data()
         tokenizer = D.load_tokenizer(synth / "tokenizer.json")
         cfg = replace(cfg, model=synthetic_base(cfg, synth, tokenizer, rank, world, device),
                       data=cfg.data or str(synth / "train.json"), image_dir=cfg.image_dir or str(synth / "images"))
@@ -563,19 +219,13 @@ def main(argv=None):
             save_pretrained(model, final)
         for d in ("final", "merged"):  # the next stage loads its tokenizer from the model directory
             if os.path.isdir(os.path.join(cfg.out_dir, d)):
-                copy_tokenizer(synth if synthetic else cfg.model, os.path.join(cfg.out_dir, d))
+                D.copy_tokenizer(synth if synthetic else cfg.model, os.path.join(cfg.out_dir, d))
         print0(f"stage 1 done in {(time.time() - t_start) / 60:.1f} min; outputs in {cfg.out_dir}")
         if synthetic:
             report_synthetic(model, tokenizer, synth, cfg, device)
     if dist.is_initialized():
         dist.barrier()  # leave together: a rank that exits while rank 0 still writes can make gloo abort
         dist.destroy_process_group()
-
-
-def copy_tokenizer(src, dst):
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
 
 
 def report_synthetic(model, tokenizer, synth, cfg, device, n_ask=40):
@@ -587,26 +237,12 @@ def report_synthetic(model, tokenizer, synth, cfg, device, n_ask=40):
     scores = E.evaluate_model(model, tokenizer, "synth", str(synth), out=out)
     print0(json.dumps({k: scores[k] for k in ("closed_accuracy", "open_recall", "open_f1")}))
     images = sorted({t["image_name"] for t in json.load(open(synth / "test.json"))})[:n_ask]
-    asked = ask_questions(model, tokenizer, [synth / "images" / im for im in images],
+    asked = D.ask_questions(model, tokenizer, [synth / "images" / im for im in images],
                           model.config.vision.image_size)
-    good = [q for q in asked if D.parse_question(q)]
+    good = [q for q in asked if S.parse_question(q)]
     print0(f"questions asked about {len(asked)} unseen test images: {100 * len(good) / max(1, len(asked)):.0f}% "
            "well-formed; e.g. " + " | ".join(asked[:4]))
     return scores, asked
-
-
-def ask_questions(model, tokenizer, image_paths, image_size, temperature=0.0, top_k=None, top_p=None, generator=None,
-                  describe_tokens=64, question_tokens=32):
-    """The stage-2 questioner (STLLaVA-Med `llava/eval/visual_sq.py`): the model first describes the image,
-    then the conversation ends in the questioner role ("...</s>VUSER:") and the model asks."""
-    px = load_images(image_paths, image_size)
-    opener = {"from": "human", "value": "<image>\n" + D.DESCRIBE}
-    desc = E.generate_text(model, tokenizer, [[opener, {"from": "gpt", "value": None}]] * len(image_paths), px,
-                           "vicuna_v1_sq", describe_tokens)
-    # an untrained model may describe nothing; the template needs a non-empty turn
-    prompts = [[opener, {"from": "gpt", "value": d or "."}, {"from": "vuser", "value": None}] for d in desc]
-    return E.generate_text(model, tokenizer, prompts, px, "vicuna_v1_sq", question_tokens, temperature, top_k, top_p,
-                           generator)
 
 
 if __name__ == "__main__":

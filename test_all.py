@@ -4,19 +4,60 @@ Every test of the project, one file: `python -m pytest -q test_all.py`.
 Tiny random models on CPU, checked against independent oracles: transformers (LlavaForConditionalGeneration,
 CLIPImageProcessor, logits warpers), PEFT (LoRA), sentencepiece (the tokenizer conversion), LLaVA-Med's metric
 definitions worked by hand, a fake OpenAI-compatible server on 127.0.0.1, and formulas computed another way.
-Sections follow the files: model, lora, data (+ synthetic default), evaluate, judge, sft/dpo, selector, bench.
+Sections follow the files: model, checkpoint, lora, data, synth, train and sft, dpo, judge, selector, evaluate,
+bench, then the README and the import rules.
 """
-# ----------------------------------------------------------------------------- model.py
+import ast
+import base64
+import copy
+import io
 import json
+import logging
+import math
 import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import numpy as np
+import peft
 import pytest
 import torch
-
-import model as M
-
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 import transformers
+from PIL import Image
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.tensor import DTensor
 
+import bench
+import checkpoint as C
+import data as D
+import dpo
+import evaluate as E
+import judge
+import lora as L
+import model as M
+import selector as SEL
+import sft
+import synth as SY
+import train as T
+from data import ALIGN_BRIEF, ALIGN_DETAILED, caption_to_alignment
+from lora import LoRALinear
+
+
+# ----------------------------------------------------------------------------- model.py
 
 def tiny_hf_llava(theta=500000.0, kv_heads=2, vocab=120, image_token_id=119, tie=False, seed=0):
     """A random-weight transformers LlavaForConditionalGeneration with GQA and rope theta != 10000."""
@@ -55,7 +96,7 @@ def hf_and_ours(tmp_path_factory):
     hf = tiny_hf_llava()
     d = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(d)
-    ours = M.from_pretrained(str(d), dtype=torch.float32)
+    ours = C.from_pretrained(str(d), dtype=torch.float32)
     return hf, ours, d
 
 
@@ -77,65 +118,6 @@ def test_logits_match_transformers_llava_hf_layout(hf_and_ours):
     with torch.no_grad():  # text-only forward
         t = torch.randint(3, 118, (2, 7))
         assert (ours(t) - hf(input_ids=t).logits).abs().max() < 1e-4
-
-
-def write_original_layout(hf, d, vision_dir, clip_model_form=False):
-    """Save `hf` as an original-LLaVA checkpoint (LLaMA keys + mm_projector) and its tower as a CLIPVisionModel."""
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionModel
-    sd = hf.state_dict()
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("model.language_model."):
-            out["model." + k[len("model.language_model."):]] = v
-        elif k.startswith("model.multi_modal_projector.linear_1."):
-            out["model.mm_projector.0." + k.split(".")[-1]] = v
-        elif k.startswith("model.multi_modal_projector.linear_2."):
-            out["model.mm_projector.2." + k.split(".")[-1]] = v
-        elif k == "lm_head.weight":
-            out[k] = v
-    tc = hf.config.text_config
-    os.makedirs(d, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(d, "model.safetensors"))
-    cfg = dict(model_type="llava_llama", hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
-               num_hidden_layers=tc.num_hidden_layers, num_attention_heads=tc.num_attention_heads,
-               num_key_value_heads=tc.num_key_value_heads, vocab_size=tc.vocab_size - 1, rms_norm_eps=tc.rms_norm_eps,
-               rope_theta=500000.0, mm_projector_type="mlp2x_gelu", mm_vision_tower="my-local/clip",
-               mm_hidden_size=32, mm_vision_select_layer=-2, mm_vision_select_feature="patch")
-    # the original layout has no image-token row in the vocabulary: drop the last row (id 119)
-    out["model.embed_tokens.weight"] = out["model.embed_tokens.weight"][:-1].contiguous()
-    out["lm_head.weight"] = out["lm_head.weight"][:-1].contiguous()
-    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(d, "model.safetensors"))
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    tower_sd = {k[len("model.vision_tower."):]: v for k, v in sd.items() if k.startswith("model.vision_tower.")}
-    if clip_model_form:  # what the hub's openai/clip-* checkpoints hold: a whole CLIPModel
-        os.makedirs(vision_dir, exist_ok=True)
-        clip = {"vision_model." + k: v.contiguous() for k, v in tower_sd.items()}
-        clip.update({"text_model.embeddings.token_embedding.weight": torch.zeros(3, 4), "logit_scale": torch.ones(())})
-        save_file(clip, os.path.join(vision_dir, "model.safetensors"))
-        with open(os.path.join(vision_dir, "config.json"), "w") as f:
-            json.dump({"model_type": "clip", "vision_config": hf.config.vision_config.to_dict()}, f)
-    else:  # a CLIPVisionModel saved by transformers
-        tower = CLIPVisionModel(hf.config.vision_config)
-        tower.load_state_dict(tower_sd)
-        tower.save_pretrained(vision_dir)
-
-
-@pytest.mark.parametrize("clip_model_form", [False, True])
-def test_logits_match_original_layout_with_separate_clip(hf_and_ours, tmp_path, clip_model_form):
-    hf, _, _ = hf_and_ours
-    write_original_layout(hf, tmp_path / "llava", tmp_path / "clip", clip_model_form)
-    with pytest.raises(ValueError, match="pass vision_path"):
-        M.from_pretrained(str(tmp_path / "llava"), dtype=torch.float32)
-    ours = M.from_pretrained(str(tmp_path / "llava"), vision_path=str(tmp_path / "clip"), dtype=torch.float32)
-    assert ours.config.image_token_id == -200 and ours.config.text.vocab_size == 119
-    ids, mask, pixels = padded_batch()
-    ref = hf_logits(hf, ids, mask, pixels)[..., :119]
-    with torch.no_grad():
-        out = ours(ids.masked_fill(ids == 119, -200), pixels, mask)
-    valid = mask.bool()
-    assert (out[valid] - ref[valid]).abs().max() < 1e-4
 
 
 def test_greedy_generate_matches_transformers(hf_and_ours):
@@ -220,7 +202,7 @@ def test_logits_and_generate_match_transformers_without_gqa(tmp_path):
     """num_kv_heads == num_heads (LLaVA-1.5) takes SDPA's enable_gqa=False branch: same logits and greedy tokens."""
     hf = tiny_hf_llava(kv_heads=4)
     hf.save_pretrained(tmp_path)
-    ours = M.from_pretrained(str(tmp_path), dtype=torch.float32)
+    ours = C.from_pretrained(str(tmp_path), dtype=torch.float32)
     ids, mask, pixels = padded_batch()
     with torch.no_grad():
         out = ours(ids, pixels, mask)
@@ -228,6 +210,7 @@ def test_logits_and_generate_match_transformers_without_gqa(tmp_path):
                           pad_token_id=0)[:, ids.shape[1]:]
     assert (out - hf_logits(hf, ids, mask, pixels))[mask.bool()].abs().max() < 1e-4
     assert torch.equal(M.generate(ours, ids, pixels, mask, max_new_tokens=8), ref)
+
 
 def test_sampling_filter_matches_transformers_warpers():
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
@@ -246,34 +229,6 @@ def test_sampling_filter_matches_transformers_warpers():
             ours = M.filter_logits(logits.clone(), temp, k, p)
             assert torch.equal(torch.isinf(ours), torch.isinf(ref))
             assert (torch.isfinite(ours).sum(-1) >= 1).all()
-
-
-def test_save_pretrained_roundtrips_both_layouts(hf_and_ours, tmp_path):
-    from transformers import LlavaForConditionalGeneration
-    hf, ours, _ = hf_and_ours
-    ids, mask, pixels = padded_batch()
-    with torch.no_grad():
-        want = ours(ids, pixels, mask)
-    M.save_pretrained(ours, tmp_path / "hf", max_shard_bytes=40_000)  # force shards + index
-    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
-    hf2 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    valid = mask.bool()
-    assert (hf_logits(hf2, ids, mask, pixels)[valid] - want[valid]).abs().max() < 1e-4
-    for layout in ("llava-hf", "llava"):
-        M.save_pretrained(ours, tmp_path / layout, layout=layout)
-        back = M.from_pretrained(str(tmp_path / layout), dtype=torch.float32)
-        with torch.no_grad():
-            assert torch.equal(back(ids, pixels, mask), want)
-
-
-def test_tied_embeddings_roundtrip(tmp_path):
-    hf = tiny_hf_llava(tie=True)
-    hf.save_pretrained(tmp_path / "t")
-    ours = M.from_pretrained(str(tmp_path / "t"), dtype=torch.float32)
-    assert ours.lm_head.weight is ours.language_model.embed_tokens.weight
-    ids, mask, pixels = padded_batch()
-    with torch.no_grad():
-        assert (ours(ids, pixels, mask)[mask.bool()] - hf_logits(hf, ids, mask, pixels)[mask.bool()]).abs().max() < 1e-4
 
 
 def cluster_by_definition(p, x):
@@ -324,6 +279,96 @@ def test_cluster_projector_matches_step_by_step_definition():
     assert (out - ref).abs().max() < 1e-5
 
 
+# ----------------------------------------------------------------------------- checkpoint.py
+# Oracle: transformers reads what checkpoint.py writes and writes what it reads.
+
+def write_original_layout(hf, d, vision_dir, clip_model_form=False):
+    """Save `hf` as an original-LLaVA checkpoint (LLaMA keys + mm_projector) and its tower as a CLIPVisionModel."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModel
+    sd = hf.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("model.language_model."):
+            out["model." + k[len("model.language_model."):]] = v
+        elif k.startswith("model.multi_modal_projector.linear_1."):
+            out["model.mm_projector.0." + k.split(".")[-1]] = v
+        elif k.startswith("model.multi_modal_projector.linear_2."):
+            out["model.mm_projector.2." + k.split(".")[-1]] = v
+        elif k == "lm_head.weight":
+            out[k] = v
+    tc = hf.config.text_config
+    os.makedirs(d, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(d, "model.safetensors"))
+    cfg = dict(model_type="llava_llama", hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
+               num_hidden_layers=tc.num_hidden_layers, num_attention_heads=tc.num_attention_heads,
+               num_key_value_heads=tc.num_key_value_heads, vocab_size=tc.vocab_size - 1, rms_norm_eps=tc.rms_norm_eps,
+               rope_theta=500000.0, mm_projector_type="mlp2x_gelu", mm_vision_tower="my-local/clip",
+               mm_hidden_size=32, mm_vision_select_layer=-2, mm_vision_select_feature="patch")
+    # the original layout has no image-token row in the vocabulary: drop the last row (id 119)
+    out["model.embed_tokens.weight"] = out["model.embed_tokens.weight"][:-1].contiguous()
+    out["lm_head.weight"] = out["lm_head.weight"][:-1].contiguous()
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(d, "model.safetensors"))
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    tower_sd = {k[len("model.vision_tower."):]: v for k, v in sd.items() if k.startswith("model.vision_tower.")}
+    if clip_model_form:  # what the hub's openai/clip-* checkpoints hold: a whole CLIPModel
+        os.makedirs(vision_dir, exist_ok=True)
+        clip = {"vision_model." + k: v.contiguous() for k, v in tower_sd.items()}
+        clip.update({"text_model.embeddings.token_embedding.weight": torch.zeros(3, 4), "logit_scale": torch.ones(())})
+        save_file(clip, os.path.join(vision_dir, "model.safetensors"))
+        with open(os.path.join(vision_dir, "config.json"), "w") as f:
+            json.dump({"model_type": "clip", "vision_config": hf.config.vision_config.to_dict()}, f)
+    else:  # a CLIPVisionModel saved by transformers
+        tower = CLIPVisionModel(hf.config.vision_config)
+        tower.load_state_dict(tower_sd)
+        tower.save_pretrained(vision_dir)
+
+
+@pytest.mark.parametrize("clip_model_form", [False, True])
+def test_logits_match_original_layout_with_separate_clip(hf_and_ours, tmp_path, clip_model_form):
+    hf, _, _ = hf_and_ours
+    write_original_layout(hf, tmp_path / "llava", tmp_path / "clip", clip_model_form)
+    with pytest.raises(ValueError, match="pass vision_path"):
+        C.from_pretrained(str(tmp_path / "llava"), dtype=torch.float32)
+    ours = C.from_pretrained(str(tmp_path / "llava"), vision_path=str(tmp_path / "clip"), dtype=torch.float32)
+    assert ours.config.image_token_id == -200 and ours.config.text.vocab_size == 119
+    ids, mask, pixels = padded_batch()
+    ref = hf_logits(hf, ids, mask, pixels)[..., :119]
+    with torch.no_grad():
+        out = ours(ids.masked_fill(ids == 119, -200), pixels, mask)
+    valid = mask.bool()
+    assert (out[valid] - ref[valid]).abs().max() < 1e-4
+
+
+def test_save_pretrained_roundtrips_both_layouts(hf_and_ours, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    hf, ours, _ = hf_and_ours
+    ids, mask, pixels = padded_batch()
+    with torch.no_grad():
+        want = ours(ids, pixels, mask)
+    C.save_pretrained(ours, tmp_path / "hf", max_shard_bytes=40_000)  # force shards + index
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    hf2 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    valid = mask.bool()
+    assert (hf_logits(hf2, ids, mask, pixels)[valid] - want[valid]).abs().max() < 1e-4
+    for layout in ("llava-hf", "llava"):
+        C.save_pretrained(ours, tmp_path / layout, layout=layout)
+        back = C.from_pretrained(str(tmp_path / layout), dtype=torch.float32)
+        with torch.no_grad():
+            assert torch.equal(back(ids, pixels, mask), want)
+
+
+def test_tied_embeddings_roundtrip(tmp_path):
+    hf = tiny_hf_llava(tie=True)
+    hf.save_pretrained(tmp_path / "t")
+    ours = C.from_pretrained(str(tmp_path / "t"), dtype=torch.float32)
+    assert ours.lm_head.weight is ours.language_model.embed_tokens.weight
+    ids, mask, pixels = padded_batch()
+    with torch.no_grad():
+        assert (ours(ids, pixels, mask)[mask.bool()] - hf_logits(hf, ids, mask, pixels)[mask.bool()]).abs().max() < 1e-4
+
+
 def test_cluster_projector_roundtrips_in_llava_layout(tmp_path):
     cfg = M.LlavaConfig(vision=M.VisionConfig(32, 64, 2, 4, 28, 7), text=M.TextConfig(
         vocab_size=50, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2),
@@ -333,13 +378,13 @@ def test_cluster_projector_roundtrips_in_llava_layout(tmp_path):
     ids = torch.cat([torch.tensor([[1]]), torch.full((1, 16), 49), torch.tensor([[5, 6]])], 1)
     px = torch.randn(1, 3, 28, 28)
     with pytest.raises(ValueError, match="use layout='llava'"):
-        M.save_pretrained(m, tmp_path / "x", layout="llava-hf")
-    M.save_pretrained(m, tmp_path / "c", layout="llava")
+        C.save_pretrained(m, tmp_path / "x", layout="llava-hf")
+    C.save_pretrained(m, tmp_path / "c", layout="llava")
     from safetensors.torch import load_file
     keys = load_file(tmp_path / "c" / "model.safetensors").keys()
     assert {"model.mm_projector.sim_alpha", "model.mm_projector.c.weight", "model.mm_projector.mlp.2.bias",
             "model.mm_projector.ln_1.weight"} <= set(keys)
-    back = M.from_pretrained(str(tmp_path / "c"), dtype=torch.float32)
+    back = C.from_pretrained(str(tmp_path / "c"), dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(back(ids, px), m(ids, px))
 
@@ -354,7 +399,7 @@ def test_bad_inputs_give_clear_errors(hf_and_ours, tmp_path):
     with pytest.raises(ValueError, match="left-padded"):
         M.generate(ours, ids.flip(1), pixels, mask.flip(1))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        M.from_pretrained(str(tmp_path), dtype=torch.float32) if (tmp_path / "config.json").write_text(
+        C.from_pretrained(str(tmp_path), dtype=torch.float32) if (tmp_path / "config.json").write_text(
             json.dumps({"text_config": {}, "vision_config": {}})) else None
     from safetensors.torch import load_file, save_file
     sd = load_file(d / "model.safetensors")
@@ -366,12 +411,12 @@ def test_bad_inputs_give_clear_errors(hf_and_ours, tmp_path):
     broken["model.extra.weight"] = torch.zeros(1)
     save_file(broken, tmp_path / "bad" / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\], unexpected \['language_model.extra.weight'\]"):
-        M.from_pretrained(str(tmp_path / "bad"), dtype=torch.float32)
+        C.from_pretrained(str(tmp_path / "bad"), dtype=torch.float32)
     broken = dict(sd)
     broken[head] = torch.zeros(3, 3)
     save_file(broken, tmp_path / "bad" / "model.safetensors")
     with pytest.raises(ValueError, match=r"shape mismatch .* lm_head.weight: checkpoint \(3, 3\) vs model \(120, 48\)"):
-        M.from_pretrained(str(tmp_path / "bad"), dtype=torch.float32)
+        C.from_pretrained(str(tmp_path / "bad"), dtype=torch.float32)
     with pytest.raises(ValueError, match="unknown projector_type 'mlp3'"):
         M.Llava(M.LlavaConfig(projector_type="mlp3", vision=M.VisionConfig(8, 8, 1, 2, 14, 7),
                               text=M.TextConfig(10, 8, 8, 1, 2, 2)))
@@ -381,25 +426,11 @@ def test_unknown_tower_hub_id_error_says_how_to_fix(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_llama",
                                                        "mm_vision_tower": "someone/medclip"}))
     with pytest.raises(ValueError, match=r"'someone/medclip'.*pass vision_path="):
-        M.from_pretrained(str(tmp_path))
+        C.from_pretrained(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- lora.py
 # Oracle: PEFT's LoRA on transformers' LlavaForConditionalGeneration, with the same base weights.
-import copy
-import json
-import re
-
-import pytest
-import torch
-import torch.nn as nn
-from safetensors.torch import load_file
-
-import lora as L
-import model as M
-
-import transformers
-import peft
 
 IMG_ID, N_IMG_TOKENS = 119, 16
 
@@ -455,7 +486,7 @@ def base(tmp_path_factory):
 
 
 def ours_from(d):
-    return M.from_pretrained(d, dtype=torch.float32)
+    return C.from_pretrained(d, dtype=torch.float32)
 
 
 def randomize_lora(model, seed=0):
@@ -603,7 +634,7 @@ def test_disable_lora_is_base_and_merge_equals_unmerged(base, tmp_path):
     assert not L.lora_layers(ours) and set(ours.state_dict()) == set(plain.state_dict())
     assert all(type(m) is nn.Linear for m in ours.modules() if "Linear" in type(m).__name__)
     assert (logits(ours, ids, pixels) - lora_out).abs().max() < 1e-5
-    M.save_pretrained(ours, str(tmp_path))  # merged checkpoint loads in transformers and computes the same
+    C.save_pretrained(ours, str(tmp_path))  # merged checkpoint loads in transformers and computes the same
     hf_merged = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path), dtype=torch.float32)
     assert (logits(hf_merged, ids, pixels) - lora_out).abs().max() < 1e-4
 
@@ -724,33 +755,23 @@ def test_lora_bad_inputs_give_clear_errors(base, tmp_path):
             pass
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- data.py
 # Tests for data.py items 1-5 (issue 4), against oracles: sentencepiece for the tokenizer conversion, the
 # authors' tokenizer_image_token + preprocess_v1_sq2 masking (ported below) run on transformers' slow
 # sentencepiece tokenizer for the tokens and labels, and transformers' CLIPImageProcessorPil for the pixels.
 # sentencepiece and transformers are test-only. Real questions and images come from ../shared/data.
 
-import io
-import json
-import os
-import random
-from pathlib import Path
-
-import numpy as np
-import pytest
-import torch
-from PIL import Image
-
-import data as D
-
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
 needs_shared = pytest.mark.skipif(not (SHARED / "vqa_rad").is_dir(), reason="needs ../shared/data (VQA-RAD, SLAKE)")
+
+
 DATA_N_IMG, DATA_IMG_ID = 7, 1500  # a short image placeholder run; an id just past the test vocabulary, as llava-hf's 32000
+
 
 # -----------------------------------------------------------------------------
 # Oracles: a SentencePiece model trained here, and the authors' code ported line by line
-
-
 def _vqa_rad():
     return json.loads((SHARED / "vqa_rad" / "VQA_RAD_Dataset_Public.json").read_text())
 
@@ -858,10 +879,9 @@ def loss_runs(labels):
             runs, start = runs + [(start, k)], None
     return runs
 
+
 # -----------------------------------------------------------------------------
 # 1. Tokenizer
-
-
 VARIED = ["", " ", "   ", "\t", "\n", "a", "  leading spaces", "trailing spaces   ", "tabs\tin\t\tthe middle",
           "multi\nline\n\ntext\n", " \t \n mixed whitespace", "naïve café, Ångström, façade", "Ça va? Ñandú über",
           "这张图片的成像方式是什么?", "肺部 CT 显示 左下叶 结节", "emoji 😀🫀🩻 test", "ﬁ ligature ① Ⅻ",
@@ -942,17 +962,21 @@ def test_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer file .*nope.json not found"):
         D.load_tokenizer(tmp_path / "nope.json")
 
+
 # -----------------------------------------------------------------------------
 # 2. Templates and questioner roles
-
 SQ_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
              "detailed, and polite answers to the user's questions.Also, the artificial intelligence assistant is a "
              "curious virtual user. The virtual user asks complex questions that are relevant to the content in the "
              "image, for example, asking about background knowledge of the objects in the image, asking to discuss "
              "about events happening in the image, etc. Again, do not ask about uncertain details.")
+
+
 TURNS = [{"from": "human", "value": "<image>\nWhat modality is this?"}, {"from": "gpt", "value": "It is a CT scan."},
          {"from": "vuser", "value": "Is there a lesion?"}, {"from": "gpt", "value": "Yes, on the left."},
          {"from": "human", "value": "How many lesions are there?"}, {"from": "gpt", "value": "One."}]
+
+
 # hand-worked from conv_vicuna_v1_sq: system + " ", then role + ": " + msg + [" ", "</s>"][i % 2], and
 # preprocess_v1_sq2 appends "</s>" to the VUSER message (so "</s> " follows it)
 TURNS_PROMPT = (SQ_SYSTEM + " USER: <image>\nWhat modality is this? ASSISTANT: It is a CT scan.</s>"
@@ -992,10 +1016,9 @@ def test_assign_questioner_roles():
     n = sum(t["from"] == "vuser" for s in range(300) for t in D.assign_questioner_roles(turns, 0.5, random.Random(s)))
     assert 0.4 < n / 900 < 0.6
 
+
 # -----------------------------------------------------------------------------
 # 3. Encoding
-
-
 @needs_shared
 def test_encode_conversation_hand_worked(llama_sp, oracle):
     tok = D.load_tokenizer(llama_sp)
@@ -1062,10 +1085,9 @@ def test_encode_prompt_truncation_and_errors(llama_sp, oracle):
     with pytest.raises(ValueError, match="rec-8: a training conversation ends with a gpt answer"):
         D.encode_conversation(TURNS[:3], tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID, name="rec-8")
 
+
 # -----------------------------------------------------------------------------
 # 4. Images
-
-
 def authors_expand2square(pil_img, background_color):
     """STLLaVA-Med train.py LazySupervisedDataset.__getitem__ expand2square, verbatim logic."""
     width, height = pil_img.size
@@ -1124,10 +1146,9 @@ def test_preprocess_image_errors(tmp_path):
         with pytest.raises(ValueError, match=f"cannot read image .*{name}"):
             D.preprocess_image(tmp_path / name)
 
+
 # -----------------------------------------------------------------------------
 # 5. Datasets and collation
-
-
 def test_read_conversations(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     Image.new("RGB", (20, 10), (40, 80, 120)).save(tmp_path / "images" / "a.png")
@@ -1178,17 +1199,52 @@ def test_collate(tmp_path):
         D.collate(ex, padding_side="middle")
 
 
-# ----------------------------------------------------------------------------- synth
+# ----------------------------------------------------------------------------- data.py alignment
+# LLaVA-Med's concept-alignment instructions (its Tables 6 and 7).
+
+# --- LLaVA-Med alignment instructions ---------------------------------------------------------------------------
+def _caption_record(n_words):
+    caption = " ".join(f"w{i}" for i in range(n_words))
+    return {"id": "pmc_1", "image": "pmc_1.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhatever the file said."}, {"from": "gpt", "value": caption}]}
+
+
+def test_alignment_lists_are_the_papers():
+    # LLaVA-Med App. A.2: Table 6 has 11 brief instructions (with periods), Table 7 16 detailed ones (without)
+    assert len(ALIGN_BRIEF) == 11 and len(set(ALIGN_BRIEF)) == 11 and all(q.endswith(".") for q in ALIGN_BRIEF)
+    assert len(ALIGN_DETAILED) == 16 and len(set(ALIGN_DETAILED)) == 16
+    assert not any(q.endswith(".") for q in ALIGN_DETAILED)
+    assert ALIGN_BRIEF[0] == "Describe the image concisely."
+    assert ALIGN_BRIEF[-1] == "Create a compact narrative representing the image presented."
+    assert ALIGN_DETAILED[0] == "Describe the following image in detail"
+    assert ALIGN_DETAILED[-1] == "Write an exhaustive depiction of the given image"
+
+
+@pytest.mark.parametrize("n_words, brief", [(1, True), (29, True), (30, False), (31, False), (120, False)])
+def test_alignment_30_word_rule(n_words, brief):
+    # "25% of captions have length less than 30 words ... 30 words is used as the cutoff point": < 30 is brief
+    rng, rec = random.Random(0), _caption_record(n_words)
+    questions = set()
+    for _ in range(200):
+        out = caption_to_alignment(rec, rng)
+        human, gpt = out["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert gpt == {"from": "gpt", "value": rec["conversations"][1]["value"]}
+        assert out["id"] == "pmc_1" and out["image"] == "pmc_1.jpg"
+        questions.add(human["value"][len("<image>\n"):])
+    assert questions == set(ALIGN_BRIEF if brief else ALIGN_DETAILED)  # only that list, and all of it
+
+
+def test_alignment_counts_whitespace_words_and_is_seeded():
+    tabs = {"id": 1, "image": "a.png", "caption": "  one\ttwo\nthree " + " x" * 26}  # 29 words, odd spacing
+    assert caption_to_alignment(tabs, random.Random(0))["conversations"][0]["value"][8:] in ALIGN_BRIEF
+    recs = [_caption_record(n) for n in (5, 40, 29, 30)] * 5
+    draw = lambda seed: [caption_to_alignment(r, random.Random(seed + i)) for i, r in enumerate(recs)]
+    assert draw(3) == draw(3) and draw(3) != draw(4)
+
+
+# ----------------------------------------------------------------------------- synth.py
 # Tests of the synthetic "toy radiology" default (the bottom section of data.py).
-import json
-from collections import Counter
-
-import numpy as np
-import pytest
-from PIL import Image
-from tokenizers import Tokenizer
-
-import data as SY
 
 FACT_KEYS = {"modality", "organ", "count", "side", "size"}
 
@@ -1272,7 +1328,7 @@ def test_parser_reads_back_every_question_and_answer(root):
         f, turns = facts[r["image"]], r["conversations"]
         for human, gpt in zip(turns[::2], turns[1::2]):
             question = human["value"].removeprefix("<image>\n")
-            if question == SY.DESCRIBE:
+            if question == D.DESCRIBE:
                 assert SY.parse_question(question) is None
                 stated = SY.parse_answer(gpt["value"])
                 assert stated == {k: v for k, v in f.items() if v != "none"}  # a caption states every fact
@@ -1335,8 +1391,8 @@ def test_score_answer_ranks_right_over_wrong(root):
         score("Is this a ct scan?", "yes, it is a ct scan of the chest") > score("Is this a ct scan?", "brain") > \
         score("Is this a ct scan?", "no") > score("Is this a ct scan?", "") == 1
     assert score("Where is the lesion?", "left") == 10 > score("Where is the lesion?", "right") == 2
-    assert score(SY.DESCRIBE, SY.synth_caption(f)) == 10 > score(SY.DESCRIBE, "A ct scan of the brain.") > \
-        score(SY.DESCRIBE, "An mri scan of the chest.") == 1
+    assert score(D.DESCRIBE, SY.synth_caption(f)) == 10 > score(D.DESCRIBE, "A ct scan of the brain.") > \
+        score(D.DESCRIBE, "An mri scan of the chest.") == 1
     none = {"modality": "ct", "organ": "brain", "count": 0, "side": "none", "size": "none"}
     assert SY.score_answer(none, "Where is the lesion?", "none") == 10 > SY.score_answer(none, "Where is the lesion?", "left")
 
@@ -1350,12 +1406,12 @@ def test_tokenizer(root):
     ids = tok.encode(text, add_special_tokens=False).ids
     assert ids.count(2) == 3 and ids.count(3) == 1 and ids[ids.index(3) - 1] != 3
     texts = [t["value"] for r in load(root, "train.json") for t in r["conversations"]] + [
-        SY._SYNTH_SYSTEM_SQ, "  odd\twhitespace \n\n, accents é, CJK 中文, emoji 🩻", ""]
+        D.QUESTIONER_SYSTEM, "  odd\twhitespace \n\n, accents é, CJK 中文, emoji 🩻", ""]
     for t in texts:
         assert tok.decode(tok.encode(t, add_special_tokens=False).ids, skip_special_tokens=False) == t
     n_words = sum(len(t.split()) for t in texts[:2000])
     assert sum(len(tok.encode(t, add_special_tokens=False).ids) for t in texts[:2000]) < 1.5 * n_words  # compresses
-    assert len(tok.encode(SY._SYNTH_SYSTEM_SQ, add_special_tokens=False).ids) < 1.4 * len(SY._SYNTH_SYSTEM_SQ.split())
+    assert len(tok.encode(D.QUESTIONER_SYSTEM, add_special_tokens=False).ids) < 1.4 * len(D.QUESTIONER_SYSTEM.split())
 
 
 def test_images_show_their_facts(root):
@@ -1371,283 +1427,483 @@ def test_images_show_their_facts(root):
         assert (left > 2) == (f["side"] in ("left", "both")) and (right > 2) == (f["side"] in ("right", "both"))
 
 
-# ----------------------------------------------------------------------------- evaluate.py
-# Metrics: hand-worked cases whose expected values are derived here from LLaVA-Med's definitions
-# (eval_metrics/glossary.py, evaluate_metrics.py @ b9a98a7), not copied from our output.
-# Data: the real VQA-RAD / SLAKE test sets in ../shared/data (skipped when absent).
-import copy
-import json
-import random
-from pathlib import Path
+# ----------------------------------------------------------------------------- train.py and sft.py
 
-import pytest
-from PIL import Image
-
-import evaluate as E
-
-SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
-need_data = pytest.mark.skipif(not (SHARED / "slake" / "test.json").exists() or
-                               not (SHARED / "vqa_rad" / "VQA_RAD_Dataset_Public.json").exists(),
-                               reason=f"real VQA-RAD/SLAKE test sets not found at {SHARED} (see shared/data/README.md)")
+HERE = Path(__file__).resolve().parent
 
 
-def last_json(capsys):
-    out = capsys.readouterr().out.strip().splitlines()
-    return json.loads(out[-1])
+@pytest.fixture(scope="module")
+def synth():
+    return SY.synth_data()
 
 
-def write_answers(path, pairs):
-    with open(path, "w") as f:
-        for qid, text in pairs:
-            f.write(json.dumps({"question_id": qid, "text": text}) + "\n")
-
-# --- metric rules, by hand ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("raw, expected", [
-    ("3.5 cm. x-ray (ct)", "3.5 cm x ray ct"),  # " (" has a space -> "(" removed; ")" and "-" -> space; "cm." loses its dot
-    ("x-ray - ct", "xray ct"),         # one spaced "-" in the ORIGINAL string makes every "-" vanish: "x-ray" -> "xray"
-    ("ct(mr/(", "ct mr"),              # "/" -> space puts " (" in the EDITED string only; the test reads the original,
-                                       # so "(" still becomes a space (testing the edited string would give "ctmr")
-    ("1,000 x-ray", "1000 xray"),      # a digit,digit anywhere: every punctuation mark is removed, not spaced
-    ("left/right", "left right"),      # no space next to "/": it becomes a space
-    ("Is it? Yes!", "is it yes"),      # "? " has a space -> "?" removed; "!" has none -> a space, stripped by split
-    ("the left lung", "left lung"),    # articles dropped
-    ("a an the", ""),                  # only articles -> empty string
-    ("Two lesions", "2 lesions"),      # number words -> digits (after lower-casing)
-    ("none", "0"),                     # "none" is a number word too
-    ("dont know", "don't know"),       # contractions table
-    ("Im here", "im here"),            # the table's capitalised keys can never match lower-cased words
-    ("no.", "no"),                     # trailing period removed
-    ("2.5.", "2.5"),                   # a period before a digit survives, the final one does not
-])
-def test_normalize_word(raw, expected):
-    assert E.normalize_word(raw.lower()) == expected
-
-
-def test_period_limit_is_32():
-    # re.UNICODE (=32) is passed as `count`: only the first 32 periods not followed by a digit go
-    s = " ".join(["x."] * 40)
-    assert E.normalize_word(s).count(".") == 40 - 32
-
-
-def prf(tp, fp, fn):
-    """The definition: precision tp/(tp+fp), recall tp/(tp+fn), F1 their harmonic mean; 0 if tp == 0."""
-    if tp == 0:
-        return 0.0, 0.0, 0.0
-    p, r = tp / (tp + fp), tp / (tp + fn)
-    return 2 * p * r / (p + r), p, r
-
-
-@pytest.mark.parametrize("pred, gt, tp, fp, fn", [
-    ("left upper lobe of the lung", "left lung", 2, 3, 0),  # "the" dropped: 5 pred words, left+lung shared
-    ("left left", "left lung", 2, 0, 1),     # tp counted from the PREDICTION's counts: recall 2/3, not 1/2
-    ("left", "left left", 1, 0, 0),          # a repeated gt word is never a false negative once it appears
-    ("Lung.", "the lung", 1, 0, 0),          # punctuation, case and articles normalised away
-    ("2 lesions", "two", 1, 1, 0),           # number word in the gt -> "2"
-    ("heart", "liver", 0, 1, 1),             # nothing shared -> all zero
-])
-def test_f1score(pred, gt, tp, fp, fn):
-    assert E.calculate_f1score(pred.lower(), gt.lower()) == pytest.approx(prf(tp, fp, fn))
-
-
-def test_empty_prediction_scores_zero():
-    s = E.score_item("", "yes")
-    assert (s["closed"], s["closed_run_eval"], s["closed_strict"], s["f1"], s["recall"], s["em_score"]) == (0,) * 6
-    assert E.calculate_f1score("lung", "the") == (0.0, 0.0, 0.0)  # a gt that normalises to nothing scores 0 too
-
-
-def test_exact_match_score():
-    # distinct gt words present in the prediction / number of prediction words
-    assert E.calculate_exactmatch("left lung left", "left lung") == pytest.approx(2 / 3)
-    assert E.calculate_exactmatch("lung", "left lung lung") == pytest.approx(1 / 1)
-    assert E.score_item("The Lung.", "lung")["exact"] == 1.0 and E.score_item("lungs", "lung")["exact"] == 0.0
-
-
-@pytest.mark.parametrize("pred, gt, official, run_eval, strict", [
-    ("normal", "no", 1, 1, 0),       # the substring quirk: "no" is inside "normal"
-    ("the eyes", "yes", 1, 1, 0),    # "yes" inside "eyes"
-    ("Yes, it is.", "yes", 1, 1, 1),
-    ("No, there is no mass.", "yes", 0, 0, 0),  # "yes" nowhere
-    ("There is no mass", "no", 1, 1, 0),  # official hit; strict wants the answer to lead with it
-    ("liver", "liver", 1, 0, 1),     # run_eval.py also needs "yes"/"no" somewhere: a non-yes/no closed answer fails
-    ("the liver or the heart", "liver", 1, 0, 1),  # whole word for non-yes/no gt in the strict rule
-    ("livers", "liver", 1, 0, 0),    # substring hit, not a whole word
-    ("", "no", 0, 0, 0),
-])
-def test_closed_rules(pred, gt, official, run_eval, strict):
-    s = E.score_item(pred, gt)
-    assert (s["closed"], s["closed_run_eval"], s["closed_strict"]) == (official, run_eval, strict)
-
-# --- loaders on the real data ---------------------------------------------------------------------------------
-
-
-@need_data
-@pytest.mark.parametrize("name, n, n_closed, n_open, n_images", [
-    ("vqa_rad", 451, 272, 179, 203), ("slake", 1061, 416, 645, 96)])
-def test_real_test_splits(name, n, n_closed, n_open, n_images):
-    ex = E.load_dataset(name, SHARED / name)
-    types = [e["answer_type"] for e in ex]
-    assert (len(ex), types.count("CLOSED"), types.count("OPEN")) == (n, n_closed, n_open)
-    assert len({e["qid"] for e in ex}) == n
-    images = {e["image"] for e in ex}
-    assert len(images) == n_images
-    for p in images:
-        with Image.open(p) as im:
-            im.verify()
-    if name == "slake":
-        assert {e["modality"] for e in ex} == {"CT", "MRI", "X-Ray"}
-
-
-def test_missing_data_says_what_to_download(tmp_path):
-    with pytest.raises(E.DataError, match="Download SLAKE.*imgs"):
-        E.load_dataset("slake", tmp_path / "nope")
-    (tmp_path / "test.json").write_text(json.dumps([{"qid": 1, "img_name": "xmlab1/source.jpg", "question": "q",
-                                                     "answer": "yes", "q_lang": "en", "answer_type": "CLOSED",
-                                                     "modality": "CT"}]))
-    with pytest.raises(E.DataError, match="1 image"):
-        E.load_dataset("slake", tmp_path)
-    assert len(E.load_dataset("slake", tmp_path, check_images=False)) == 1  # --pred needs no images
-
-
-def test_pathvqa_and_synth_loaders(tmp_path):
-    (tmp_path / "images" / "test").mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "test" / "p0.jpg")
-    recs = [{"image_path": "images\\test\\p0.jpg", "question": "is it?", "answer": "yes", "answer_type": "CLOSED"},
-            {"image_path": "images\\test\\p0.jpg", "question": "what?", "answer": "a cell"}]  # no answer_type
-    (tmp_path / "test.json").write_text(json.dumps(recs))
-    ex = E.load_dataset("pathvqa", tmp_path)
-    assert [e["qid"] for e in ex] == ["0", "1"] and [e["answer_type"] for e in ex] == ["CLOSED", "OPEN"]
-    assert ex[0]["image"] == tmp_path / "images" / "test" / "p0.jpg"
-    synth = [{"qid": 0, "image_name": "p0.jpg", "question": "q?", "answer": "no", "answer_type": "CLOSED"}]
-    (tmp_path / "test.json").write_text(json.dumps(synth))
-    (tmp_path / "images" / "p0.jpg").write_bytes((tmp_path / "images" / "test" / "p0.jpg").read_bytes())
-    assert E.load_dataset("synth", tmp_path)[0]["image"] == tmp_path / "images" / "p0.jpg"
-
-
-@need_data
-def test_llava_med_converted_format_matches_official(tmp_path):
-    ex = E.load_dataset("slake", SHARED / "slake")[:30]
-    conv = [{"id": e["qid"], "image": str(e["image"].relative_to(SHARED / "slake" / "imgs")), "answer_type": e["answer_type"],
-             "conversations": [{"from": "human", "value": e["question"] + "\n<image>"}, {"from": "gpt", "value": e["answer"]}]}
-            for e in ex]
-    (tmp_path / "test.json").write_text(json.dumps(conv))
-    (tmp_path / "imgs").symlink_to(SHARED / "slake" / "imgs")
-    got = E.load_dataset("slake", tmp_path)
-    key = lambda e: (e["qid"], e["question"], e["answer"], e["answer_type"], e["image"].name)
-    assert [key(e) for e in got] == [key(e) for e in ex]
-
-# --- scoring files ----------------------------------------------------------------------------------------------
-
-
-@need_data
-@pytest.mark.parametrize("name", ["vqa_rad", "slake"])
-def test_ground_truth_scores_100(name, tmp_path, capsys):
-    ex = E.load_dataset(name, SHARED / name, check_images=False)
-    write_answers(tmp_path / "gt.jsonl", [(e["qid"], e["answer"]) for e in ex])
-    res = E.main([name, "--pred", str(tmp_path / "gt.jsonl"), "--data", str(SHARED / name), "--bootstrap", "50",
-                  "--json", str(tmp_path / "r.json")])
-    assert last_json(capsys) == json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(res))
-    for k in ("closed_accuracy", "closed_accuracy_strict", "open_recall", "open_f1", "open_precision", "exact_match"):
-        assert res[k] == 100.0, k
-    assert (res["n_closed"], res["n_open"], res["n_missing"]) == ({"vqa_rad": 272, "slake": 416}[name],
-                                                                  {"vqa_rad": 179, "slake": 645}[name], 0)
-    assert res["ci"]["open_f1"] == [100.0, 100.0]
-
-
-@need_data
-def test_shuffled_truncated_duplicate_unknown(tmp_path, capsys):
-    ex = E.load_dataset("slake", SHARED / "slake", check_images=False)
-    rng = random.Random(0)  # a mediocre "model": right, "no", or the question's last word
-    pairs = [(e["qid"], rng.choice([e["answer"], "No, normal.", e["question"].split()[-1]])) for e in ex]
-    write_answers(tmp_path / "a.jsonl", pairs)
-    shuffled = pairs[:]
-    rng.shuffle(shuffled)
-    write_answers(tmp_path / "b.jsonl", shuffled)
-    args = ["--data", str(SHARED / "slake"), "--bootstrap", "200"]
-    a = E.main(["slake", "--pred", str(tmp_path / "a.jsonl")] + args)
-    b = E.main(["slake", "--pred", str(tmp_path / "b.jsonl")] + args)
-    assert a == b and 0 < a["closed_accuracy"] < 100 and a["ci"]["closed_accuracy"][0] < a["closed_accuracy"]
-    write_answers(tmp_path / "c.jsonl", pairs[:-7] + [pairs[0], ("no-such-id", "yes")])
-    capsys.readouterr()
-    c = E.main(["slake", "--pred", str(tmp_path / "c.jsonl")] + args)
-    assert c["missing_ids"] == [q for q, _ in pairs[-7:]] and c["n_missing"] == 7
-    assert c["duplicate_ids"] == [pairs[0][0]] and c["unknown_ids"] == ["no-such-id"]
-    out = capsys.readouterr().out
-    assert "7 missing question id(s)" in out and pairs[-1][0] in out
-
-
-@need_data
-def test_compare_is_paired(tmp_path, capsys):
-    ex = E.load_dataset("vqa_rad", SHARED / "vqa_rad", check_images=False)
-    write_answers(tmp_path / "gt.jsonl", [(e["qid"], e["answer"]) for e in ex])
-    write_answers(tmp_path / "no.jsonl", [(e["qid"], "no") for e in ex])
-    data = ["--data", str(SHARED / "vqa_rad"), "--bootstrap", "200"]
-    same = E.main(["vqa_rad", "--compare", str(tmp_path / "no.jsonl"), str(tmp_path / "no.jsonl")] + data)
-    assert same["closed_accuracy"]["diff"] == 0 and same["closed_accuracy"]["ci"] == [0.0, 0.0]  # paired: no noise
-    res = E.main(["vqa_rad", "--compare", str(tmp_path / "no.jsonl"), str(tmp_path / "gt.jsonl")] + data)
-    closed = [e for e in ex if e["answer_type"] == "CLOSED"]
-    always_no = 100 * sum(E.normalize_word(e["answer"].lower()) in "no" for e in closed) / len(closed)
-    d = res["closed_accuracy"]
-    assert d["a"] == pytest.approx(always_no, abs=1e-3) and d["diff"] == pytest.approx(100 - always_no, abs=1e-3)
-    assert d["ci"][0] < d["diff"] < d["ci"][1]
-    assert "closed_accuracy" in last_json(capsys)
-
-# --- end to end: a tiny random model answers 20 real SLAKE questions -----------------------------------------
-
-
-@need_data
-def test_tiny_model_end_to_end(tmp_path, capsys):
-    torch = pytest.importorskip("torch")
-    M = pytest.importorskip("model")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from data import VICUNA_SYSTEM
-    ex = E.load_dataset("slake", SHARED / "slake")[:20]
-    tok = Tokenizer(models.BPE())  # byte-level BPE with LLaMA's special-token layout, "<image>" = 3 as in "tiny"
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator([VICUNA_SYSTEM] + [e["question"] + " " + e["answer"] for e in ex], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<image>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    cfg = copy.deepcopy(M.CONFIGS["tiny"])
-    cfg.text.vocab_size, cfg.image_token_id = tok.get_vocab_size(), tok.token_to_id("<image>")
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, synth):
+    """A random tiny LLaVA for the synthetic data (48x48 images, 36 image tokens), with its tokenizer."""
+    tok = D.load_tokenizer(synth / "tokenizer.json")
+    cfg = M.LlavaConfig(vision=M.VisionConfig(32, 64, 2, 4, 48, 8), text=M.TextConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
+        num_kv_heads=2), image_token_id=SY.SYNTH_IMAGE_TOKEN_ID)
     torch.manual_seed(0)
-    ckpt = tmp_path / "ckpt"
-    M.save_pretrained(M.Llava(cfg), str(ckpt))
-    tok.save(str(ckpt / "tokenizer.json"))
-    out = tmp_path / "answers.jsonl"
-    run = ["slake", "--model", str(ckpt), "--data", str(SHARED / "slake"), "--limit", "20", "--out", str(out),
-           "--batch_size", "8", "--max_new_tokens", "4", "--bootstrap", "0", "--device", "cpu"]
-    res = E.main(run)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["question_id"] for r in rows] == [e["qid"] for e in ex]
-    assert all(isinstance(r["text"], str) and r["prompt"] == e["question"] for r, e in zip(rows, ex))
-    assert res["n"] == 20 and res["n_missing"] == 0 and res["n_closed"] + res["n_open"] == 20
-    capsys.readouterr()
-    scored = E.main(["slake", "--pred", str(out), "--data", str(SHARED / "slake"), "--limit", "20", "--bootstrap", "0"])
-    assert scored == res and last_json(capsys) == json.loads(json.dumps(res))
-    # resumable: a run killed mid-write leaves a torn line; the rerun drops it and answers only what is missing
-    lines = out.read_text().splitlines(keepends=True)
-    out.write_text("".join(lines[:17]) + lines[17][:15])
-    E.main(run)
-    assert out.read_text().splitlines(keepends=True)[:17] == lines[:17]
-    assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == [e["qid"] for e in ex]
+    d = tmp_path_factory.mktemp("tiny")
+    C.save_pretrained(sft.init_weights(M.Llava(cfg)), d)
+    (d / "tokenizer.json").write_text((synth / "tokenizer.json").read_text())
+    return d
 
 
-# ----------------------------------------------------------------------------- judge
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, synth):
+    recs = json.loads((synth / "train.json").read_text())[:16]
+    p = tmp_path_factory.mktemp("data") / "train.json"
+    p.write_text(json.dumps(recs))
+    return p
+
+
+def run_sft(args, nproc=1, script=HERE / "sft.py"):
+    cmd = [sys.executable, str(script)] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    r = subprocess.run(cmd + args, capture_output=True, text=True, cwd=HERE, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def assert_close_logs(a, b, tol=1e-5):
+    """Two training logs: the same steps, every logged number (not the wall-clock tok/s) within `tol`."""
+    assert [x["step"] for x in a] == [y["step"] for y in b]
+    for x, y in zip(a, b):
+        for k in x.keys() - {"tok_s"}:
+            assert abs(x[k] - y[k]) < tol, (x["step"], k, x[k], y[k])
+
+
+def sft_args(tiny_dir, small_data, synth, out, *extra):
+    return [f"--model={tiny_dir}", f"--data={small_data}", f"--image_dir={synth / 'images'}", f"--out_dir={out}",
+            "--global_batch=8", "--micro_batch=2", "--max_steps=3", "--epochs=2", "--image_size=48", "--max_length=512",
+            "--lr=1e-2", "--vision_lr=1e-2", "--projector_lr=1e-2", "--log_every=1", "--save_every=1", *extra]
+
+
+def read_log(out):
+    return [json.loads(x) for x in open(Path(out) / "log.jsonl")]
+
+
+def trained(out):
+    return torch.load(Path(out) / "checkpoint.pt", weights_only=False)["trainable"]
+
+
+def test_sft_two_processes_equal_one_process_with_accumulation(tiny_dir, small_data, synth, tmp_path):
+    # no dropout: its random masks would depend on which process draws them
+    # lr 1e-3: Adam divides by sqrt(v), so last-bit differences of near-zero gradients (DDP sums in another order)
+    # move a weight by up to ~lr x 1e-3; the updates themselves are ~lr, far above the 1e-5 tolerance
+    common = ["--lora_dropout=0", "--vit_lora_dropout=0", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3"]
+    run_sft(sft_args(tiny_dir, small_data, synth, tmp_path / "one", *common))
+    run_sft(sft_args(tiny_dir, small_data, synth, tmp_path / "two", *common), nproc=2)
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(a) == len(b) == 3 and {"answer_loss", "question_loss"} <= a[0].keys()
+    assert_close_logs(a, b)
+    wa, wb = trained(tmp_path / "one"), trained(tmp_path / "two")
+    assert wa.keys() == wb.keys() and any("lora_a" in k for k in wa) and any(k.startswith("projector.") for k in wa)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    start = {k: v for k, v in C.from_pretrained(str(tiny_dir), dtype=torch.float32).state_dict().items() if k in wa}
+    assert max((wa[k] - start[k]).abs().max().item() for k in start) > 1e-4  # the projector really moved
+    assert (tmp_path / "one" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_sft_kill_and_resume_is_bit_identical(tiny_dir, small_data, synth, tmp_path, monkeypatch):
+    """Stopped after step 2 (an exception right after its checkpoint), resumed: same losses and weights."""
+    model_cfg = C.from_pretrained(str(tiny_dir), dtype=torch.float32).config
+    tok = D.load_tokenizer(tiny_dir)
+    recs = D.read_conversations(small_data, synth / "images")
+
+    def run(out, stop_after=None, resume=False):
+        cfg = replace(sft.Config(), model=str(tiny_dir), out_dir=str(out), global_batch=8, micro_batch=4, max_steps=4,
+                      epochs=2, image_size=48, max_length=512, lr=1e-2, vision_lr=1e-2, projector_lr=1e-2,
+                      log_every=1, save_every=2, resume=resume)
+        torch.manual_seed(0)
+        model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+        groups = sft.setup_trainable(model, cfg)  # LoRA with dropout 0.05 / 0.2: the RNG state must resume too
+        save = T.atomic_save
+
+        def save_then_stop(obj, path):
+            save(obj, path)
+            if stop_after is not None and obj["step"] == stop_after:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(T, "atomic_save", save_then_stop)
+        if resume:  # a new process would start from fresh RNG and weights; scramble both to be sure
+            torch.manual_seed(1234)
+        T.fit(cfg, model, len(recs), sft.make_sft_prepare(recs, tok, cfg, model_cfg, "cpu"), sft.sft_loss, groups,
+                str(out))
+        return model
+
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop_after=2)
+    resumed = run(tmp_path / "cut", resume=True)
+    la, lb = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [x["step"] for x in lb] == [1, 2, 3, 4]
+    strip = lambda log: [{k: v for k, v in x.items() if k != "tok_s"} for x in log]  # wall-clock speed differs
+    assert strip(la) == strip(lb)  # every other logged number, bit for bit
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_question_loss_switch_masks_labels_and_gradients(tiny_dir, synth):
+    tok = D.load_tokenizer(tiny_dir)
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    rec = D.read_conversations(synth / "train.json", synth / "images")[0]
+    grads = {}
+    for on in (True, False):
+        cfg = replace(sft.Config(), question_loss=on, sq_r=1.0, image_size=48, max_length=512)  # every later turn asks
+        b = sft.make_sft_prepare([rec], tok, cfg, model.config, "cpu")([0], 0)
+        q = b["question_mask"]
+        assert q.any()
+        assert (b["labels"][q] != -100).all() if on else (b["labels"][q] == -100).all()
+        captured = {}
+
+        def forward(*a):
+            captured["logits"] = model(*a)
+            captured["logits"].retain_grad()
+            return captured["logits"]
+        loss, m = sft.sft_loss(forward, b)
+        loss.backward()
+        g = captured["logits"].grad[0, :-1].abs().sum(-1)  # gradient at the position that predicts token t+1
+        grads[on] = g[q[0, 1:]].sum().item()
+        assert (m["question_loss_n"] > 0) == on and m["answer_loss_n"] > 0
+    assert grads[True] > 0 and grads[False] == 0
+
+
+def test_synthetic_base_is_a_model_directory_that_loads_alone(synth, tmp_path):
+    # the README's alignment and selector commands start from out/sft/base: it needs its own tokenizer
+    cfg = replace(sft.Config(), **sft.SYNTH_OVERRIDES, out_dir=str(tmp_path), max_steps=1)
+    tok = D.load_tokenizer(synth / "tokenizer.json")
+    base = sft.synthetic_base(cfg, synth, tok, 0, 1, torch.device("cpu"))
+    assert D.load_tokenizer(base).get_vocab() == tok.get_vocab()
+    assert C.from_pretrained(base).config.text.vocab_size == tok.get_vocab_size()
+
+
+def test_summarize_means_and_leaves_out_empty_metrics():
+    # answers-only training has no question tokens: no "question_loss nan" in the log
+    sums = {"answer_loss_sum": 3.0, "answer_loss_n": 4, "question_loss_sum": 0.0, "question_loss_n": 0, "tokens": 9}
+    assert T.summarize(sums) == {"answer_loss": 0.75}
+
+
+def test_bad_config_stops_with_clear_messages(tiny_dir, small_data, synth, tmp_path, capsys):
+    for bad, msg in (["--nonsense=1"], "unrecognized arguments: --nonsense=1"), (["--micro_batch=two"], "invalid int value"):
+        with pytest.raises(SystemExit):
+            T.parse_config(sft.Config, bad)
+        assert msg in capsys.readouterr().err
+    cfg = replace(sft.Config(), global_batch=10, micro_batch=4)
+    with pytest.raises(ValueError, match="global_batch 10 is not divisible by micro_batch 4 x world size 1"):
+        T.fit(cfg, None, 100, None, None, [], str(tmp_path))
+    with pytest.raises(ValueError, match="--train must be lora, projector or full"):
+        sft.setup_trainable(C.from_pretrained(str(tiny_dir), dtype=torch.float32), replace(sft.Config(), train="both"))
+    cfg, given = T.parse_config(sft.Config, ["--no-question_loss", "--lr=0.5"])
+    assert cfg.question_loss is False and cfg.lr == 0.5 and given == {"question_loss": False, "lr": 0.5}
+
+
+def test_projector_only_training_changes_the_projector_and_nothing_else(tiny_dir, synth, tmp_path):
+    """LLaVA-Med's concept alignment: --train=projector on captions with the paper's instruction lists."""
+    tok = D.load_tokenizer(tiny_dir)
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recs = D.read_conversations(synth / "captions.json", synth / "images")[:8]
+    cfg = replace(sft.Config(), train="projector", align_captions=True, template="vicuna_v1", question_loss=False,
+                  global_batch=4, micro_batch=4, max_steps=2, image_size=48, max_length=512, projector_lr=1e-2,
+                  out_dir=str(tmp_path))
+    groups = sft.setup_trainable(model, cfg)
+    T.fit(cfg, model, len(recs), sft.make_sft_prepare(recs, tok, cfg, model.config, "cpu"), sft.sft_loss, groups,
+            str(tmp_path))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {k for k in before if k.startswith("projector.")}
+
+
+# ----------------------------------------------------------------------------- dpo.py
+
+def test_dpo_loss_equals_eq1_with_rewards_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(6, generator=g, dtype=torch.float64) * 5 for _ in range(4))
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    beta = 0.1
+    losses, cr, rj = dpo.dpo_loss(pc, pr, rc, rr, beta)
+    for i in range(6):  # Eq. 1, term by term, with math only
+        z = beta * ((pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item()))
+        assert abs(losses[i].item() - math.log(1 + math.exp(-z))) < 1e-12
+        assert abs(cr[i].item() - beta * (pc[i].item() - rc[i].item())) < 1e-12
+        assert abs(rj[i].item() - beta * (pr[i].item() - rr[i].item())) < 1e-12
+    losses.sum().backward()
+    z = beta * ((pc - rc) - (pr - rr)).detach()
+    sig = 1 / (1 + torch.exp(z))  # d/dz of -log σ(z) is -σ(-z)
+    assert torch.allclose(pc.grad, -beta * sig) and torch.allclose(pr.grad, beta * sig)
+
+
+def hand_pair(tok, model_cfg, synth):
+    img = sorted(os.listdir(synth / "images"))[0]
+    return [{"image": img, "question": "What organ is shown?", "chosen": "brain", "rejected": "the chest"}]
+
+
+def test_logps_cover_answer_tokens_only(tiny_dir, synth):
+    tok = D.load_tokenizer(tiny_dir)
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    pairs = hand_pair(tok, model.config, synth)
+    b = dpo.encode_pair_batch(pairs, tok, model.config, synth / "images", 48, 512, "cpu")
+    with torch.no_grad():
+        got = dpo.sequence_logps(model, b)
+        logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"]).log_softmax(-1)
+    for row, answer in enumerate([pairs[0]["chosen"], pairs[0]["rejected"]]):
+        labels = b["labels"][row]
+        sup = (labels != -100).nonzero().flatten().tolist()
+        assert sup == list(range(sup[0], sup[-1] + 1))  # one contiguous run: the answer
+        assert tok.decode(labels[sup].tolist(), skip_special_tokens=False).strip() == answer + "</s>"
+        assert sup[-1] == int(b["attention_mask"][row].sum()) - 1  # ends at the last real token, not in padding
+        want = sum(logits[row, t - 1, labels[t]].item() for t in sup)  # position t-1 predicts token t
+        assert abs(got[row].item() - want) < 1e-4
+
+
+def test_reference_equals_stage1_and_precomputed_and_loss_is_log2_at_start(tiny_dir, synth, tmp_path):
+    tok = D.load_tokenizer(tiny_dir)
+    pairs = hand_pair(tok, None, synth) * 4
+    cfg = replace(dpo.Config(), model=str(tiny_dir), out_dir=str(tmp_path), global_batch=4, micro_batch=2, max_steps=1,
+                  lr=0.0, vision_lr=0.0, projector_lr=0.0, precompute_ref=True, log_every=1)
+    torch.manual_seed(0)
+    model = dpo.train_step(cfg, pairs, tok, synth / "images", "cpu")  # lr 0: the policy stays the stage-1 model
+    stored = torch.load(tmp_path / "ref_logps.pt")["logps"]
+    base = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    b = dpo.encode_pair_batch(pairs[:2], tok, base.config, synth / "images", 48, 512, "cpu")
+    with torch.no_grad():
+        live = dpo.Reference(model).logps(b)
+        plain = dpo.sequence_logps(base, b)
+    assert torch.allclose(live, plain, atol=1e-5)  # the reference is exactly the stage-1 model
+    assert torch.allclose(stored[:2].T.reshape(-1), live, atol=1e-5)  # and equals the precomputed log-probs
+    log = read_log(tmp_path)
+    assert abs(log[0]["loss"] - math.log(2)) < 1e-6 and log[0]["reward_acc"] == 0.0
+
+
+def test_dpo_steps_resume_without_losing_or_repeating_work(tiny_dir, synth, tmp_path, monkeypatch):
+    tok = D.load_tokenizer(tiny_dir)
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    cfg = replace(dpo.Config(), model=str(tiny_dir), out_dir=str(tmp_path), n_questions=2, describe_tokens=4,
+                  q_max_tokens=6, a_max_tokens=4, gen_batch=2)
+    monkeypatch.setattr(dpo, "is_wellformed", lambda q: len(q) > 0)  # a random model asks nothing well-formed
+    images = sorted(os.listdir(synth / "images"))[:6]
+    full = tmp_path / "full.jsonl"
+    dpo.generate_step(cfg, model, tok, images, synth / "images", str(full), "cpu")
+    cut = tmp_path / "cut.jsonl"
+    real_write = dpo.D.generate_text
+    calls = {"n": 0}
+
+    def flaky(*a, **k):  # die during the third batch
+        calls["n"] += 1
+        if calls["n"] == 2 * (cfg.n_questions + 2) + 3:
+            raise KeyboardInterrupt
+        return real_write(*a, **k)
+    monkeypatch.setattr(dpo.D, "generate_text", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.generate_step(cfg, model, tok, images, synth / "images", str(cut), "cpu")
+    with open(cut, "a") as f:
+        f.write('{"batch": 2, "torn')  # a line cut by the kill
+    monkeypatch.setattr(dpo.D, "generate_text", real_write)
+    dpo.generate_step(cfg, model, tok, images, synth / "images", str(cut), "cpu")
+    assert full.read_text() == cut.read_text()  # resumed = uninterrupted, line for line
+    rows = [r for r in dpo.read_batches(str(full)) if "question" in r]
+    assert rows and all(len(r["answers"]) == 2 for r in rows)
+    # judge: interrupted after some verdicts, rerun: each item judged exactly once
+    judge = dpo.make_judge(replace(cfg, judge="oracle"), synth)
+    seen = []
+    score = judge.score_fn
+
+    def counting(facts, q, a):
+        seen.append((q, a))
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return score(facts, q, a)
+    judge.score_fn = counting
+    cfg1 = replace(cfg, workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
+    judge.score_fn = lambda f, q, a: (seen.append((q, a)), score(f, q, a))[1]
+    dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
+    n_items = len({json.dumps([r["image"], r["question"], r["answers"]]) for r in rows})
+    assert len(seen) <= 2 * n_items + 2  # two answers per item; at most the interrupted item is scored again
+    before = len(seen)
+    dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
+    assert len(seen) == before  # a third run is all cache
+
+
+# ----------------------------------------------------------------------------- train.py --shard=fsdp (sft.py, dpo.py)
+# Issue 11: FSDP2 on 2 gloo processes against one unsharded process; DCP checkpoints across world sizes; the exports.
+
+# as the DDP test: no dropout, lr 1e-3 (Adam amplifies last-bit differences of near-zero gradients)
+FSDP_COMMON = ["--lora_dropout=0", "--vit_lora_dropout=0", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3",
+               "--merge"]
+
+
+# sft.main or dpo.main once per [script, arguments] in a JSON file: every 2-process run in one torchrun launch, since
+# starting processes and importing torch take most of the time. All runs share one process group (a default group
+# made again in the same processes can meet the first one's keys in torchrun's store and hang). A copy of every
+# step's sharded checkpoint is kept, so that a later run can resume from any of them.
+DRIVER = '''import importlib, json, os, shutil, sys
+sys.path.insert(0, os.getcwd())  # run_sft runs in the repository
+import torch.distributed
+import train
+
+torch.distributed.destroy_process_group = lambda *args, **kwargs: None
+
+save = train.save_sharded
+
+
+def save_and_keep(model, opt, path, meta, rank):
+    save(model, opt, path, meta, rank)
+    if rank == 0:
+        shutil.copytree(path, f"{path}.step{meta['step']}")
+
+
+train.save_sharded = save_and_keep
+for script, args in json.load(open(sys.argv[1])):
+    importlib.import_module(script).main(args)
+'''
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_dir, small_data, synth, tmp_path_factory):
+    """The directory of every run the tests below compare. SFT, 3 steps of the same global batch of 8:
+    {lora,full}-ddp1   one process, the default --shard=ddp (in this process)
+    {lora,full}-fsdp2  two processes, --shard=fsdp
+    lora-1to2          one process stopped right after its step-1 checkpoint, resumed on two
+    lora-2to1          lora-fsdp2's step-1 checkpoint resumed on one process
+    DPO, 2 steps of 4 pairs: dpo-ddp1 as above; dpo-fsdp2 and dpo-fsdp2-pre (--precompute_ref) on two processes"""
+    root = tmp_path_factory.mktemp("fsdp")
+    args = lambda name, *x: sft_args(tiny_dir, small_data, synth, root / name, f"--train={name.split('-')[0]}",
+                                     *FSDP_COMMON, *x)
+    dpo_args = lambda name, *x: ["train", f"--model={tiny_dir}", f"--out_dir={root / name}", "--global_batch=4",
+                                 "--micro_batch=1", "--epochs=2", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3",
+                                 "--lora_r=4", "--lora_alpha=8", "--vit_lora_r=2", "--vit_lora_alpha=4", "--lora_dropout=0",
+                                 "--vit_lora_dropout=0", "--log_every=1", *x]
+    pairs = [dict(hand_pair(None, None, synth)[0], chosen=c) for c in ("brain", "liver", "the chest", "a lung")]
+    for name in ("dpo-ddp1", "dpo-fsdp2", "dpo-fsdp2-pre"):
+        (root / name).mkdir()
+        (root / name / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    for train in ("lora", "full"):
+        sft.main(args(f"{train}-ddp1"))
+    dpo.main(dpo_args("dpo-ddp1"))
+    save = T.save_sharded
+
+    def save_then_stop(model, opt, path, meta, rank):
+        save(model, opt, path, meta, rank)
+        if meta["step"] == 1:
+            raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(T, "save_sharded", save_then_stop)
+        sft.main(args("lora-1to2", "--shard=fsdp"))
+    dist.destroy_process_group()  # the interrupted run left its one-process group behind
+    (root / "driver.py").write_text(DRIVER)
+    runs = [("sft", args("lora-fsdp2", "--shard=fsdp")), ("sft", args("full-fsdp2", "--shard=fsdp")),
+            ("sft", args("lora-1to2", "--shard=fsdp", "--resume")), ("dpo", dpo_args("dpo-fsdp2", "--shard=fsdp")),
+            ("dpo", dpo_args("dpo-fsdp2-pre", "--shard=fsdp", "--precompute_ref"))]
+    (root / "runs.json").write_text(json.dumps(runs))
+    run_sft([str(root / "runs.json")], nproc=2, script=root / "driver.py")
+    shutil.copytree(root / "lora-fsdp2" / "checkpoint.step1", root / "lora-2to1" / "checkpoint")
+    sft.main(args("lora-2to1", "--shard=fsdp", "--resume"))
+    return root
+
+
+def dcp_weights(ckpt, tmp_path):
+    """The model part of a sharded (DCP) checkpoint as full tensors, read without a process group."""
+    dcp_to_torch_save(ckpt, tmp_path / "ckpt.pt")
+    return torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+
+
+def assert_same_exports(a, b, tol=1e-5):
+    """Two export directories: the same files, the same JSON, the same tensors within `tol`."""
+    names = sorted(p.name for p in Path(a).iterdir())
+    assert names == sorted(p.name for p in Path(b).iterdir())
+    for n in names:
+        if n.endswith(".safetensors"):
+            x, y = load_file(Path(a) / n), load_file(Path(b) / n)
+            assert x.keys() == y.keys()
+            assert max((x[k] - y[k]).abs().max().item() for k in x) < tol, n
+        else:
+            assert (Path(a) / n).read_bytes() == (Path(b) / n).read_bytes(), n
+
+
+@pytest.mark.parametrize("train", ["full", "lora"])
+def test_fsdp_two_processes_equal_one_process_with_accumulation(fsdp_runs, train, tiny_dir, tmp_path):
+    one, two = fsdp_runs / f"{train}-ddp1", fsdp_runs / f"{train}-fsdp2"
+    assert len(read_log(two)) == 3
+    assert_close_logs(read_log(one), read_log(two))  # losses and gradient norms (DTensor clipping: the full norm)
+    # the sharded checkpoint: one file per rank, holding exactly what trains (a LoRA run's frozen base stays out)
+    assert sorted(p.name for p in (two / "checkpoint").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    wa, wb = trained(one), dcp_weights(two / "checkpoint", tmp_path)
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    start = C.from_pretrained(str(tiny_dir), dtype=torch.float32).state_dict()
+    assert max((wa[k] - start[k]).abs().max().item() for k in wa if k in start) > 1e-4  # training really moved them
+
+
+def test_fsdp_exports_equal_ddp_exports(fsdp_runs):
+    """Gathered on rank 0, the FSDP model writes the files the unsharded run writes: adapter, merged model, full model."""
+    for train, dirs in (("lora", ("final", "merged")), ("full", ("final",))):
+        for d in dirs:
+            assert_same_exports(fsdp_runs / f"{train}-ddp1" / d, fsdp_runs / f"{train}-fsdp2" / d)
+
+
+def test_fsdp_checkpoint_resumes_on_another_world_size(fsdp_runs):
+    """Saved by 2 processes and resumed on 1, saved by 1 and resumed on 2: both continue as the uninterrupted run."""
+    two = fsdp_runs / "lora-fsdp2"
+    assert [x["step"] for x in read_log(fsdp_runs / "lora-1to2")] == [1, 2, 3]  # step 1 alone, 2 and 3 on two
+    assert_close_logs(read_log(fsdp_runs / "lora-1to2"), read_log(two))
+    assert_close_logs(read_log(fsdp_runs / "lora-2to1"), read_log(two)[1:])
+    for run in ("lora-1to2", "lora-2to1"):
+        for d in ("final", "merged"):
+            assert_same_exports(fsdp_runs / run / d, two / d)
+
+
+def test_fsdp_dpo_two_processes_equal_one_process(fsdp_runs):
+    """DPO's reference is the sharded policy with LoRA off and the stage-1 projector swapped back in: live or
+    precomputed (--precompute_ref), on two FSDP processes DPO trains as on one unsharded process."""
+    one = fsdp_runs / "dpo-ddp1"
+    log = read_log(one)
+    assert abs(log[0]["loss"] - math.log(2)) < 1e-6 and log[1]["loss"] < log[0]["loss"]
+    for run in ("dpo-fsdp2", "dpo-fsdp2-pre"):
+        assert_close_logs(read_log(fsdp_runs / run), log)
+        for d in ("final", "merged"):  # the adapter holds the projector, which the reference must swap back
+            assert_same_exports(one / d, fsdp_runs / run / d)
+
+
+def test_fsdp_shards_frozen_weights_too_and_gathers_them_back(tiny_dir):
+    """Every weight becomes a DTensor shard, trainable or frozen (a LoRA run's base), the AdamW groups hold the new
+    ones, and gather_model gives back the plain model."""
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    cfg = replace(sft.Config(), shard="fsdp", lora_r=4, lora_alpha=8, vit_lora_r=2, vit_lora_alpha=4)
+    groups = sft.setup_trainable(model, cfg)
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    T.setup_distributed("fsdp")
+    try:
+        groups = T.shard_model(model, cfg, "cpu", groups)
+        params = list(model.parameters())
+        assert all(isinstance(p, DTensor) for p in params) and any(not p.requires_grad for p in params)
+        assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in params if p.requires_grad}
+        plain = T.gather_model(model)
+    finally:
+        dist.destroy_process_group()
+    after = {n: (p, p.requires_grad) for n, p in plain.named_parameters()}
+    assert after.keys() == before.keys() and isinstance(plain.language_model.layers[0].mlp.up_proj, LoRALinear)
+    for n, (p, trains) in after.items():
+        assert type(p) is torch.nn.Parameter and torch.equal(p, before[n][0]) and trains == before[n][1], n
+
+
+# ----------------------------------------------------------------------------- judge.py
 # Tests for judge.py against a fake OpenAI-compatible server on 127.0.0.1 (http.server in a thread).
 #
 # The fake decides each reply from a script keyed by the question in the request and how often that question
 # was asked, so outcomes do not depend on thread timing. Waits are checked on a virtual clock (the injected
 # sleep advances it, the fake stamps each request with it), never on wall time.
-import base64, json, logging, re, threading, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-import pytest
-
-import judge
 
 KEY = "sk-test-DO-NOT-LEAK-0123456789"
+
+
 OK_REPLY = "8 6\nAnswer 1 is more accurate."
+
+
 PNG = b"\x89PNG\r\n\x1a\n" + b"fake image bytes"  # the magic bytes are all the client looks at
 
 
@@ -1750,8 +2006,8 @@ def items(n, prefix="q"):
     return [{"image": "img.png", "question": f"{prefix}{i}", "answers": [f"first {i}", f"second {i}"]}
             for i in range(n)]
 
-# --- parsing ---------------------------------------------------------------------------------------------------
 
+# --- parsing ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reply, scores", [
     ("8 6\nAnswer 1 describes the wall correctly.", (8, 6)),            # the paper's format
     ("  8    6  \n\nexplanation", (8, 6)),                                # extra spaces
@@ -1784,13 +2040,15 @@ def test_parse_scores_explanation_and_verdict():
     assert judge.parse_verdict("[[ C ]]") == "C"
     assert judge.parse_verdict("A is better") is None
 
-# --- client and batch runner ------------------------------------------------------------------------------------
 
+# --- client and batch runner ------------------------------------------------------------------------------------
 SCRIPT = {  # question -> the fake's answers to its 1st, 2nd, ... request (then "ok")
     "q0": ["429:2.5", "ok"], "q1": ["500", "ok"], "q2": ["malformed", "ok"], "q3": ["noscores", "ok"],
     "q4": ["slow", "ok"], "q5": [], "q6": ["500", "500", "500"], "q7": ["noscores", "noscores"],
     "q8": ["429:0.7", "500", "ok"], "q9": ["500", "500", "ok"],
 }
+
+
 EXPECTED_CALLS = {"q0": 2, "q1": 2, "q2": 2, "q3": 2, "q4": 2, "q5": 1, "q6": 3, "q7": 2, "q8": 3, "q9": 3}
 
 
@@ -1955,11 +2213,11 @@ def test_duplicate_items_are_judged_once(env, fake):
 
 
 def test_cli_oracle_path(env, monkeypatch, capsys):
-    """--judge oracle imports score_answer/synth_data from data.py lazily (a stand-in module here)."""
+    """--judge oracle imports score_answer/synth_data from synth.py lazily (a stand-in module here)."""
     import types
-    data = types.SimpleNamespace(score_answer=lambda f, q, a: 9.0 if f["organ"] in a else 3.0,
-                                 synth_data=lambda: env)
-    monkeypatch.setitem(__import__("sys").modules, "data", data)
+    stand_in = types.SimpleNamespace(score_answer=lambda f, q, a: 9.0 if f["organ"] in a else 3.0,
+                                     synth_data=lambda: env)
+    monkeypatch.setitem(__import__("sys").modules, "synth", stand_in)
     (env / "facts.json").write_text(json.dumps({"img.png": {"organ": "liver"}}))
     its = [{"image": "img.png", "question": "organ?", "answers": ["brain", "liver"]}]
     (env / "in.jsonl").write_text(json.dumps(its[0]) + "\n")
@@ -1968,553 +2226,12 @@ def test_cli_oracle_path(env, monkeypatch, capsys):
     assert "new 1, failed 0" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- sft.py and dpo.py
-import json
-import math
-import os
-import subprocess
-import sys
-from dataclasses import replace
-from pathlib import Path
-
-import pytest
-import torch
-
-import data as D
-import dpo
-import model as M
-import sft
-
-HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def synth():
-    return D.synth_data()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, synth):
-    """A random tiny LLaVA for the synthetic data (48x48 images, 36 image tokens), with its tokenizer."""
-    tok = D.load_tokenizer(synth / "tokenizer.json")
-    cfg = M.LlavaConfig(vision=M.VisionConfig(32, 64, 2, 4, 48, 8), text=M.TextConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
-        num_kv_heads=2), image_token_id=D.SYNTH_IMAGE_TOKEN_ID)
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny")
-    M.save_pretrained(sft.init_weights(M.Llava(cfg)), d)
-    (d / "tokenizer.json").write_text((synth / "tokenizer.json").read_text())
-    return d
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory, synth):
-    recs = json.loads((synth / "train.json").read_text())[:16]
-    p = tmp_path_factory.mktemp("data") / "train.json"
-    p.write_text(json.dumps(recs))
-    return p
-
-
-def run_sft(args, nproc=1, script=HERE / "sft.py"):
-    cmd = [sys.executable, str(script)] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
-    r = subprocess.run(cmd + args, capture_output=True, text=True, cwd=HERE, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
-
-
-def assert_close_logs(a, b, tol=1e-5):
-    """Two training logs: the same steps, every logged number (not the wall-clock tok/s) within `tol`."""
-    assert [x["step"] for x in a] == [y["step"] for y in b]
-    for x, y in zip(a, b):
-        for k in x.keys() - {"tok_s"}:
-            assert abs(x[k] - y[k]) < tol, (x["step"], k, x[k], y[k])
-
-
-def sft_args(tiny_dir, small_data, synth, out, *extra):
-    return [f"--model={tiny_dir}", f"--data={small_data}", f"--image_dir={synth / 'images'}", f"--out_dir={out}",
-            "--global_batch=8", "--micro_batch=2", "--max_steps=3", "--epochs=2", "--image_size=48", "--max_length=512",
-            "--lr=1e-2", "--vision_lr=1e-2", "--projector_lr=1e-2", "--log_every=1", "--save_every=1", *extra]
-
-
-def read_log(out):
-    return [json.loads(x) for x in open(Path(out) / "log.jsonl")]
-
-
-def trained(out):
-    return torch.load(Path(out) / "checkpoint.pt", weights_only=False)["trainable"]
-
-
-def test_sft_two_processes_equal_one_process_with_accumulation(tiny_dir, small_data, synth, tmp_path):
-    # no dropout: its random masks would depend on which process draws them
-    # lr 1e-3: Adam divides by sqrt(v), so last-bit differences of near-zero gradients (DDP sums in another order)
-    # move a weight by up to ~lr x 1e-3; the updates themselves are ~lr, far above the 1e-5 tolerance
-    common = ["--lora_dropout=0", "--vit_lora_dropout=0", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3"]
-    run_sft(sft_args(tiny_dir, small_data, synth, tmp_path / "one", *common))
-    run_sft(sft_args(tiny_dir, small_data, synth, tmp_path / "two", *common), nproc=2)
-    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert len(a) == len(b) == 3 and {"answer_loss", "question_loss"} <= a[0].keys()
-    assert_close_logs(a, b)
-    wa, wb = trained(tmp_path / "one"), trained(tmp_path / "two")
-    assert wa.keys() == wb.keys() and any("lora_a" in k for k in wa) and any(k.startswith("projector.") for k in wa)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
-    start = {k: v for k, v in M.from_pretrained(str(tiny_dir), dtype=torch.float32).state_dict().items() if k in wa}
-    assert max((wa[k] - start[k]).abs().max().item() for k in start) > 1e-4  # the projector really moved
-    assert (tmp_path / "one" / "final" / "adapter_model.safetensors").exists()
-
-
-def test_sft_kill_and_resume_is_bit_identical(tiny_dir, small_data, synth, tmp_path, monkeypatch):
-    """Stopped after step 2 (an exception right after its checkpoint), resumed: same losses and weights."""
-    model_cfg = M.from_pretrained(str(tiny_dir), dtype=torch.float32).config
-    tok = D.load_tokenizer(tiny_dir)
-    recs = D.read_conversations(small_data, synth / "images")
-
-    def run(out, stop_after=None, resume=False):
-        cfg = replace(sft.Config(), model=str(tiny_dir), out_dir=str(out), global_batch=8, micro_batch=4, max_steps=4,
-                      epochs=2, image_size=48, max_length=512, lr=1e-2, vision_lr=1e-2, projector_lr=1e-2,
-                      log_every=1, save_every=2, resume=resume)
-        torch.manual_seed(0)
-        model = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
-        groups = sft.setup_trainable(model, cfg)  # LoRA with dropout 0.05 / 0.2: the RNG state must resume too
-        save = sft.atomic_save
-
-        def save_then_stop(obj, path):
-            save(obj, path)
-            if stop_after is not None and obj["step"] == stop_after:
-                raise KeyboardInterrupt
-        monkeypatch.setattr(sft, "atomic_save", save_then_stop)
-        if resume:  # a new process would start from fresh RNG and weights; scramble both to be sure
-            torch.manual_seed(1234)
-        sft.fit(cfg, model, len(recs), sft.make_sft_prepare(recs, tok, cfg, model_cfg, "cpu"), sft.sft_loss, groups,
-                str(out))
-        return model
-
-    full = run(tmp_path / "full")
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", stop_after=2)
-    resumed = run(tmp_path / "cut", resume=True)
-    la, lb = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
-    assert [x["step"] for x in lb] == [1, 2, 3, 4]
-    strip = lambda log: [{k: v for k, v in x.items() if k != "tok_s"} for x in log]  # wall-clock speed differs
-    assert strip(la) == strip(lb)  # every other logged number, bit for bit
-    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
-        assert torch.equal(p, q), n
-
-
-def test_question_loss_switch_masks_labels_and_gradients(tiny_dir, synth):
-    tok = D.load_tokenizer(tiny_dir)
-    model = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
-    rec = D.read_conversations(synth / "train.json", synth / "images")[0]
-    grads = {}
-    for on in (True, False):
-        cfg = replace(sft.Config(), question_loss=on, sq_r=1.0, image_size=48, max_length=512)  # every later turn asks
-        b = sft.make_sft_prepare([rec], tok, cfg, model.config, "cpu")([0], 0)
-        q = b["question_mask"]
-        assert q.any()
-        assert (b["labels"][q] != -100).all() if on else (b["labels"][q] == -100).all()
-        captured = {}
-
-        def forward(*a):
-            captured["logits"] = model(*a)
-            captured["logits"].retain_grad()
-            return captured["logits"]
-        loss, m = sft.sft_loss(forward, b)
-        loss.backward()
-        g = captured["logits"].grad[0, :-1].abs().sum(-1)  # gradient at the position that predicts token t+1
-        grads[on] = g[q[0, 1:]].sum().item()
-        assert (m["question_loss_n"] > 0) == on and m["answer_loss_n"] > 0
-    assert grads[True] > 0 and grads[False] == 0
-
-
-def test_synthetic_base_is_a_model_directory_that_loads_alone(synth, tmp_path):
-    # the README's alignment and selector commands start from out/sft/base: it needs its own tokenizer
-    cfg = replace(sft.Config(), **sft.SYNTH_OVERRIDES, out_dir=str(tmp_path), max_steps=1)
-    tok = D.load_tokenizer(synth / "tokenizer.json")
-    base = sft.synthetic_base(cfg, synth, tok, 0, 1, torch.device("cpu"))
-    assert D.load_tokenizer(base).get_vocab() == tok.get_vocab()
-    assert M.from_pretrained(base).config.text.vocab_size == tok.get_vocab_size()
-
-
-def test_summarize_means_and_leaves_out_empty_metrics():
-    # answers-only training has no question tokens: no "question_loss nan" in the log
-    sums = {"answer_loss_sum": 3.0, "answer_loss_n": 4, "question_loss_sum": 0.0, "question_loss_n": 0, "tokens": 9}
-    assert sft.summarize(sums) == {"answer_loss": 0.75}
-
-
-def test_bad_config_stops_with_clear_messages(tiny_dir, small_data, synth, tmp_path, capsys):
-    for bad, msg in (["--nonsense=1"], "unrecognized arguments: --nonsense=1"), (["--micro_batch=two"], "invalid int value"):
-        with pytest.raises(SystemExit):
-            sft.parse_config(sft.Config, bad)
-        assert msg in capsys.readouterr().err
-    cfg = replace(sft.Config(), global_batch=10, micro_batch=4)
-    with pytest.raises(ValueError, match="global_batch 10 is not divisible by micro_batch 4 x world size 1"):
-        sft.fit(cfg, None, 100, None, None, [], str(tmp_path))
-    with pytest.raises(ValueError, match="--train must be lora, projector or full"):
-        sft.setup_trainable(M.from_pretrained(str(tiny_dir), dtype=torch.float32), replace(sft.Config(), train="both"))
-    cfg, given = sft.parse_config(sft.Config, ["--no-question_loss", "--lr=0.5"])
-    assert cfg.question_loss is False and cfg.lr == 0.5 and given == {"question_loss": False, "lr": 0.5}
-
-def test_projector_only_training_changes_the_projector_and_nothing_else(tiny_dir, synth, tmp_path):
-    """LLaVA-Med's concept alignment: --train=projector on captions with the paper's instruction lists."""
-    tok = D.load_tokenizer(tiny_dir)
-    model = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    recs = D.read_conversations(synth / "captions.json", synth / "images")[:8]
-    cfg = replace(sft.Config(), train="projector", align_captions=True, template="vicuna_v1", question_loss=False,
-                  global_batch=4, micro_batch=4, max_steps=2, image_size=48, max_length=512, projector_lr=1e-2,
-                  out_dir=str(tmp_path))
-    groups = sft.setup_trainable(model, cfg)
-    sft.fit(cfg, model, len(recs), sft.make_sft_prepare(recs, tok, cfg, model.config, "cpu"), sft.sft_loss, groups,
-            str(tmp_path))
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == {k for k in before if k.startswith("projector.")}
-
-
-# ----------------------------------------------------------------------------- dpo.py
-
-
-def test_dpo_loss_equals_eq1_with_rewards_and_gradients():
-    g = torch.Generator().manual_seed(0)
-    pc, pr, rc, rr = (torch.randn(6, generator=g, dtype=torch.float64) * 5 for _ in range(4))
-    pc.requires_grad_(True)
-    pr.requires_grad_(True)
-    beta = 0.1
-    losses, cr, rj = dpo.dpo_loss(pc, pr, rc, rr, beta)
-    for i in range(6):  # Eq. 1, term by term, with math only
-        z = beta * ((pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item()))
-        assert abs(losses[i].item() - math.log(1 + math.exp(-z))) < 1e-12
-        assert abs(cr[i].item() - beta * (pc[i].item() - rc[i].item())) < 1e-12
-        assert abs(rj[i].item() - beta * (pr[i].item() - rr[i].item())) < 1e-12
-    losses.sum().backward()
-    z = beta * ((pc - rc) - (pr - rr)).detach()
-    sig = 1 / (1 + torch.exp(z))  # d/dz of -log σ(z) is -σ(-z)
-    assert torch.allclose(pc.grad, -beta * sig) and torch.allclose(pr.grad, beta * sig)
-
-
-def hand_pair(tok, model_cfg, synth):
-    img = sorted(os.listdir(synth / "images"))[0]
-    return [{"image": img, "question": "What organ is shown?", "chosen": "brain", "rejected": "the chest"}]
-
-
-def test_logps_cover_answer_tokens_only(tiny_dir, synth):
-    tok = D.load_tokenizer(tiny_dir)
-    model = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
-    pairs = hand_pair(tok, model.config, synth)
-    b = dpo.encode_pair_batch(pairs, tok, model.config, synth / "images", 48, 512, "cpu")
-    with torch.no_grad():
-        got = dpo.sequence_logps(model, b)
-        logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"]).log_softmax(-1)
-    for row, answer in enumerate([pairs[0]["chosen"], pairs[0]["rejected"]]):
-        labels = b["labels"][row]
-        sup = (labels != -100).nonzero().flatten().tolist()
-        assert sup == list(range(sup[0], sup[-1] + 1))  # one contiguous run: the answer
-        assert tok.decode(labels[sup].tolist(), skip_special_tokens=False).strip() == answer + "</s>"
-        assert sup[-1] == int(b["attention_mask"][row].sum()) - 1  # ends at the last real token, not in padding
-        want = sum(logits[row, t - 1, labels[t]].item() for t in sup)  # position t-1 predicts token t
-        assert abs(got[row].item() - want) < 1e-4
-
-
-def test_reference_equals_stage1_and_precomputed_and_loss_is_log2_at_start(tiny_dir, synth, tmp_path):
-    tok = D.load_tokenizer(tiny_dir)
-    pairs = hand_pair(tok, None, synth) * 4
-    cfg = replace(dpo.Config(), model=str(tiny_dir), out_dir=str(tmp_path), global_batch=4, micro_batch=2, max_steps=1,
-                  lr=0.0, vision_lr=0.0, projector_lr=0.0, precompute_ref=True, log_every=1)
-    torch.manual_seed(0)
-    model = dpo.train_step(cfg, pairs, tok, synth / "images", "cpu")  # lr 0: the policy stays the stage-1 model
-    stored = torch.load(tmp_path / "ref_logps.pt")["logps"]
-    base = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
-    b = dpo.encode_pair_batch(pairs[:2], tok, base.config, synth / "images", 48, 512, "cpu")
-    with torch.no_grad():
-        live = dpo.Reference(model).logps(b)
-        plain = dpo.sequence_logps(base, b)
-    assert torch.allclose(live, plain, atol=1e-5)  # the reference is exactly the stage-1 model
-    assert torch.allclose(stored[:2].T.reshape(-1), live, atol=1e-5)  # and equals the precomputed log-probs
-    log = read_log(tmp_path)
-    assert abs(log[0]["loss"] - math.log(2)) < 1e-6 and log[0]["reward_acc"] == 0.0
-
-
-def test_dpo_steps_resume_without_losing_or_repeating_work(tiny_dir, synth, tmp_path, monkeypatch):
-    tok = D.load_tokenizer(tiny_dir)
-    model = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
-    cfg = replace(dpo.Config(), model=str(tiny_dir), out_dir=str(tmp_path), n_questions=2, describe_tokens=4,
-                  q_max_tokens=6, a_max_tokens=4, gen_batch=2)
-    monkeypatch.setattr(dpo, "is_wellformed", lambda q: len(q) > 0)  # a random model asks nothing well-formed
-    images = sorted(os.listdir(synth / "images"))[:6]
-    full = tmp_path / "full.jsonl"
-    dpo.generate_step(cfg, model, tok, images, synth / "images", str(full), "cpu")
-    cut = tmp_path / "cut.jsonl"
-    real_write = dpo.E.generate_text
-    calls = {"n": 0}
-
-    def flaky(*a, **k):  # die during the third batch
-        calls["n"] += 1
-        if calls["n"] == 2 * (cfg.n_questions + 2) + 3:
-            raise KeyboardInterrupt
-        return real_write(*a, **k)
-    monkeypatch.setattr(dpo.E, "generate_text", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        dpo.generate_step(cfg, model, tok, images, synth / "images", str(cut), "cpu")
-    with open(cut, "a") as f:
-        f.write('{"batch": 2, "torn')  # a line cut by the kill
-    monkeypatch.setattr(dpo.E, "generate_text", real_write)
-    dpo.generate_step(cfg, model, tok, images, synth / "images", str(cut), "cpu")
-    assert full.read_text() == cut.read_text()  # resumed = uninterrupted, line for line
-    rows = [r for r in dpo.read_batches(str(full)) if "question" in r]
-    assert rows and all(len(r["answers"]) == 2 for r in rows)
-    # judge: interrupted after some verdicts, rerun: each item judged exactly once
-    judge = dpo.make_judge(replace(cfg, judge="oracle"), synth)
-    seen = []
-    score = judge.score_fn
-
-    def counting(facts, q, a):
-        seen.append((q, a))
-        if len(seen) == 3:
-            raise KeyboardInterrupt
-        return score(facts, q, a)
-    judge.score_fn = counting
-    cfg1 = replace(cfg, workers=1)
-    with pytest.raises(KeyboardInterrupt):
-        dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
-    judge.score_fn = lambda f, q, a: (seen.append((q, a)), score(f, q, a))[1]
-    dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
-    n_items = len({json.dumps([r["image"], r["question"], r["answers"]]) for r in rows})
-    assert len(seen) <= 2 * n_items + 2  # two answers per item; at most the interrupted item is scored again
-    before = len(seen)
-    dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
-    assert len(seen) == before  # a third run is all cache
-
-
-# ----------------------------------------------------------------------------- --shard=fsdp (sft.py, dpo.py)
-# Issue 11: FSDP2 on 2 gloo processes against one unsharded process; DCP checkpoints across world sizes; the exports.
-import shutil
-
-import torch.distributed as dist
-from safetensors.torch import load_file
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from torch.distributed.tensor import DTensor
-
-from lora import LoRALinear
-
-# as the DDP test: no dropout, lr 1e-3 (Adam amplifies last-bit differences of near-zero gradients)
-FSDP_COMMON = ["--lora_dropout=0", "--vit_lora_dropout=0", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3",
-               "--merge"]
-# sft.main or dpo.main once per [script, arguments] in a JSON file: every 2-process run in one torchrun launch, since
-# starting processes and importing torch take most of the time. All runs share one process group (a default group
-# made again in the same processes can meet the first one's keys in torchrun's store and hang). A copy of every
-# step's sharded checkpoint is kept, so that a later run can resume from any of them.
-DRIVER = '''import importlib, json, os, shutil, sys
-sys.path.insert(0, os.getcwd())  # run_sft runs in the repository
-import torch.distributed
-import sft
-
-torch.distributed.destroy_process_group = lambda *args, **kwargs: None
-
-save = sft.save_sharded
-
-
-def save_and_keep(model, opt, path, meta, rank):
-    save(model, opt, path, meta, rank)
-    if rank == 0:
-        shutil.copytree(path, f"{path}.step{meta['step']}")
-
-
-sft.save_sharded = save_and_keep
-for script, args in json.load(open(sys.argv[1])):
-    importlib.import_module(script).main(args)
-'''
-
-
-@pytest.fixture(scope="module")
-def fsdp_runs(tiny_dir, small_data, synth, tmp_path_factory):
-    """The directory of every run the tests below compare. SFT, 3 steps of the same global batch of 8:
-    {lora,full}-ddp1   one process, the default --shard=ddp (in this process)
-    {lora,full}-fsdp2  two processes, --shard=fsdp
-    lora-1to2          one process stopped right after its step-1 checkpoint, resumed on two
-    lora-2to1          lora-fsdp2's step-1 checkpoint resumed on one process
-    DPO, 2 steps of 4 pairs: dpo-ddp1 as above; dpo-fsdp2 and dpo-fsdp2-pre (--precompute_ref) on two processes"""
-    root = tmp_path_factory.mktemp("fsdp")
-    args = lambda name, *x: sft_args(tiny_dir, small_data, synth, root / name, f"--train={name.split('-')[0]}",
-                                     *FSDP_COMMON, *x)
-    dpo_args = lambda name, *x: ["train", f"--model={tiny_dir}", f"--out_dir={root / name}", "--global_batch=4",
-                                 "--micro_batch=1", "--epochs=2", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3",
-                                 "--lora_r=4", "--lora_alpha=8", "--vit_lora_r=2", "--vit_lora_alpha=4", "--lora_dropout=0",
-                                 "--vit_lora_dropout=0", "--log_every=1", *x]
-    pairs = [dict(hand_pair(None, None, synth)[0], chosen=c) for c in ("brain", "liver", "the chest", "a lung")]
-    for name in ("dpo-ddp1", "dpo-fsdp2", "dpo-fsdp2-pre"):
-        (root / name).mkdir()
-        (root / name / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    for train in ("lora", "full"):
-        sft.main(args(f"{train}-ddp1"))
-    dpo.main(dpo_args("dpo-ddp1"))
-    save = sft.save_sharded
-
-    def save_then_stop(model, opt, path, meta, rank):
-        save(model, opt, path, meta, rank)
-        if meta["step"] == 1:
-            raise KeyboardInterrupt
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
-        mp.setattr(sft, "save_sharded", save_then_stop)
-        sft.main(args("lora-1to2", "--shard=fsdp"))
-    dist.destroy_process_group()  # the interrupted run left its one-process group behind
-    (root / "driver.py").write_text(DRIVER)
-    runs = [("sft", args("lora-fsdp2", "--shard=fsdp")), ("sft", args("full-fsdp2", "--shard=fsdp")),
-            ("sft", args("lora-1to2", "--shard=fsdp", "--resume")), ("dpo", dpo_args("dpo-fsdp2", "--shard=fsdp")),
-            ("dpo", dpo_args("dpo-fsdp2-pre", "--shard=fsdp", "--precompute_ref"))]
-    (root / "runs.json").write_text(json.dumps(runs))
-    run_sft([str(root / "runs.json")], nproc=2, script=root / "driver.py")
-    shutil.copytree(root / "lora-fsdp2" / "checkpoint.step1", root / "lora-2to1" / "checkpoint")
-    sft.main(args("lora-2to1", "--shard=fsdp", "--resume"))
-    return root
-
-
-def dcp_weights(ckpt, tmp_path):
-    """The model part of a sharded (DCP) checkpoint as full tensors, read without a process group."""
-    dcp_to_torch_save(ckpt, tmp_path / "ckpt.pt")
-    return torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
-
-
-def assert_same_exports(a, b, tol=1e-5):
-    """Two export directories: the same files, the same JSON, the same tensors within `tol`."""
-    names = sorted(p.name for p in Path(a).iterdir())
-    assert names == sorted(p.name for p in Path(b).iterdir())
-    for n in names:
-        if n.endswith(".safetensors"):
-            x, y = load_file(Path(a) / n), load_file(Path(b) / n)
-            assert x.keys() == y.keys()
-            assert max((x[k] - y[k]).abs().max().item() for k in x) < tol, n
-        else:
-            assert (Path(a) / n).read_bytes() == (Path(b) / n).read_bytes(), n
-
-
-@pytest.mark.parametrize("train", ["full", "lora"])
-def test_fsdp_two_processes_equal_one_process_with_accumulation(fsdp_runs, train, tiny_dir, tmp_path):
-    one, two = fsdp_runs / f"{train}-ddp1", fsdp_runs / f"{train}-fsdp2"
-    assert len(read_log(two)) == 3
-    assert_close_logs(read_log(one), read_log(two))  # losses and gradient norms (DTensor clipping: the full norm)
-    # the sharded checkpoint: one file per rank, holding exactly what trains (a LoRA run's frozen base stays out)
-    assert sorted(p.name for p in (two / "checkpoint").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    wa, wb = trained(one), dcp_weights(two / "checkpoint", tmp_path)
-    assert wa.keys() == wb.keys()
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
-    start = M.from_pretrained(str(tiny_dir), dtype=torch.float32).state_dict()
-    assert max((wa[k] - start[k]).abs().max().item() for k in wa if k in start) > 1e-4  # training really moved them
-
-
-def test_fsdp_exports_equal_ddp_exports(fsdp_runs):
-    """Gathered on rank 0, the FSDP model writes the files the unsharded run writes: adapter, merged model, full model."""
-    for train, dirs in (("lora", ("final", "merged")), ("full", ("final",))):
-        for d in dirs:
-            assert_same_exports(fsdp_runs / f"{train}-ddp1" / d, fsdp_runs / f"{train}-fsdp2" / d)
-
-
-def test_fsdp_checkpoint_resumes_on_another_world_size(fsdp_runs):
-    """Saved by 2 processes and resumed on 1, saved by 1 and resumed on 2: both continue as the uninterrupted run."""
-    two = fsdp_runs / "lora-fsdp2"
-    assert [x["step"] for x in read_log(fsdp_runs / "lora-1to2")] == [1, 2, 3]  # step 1 alone, 2 and 3 on two
-    assert_close_logs(read_log(fsdp_runs / "lora-1to2"), read_log(two))
-    assert_close_logs(read_log(fsdp_runs / "lora-2to1"), read_log(two)[1:])
-    for run in ("lora-1to2", "lora-2to1"):
-        for d in ("final", "merged"):
-            assert_same_exports(fsdp_runs / run / d, two / d)
-
-
-def test_fsdp_dpo_two_processes_equal_one_process(fsdp_runs):
-    """DPO's reference is the sharded policy with LoRA off and the stage-1 projector swapped back in: live or
-    precomputed (--precompute_ref), on two FSDP processes DPO trains as on one unsharded process."""
-    one = fsdp_runs / "dpo-ddp1"
-    log = read_log(one)
-    assert abs(log[0]["loss"] - math.log(2)) < 1e-6 and log[1]["loss"] < log[0]["loss"]
-    for run in ("dpo-fsdp2", "dpo-fsdp2-pre"):
-        assert_close_logs(read_log(fsdp_runs / run), log)
-        for d in ("final", "merged"):  # the adapter holds the projector, which the reference must swap back
-            assert_same_exports(one / d, fsdp_runs / run / d)
-
-
-def test_fsdp_shards_frozen_weights_too_and_gathers_them_back(tiny_dir):
-    """Every weight becomes a DTensor shard, trainable or frozen (a LoRA run's base), the AdamW groups hold the new
-    ones, and gather_model gives back the plain model."""
-    model = M.from_pretrained(str(tiny_dir), dtype=torch.float32)
-    cfg = replace(sft.Config(), shard="fsdp", lora_r=4, lora_alpha=8, vit_lora_r=2, vit_lora_alpha=4)
-    groups = sft.setup_trainable(model, cfg)
-    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
-    sft.setup_distributed("fsdp")
-    try:
-        groups = sft.shard_model(model, cfg, "cpu", groups)
-        params = list(model.parameters())
-        assert all(isinstance(p, DTensor) for p in params) and any(not p.requires_grad for p in params)
-        assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in params if p.requires_grad}
-        plain = sft.gather_model(model)
-    finally:
-        dist.destroy_process_group()
-    after = {n: (p, p.requires_grad) for n, p in plain.named_parameters()}
-    assert after.keys() == before.keys() and isinstance(plain.language_model.layers[0].mlp.up_proj, LoRALinear)
-    for n, (p, trains) in after.items():
-        assert type(p) is torch.nn.Parameter and torch.equal(p, before[n][0]) and trains == before[n][1], n
-
-
-# ----------------------------------------------------------------------------- select
+# ----------------------------------------------------------------------------- selector.py
 # Issue 9: LLaVA-Med's concept-alignment instructions and BioMed-VITAL's learned data selector (judge.py select).
 #
 #     pytest -x -q test_select.py
-import json
-import math
-import random
-from dataclasses import replace
-
-import pytest
-import torch
-import torch.nn.functional as F
-
-import judge as J
-
-from data import ALIGN_BRIEF, ALIGN_DETAILED, caption_to_alignment
-
-
-# --- LLaVA-Med alignment instructions ---------------------------------------------------------------------------
-
-def _caption_record(n_words):
-    caption = " ".join(f"w{i}" for i in range(n_words))
-    return {"id": "pmc_1", "image": "pmc_1.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nWhatever the file said."}, {"from": "gpt", "value": caption}]}
-
-
-def test_alignment_lists_are_the_papers():
-    # LLaVA-Med App. A.2: Table 6 has 11 brief instructions (with periods), Table 7 16 detailed ones (without)
-    assert len(ALIGN_BRIEF) == 11 and len(set(ALIGN_BRIEF)) == 11 and all(q.endswith(".") for q in ALIGN_BRIEF)
-    assert len(ALIGN_DETAILED) == 16 and len(set(ALIGN_DETAILED)) == 16
-    assert not any(q.endswith(".") for q in ALIGN_DETAILED)
-    assert ALIGN_BRIEF[0] == "Describe the image concisely."
-    assert ALIGN_BRIEF[-1] == "Create a compact narrative representing the image presented."
-    assert ALIGN_DETAILED[0] == "Describe the following image in detail"
-    assert ALIGN_DETAILED[-1] == "Write an exhaustive depiction of the given image"
-
-
-@pytest.mark.parametrize("n_words, brief", [(1, True), (29, True), (30, False), (31, False), (120, False)])
-def test_alignment_30_word_rule(n_words, brief):
-    # "25% of captions have length less than 30 words ... 30 words is used as the cutoff point": < 30 is brief
-    rng, rec = random.Random(0), _caption_record(n_words)
-    questions = set()
-    for _ in range(200):
-        out = caption_to_alignment(rec, rng)
-        human, gpt = out["conversations"]
-        assert human["from"] == "human" and human["value"].startswith("<image>\n")
-        assert gpt == {"from": "gpt", "value": rec["conversations"][1]["value"]}
-        assert out["id"] == "pmc_1" and out["image"] == "pmc_1.jpg"
-        questions.add(human["value"][len("<image>\n"):])
-    assert questions == set(ALIGN_BRIEF if brief else ALIGN_DETAILED)  # only that list, and all of it
-
-
-def test_alignment_counts_whitespace_words_and_is_seeded():
-    tabs = {"id": 1, "image": "a.png", "caption": "  one\ttwo\nthree " + " x" * 26}  # 29 words, odd spacing
-    assert caption_to_alignment(tabs, random.Random(0))["conversations"][0]["value"][8:] in ALIGN_BRIEF
-    recs = [_caption_record(n) for n in (5, 40, 29, 30)] * 5
-    draw = lambda seed: [caption_to_alignment(r, random.Random(seed + i)) for i, r in enumerate(recs)]
-    assert draw(3) == draw(3) and draw(3) != draw(4)
 
 # --- BioMed-VITAL's selector: loss, k-means, per-cluster top K% ------------------------------------------------------
-
-
 def _eq3(f_i, f_j, s_i, s_j, w):
     """Eq. 3 written out per pair: z from Eq. 2 (R_i >= R_j -> (1, 0), so a tie counts for x_i), σ over the pair."""
     total = 0.0
@@ -2531,23 +2248,23 @@ def test_pairwise_loss_is_eq3_with_the_tie_rule():
     s_i, s_j = torch.randint(0, 4, (50,), generator=g).double(), torch.randint(0, 4, (50,), generator=g).double()
     assert (s_i == s_j).sum() >= 5  # the tie rule is exercised
     w = torch.where(torch.arange(50) % 7 == 0, 400.0, 1.0).double()  # human pairs weigh w, model pairs 1
-    got = J.pairwise_loss(f_i, f_j, s_i, s_j, w)
+    got = SEL.pairwise_loss(f_i, f_j, s_i, s_j, w)
     assert got.item() == pytest.approx(_eq3(f_i.tolist(), f_j.tolist(), s_i.tolist(), s_j.tolist(), w.tolist()), rel=1e-12)
     # a second oracle: weighted binary cross-entropy on the rating difference, labels z_i = [s_i >= s_j]
     bce = F.binary_cross_entropy_with_logits(f_i - f_j, (s_i >= s_j).double(), weight=w)
     assert got.item() == pytest.approx(bce.item(), rel=1e-12)
-    assert J.pairwise_loss(f_i, f_j, s_i, s_j, 2.0).item() == pytest.approx(
-        2 * J.pairwise_loss(f_i, f_j, s_i, s_j, 1.0).item(), rel=1e-12)  # scalar w
+    assert SEL.pairwise_loss(f_i, f_j, s_i, s_j, 2.0).item() == pytest.approx(
+        2 * SEL.pairwise_loss(f_i, f_j, s_i, s_j, 1.0).item(), rel=1e-12)  # scalar w
 
 
 def test_tie_counts_for_the_first_sample():
     one = lambda *v: torch.tensor(v, dtype=torch.float64)
-    tie_first_higher = J.pairwise_loss(one(2.0), one(0.0), one(5.0), one(5.0), 1.0)
-    tie_first_lower = J.pairwise_loss(one(0.0), one(2.0), one(5.0), one(5.0), 1.0)
+    tie_first_higher = SEL.pairwise_loss(one(2.0), one(0.0), one(5.0), one(5.0), 1.0)
+    tie_first_lower = SEL.pairwise_loss(one(0.0), one(2.0), one(5.0), one(5.0), 1.0)
     assert tie_first_higher.item() == pytest.approx(-math.log(1 / (1 + math.exp(-2))))
     assert tie_first_lower.item() == pytest.approx(-math.log(1 / (1 + math.exp(2))))  # order matters on a tie
     f_i = one(0.0).requires_grad_()
-    J.pairwise_loss(f_i, one(0.0), one(5.0), one(5.0), 1.0).backward()
+    SEL.pairwise_loss(f_i, one(0.0), one(5.0), one(5.0), 1.0).backward()
     assert f_i.grad.item() < 0  # gradient descent raises the first sample of a tied pair
 
 
@@ -2559,7 +2276,7 @@ def test_w_weighs_the_human_pairs(w, human_wins):
     human = torch.tensor([True] * 4 + [False] * 40)
     x_i, x_j = a.repeat(44, 1), b.repeat(44, 1)
     s_i, s_j = torch.where(human, 1.0, 0.0), torch.where(human, 0.0, 1.0)
-    head = J.train_selector(x_i, x_j, s_i, s_j, human, w=w, epochs=30, lr=1e-3, batch=11, hidden=16)
+    head = SEL.train_selector(x_i, x_j, s_i, s_j, human, w=w, epochs=30, lr=1e-3, batch=11, hidden=16)
     with torch.no_grad():
         assert (head(a) > head(b)).item() == human_wins
 
@@ -2576,16 +2293,16 @@ def _blobs(sizes, dim=6, spread=10.0, seed=0):
 @pytest.mark.parametrize("seed", range(5))
 def test_kmeans_recovers_planted_clusters(seed):
     x, truth, centres = _blobs([40, 25, 60, 8, 30], seed=seed)
-    labels, found = J.kmeans(x, 5, iters=50, seed=seed)
+    labels, found = SEL.kmeans(x, 5, iters=50, seed=seed)
     mapping = {c: set(labels[truth == c].tolist()) for c in range(5)}
     assert all(len(m) == 1 for m in mapping.values())  # every planted cluster is one found cluster ...
     assert len(set().union(*mapping.values())) == 5  # ... and no two share one
     for c in range(5):  # centres land on the planted ones (within the noise of a mean of >= 8 points)
         assert torch.dist(found[next(iter(mapping[c]))], centres[c]) < 1.5
-    again, _ = J.kmeans(x, 5, iters=50, seed=seed)
+    again, _ = SEL.kmeans(x, 5, iters=50, seed=seed)
     assert torch.equal(labels, again)  # seeded
     with pytest.raises(ValueError):
-        J.kmeans(x[:3], 5)
+        SEL.kmeans(x[:3], 5)
 
 
 def test_kmeans_plus_plus_seeding_spreads_the_centres():
@@ -2593,14 +2310,14 @@ def test_kmeans_plus_plus_seeding_spreads_the_centres():
     # (almost surely), where uniform seeding would do so for 5 equal blobs only 5!/5^5 = 4% of the time
     x, truth, _ = _blobs([30] * 5, spread=1000.0)
     for seed in range(5):
-        _, init = J.kmeans(x, 5, iters=0, seed=seed, n_init=1)  # iters=0: the seeding itself
+        _, init = SEL.kmeans(x, 5, iters=0, seed=seed, n_init=1)  # iters=0: the seeding itself
         nearest = torch.cdist(init, x).argmin(1)
         assert len(set(truth[nearest].tolist())) == 5
 
 
 def test_kmeans_plus_plus_with_duplicate_points():
     x = torch.tensor([[0.0, 0.0]] * 5 + [[3.0, 3.0]] * 5)
-    labels, _ = J.kmeans(x, 3, seed=0)  # only 2 distinct points for 3 clusters: must not crash
+    labels, _ = SEL.kmeans(x, 3, seed=0)  # only 2 distinct points for 3 clusters: must not crash
     assert len(set(labels[:5].tolist())) == 1 and len(set(labels[5:].tolist())) == 1
 
 
@@ -2615,7 +2332,7 @@ def test_select_top_keeps_ceil_of_each_cluster(frac):
     sizes = [30, 7, 1, 10, 4]
     clusters = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])[torch.randperm(52, generator=g)]
     scores = torch.randn(52, generator=g)
-    keep = J.select_top(scores, clusters, frac)
+    keep = SEL.select_top(scores, clusters, frac)
     assert torch.equal(keep, keep.sort().values) and len(set(keep.tolist())) == len(keep)
     for c, n in enumerate(sizes):
         members = (clusters == c).nonzero().flatten().tolist()
@@ -2625,18 +2342,17 @@ def test_select_top_keeps_ceil_of_each_cluster(frac):
 
 def test_select_top_rounding_is_exact_for_float_products():
     clusters, scores = torch.zeros(100, dtype=torch.long), torch.arange(100.0)
-    assert len(J.select_top(scores, clusters, 0.07)) == 7  # 0.07 * 100 = 7.000000000000001 in floats
+    assert len(SEL.select_top(scores, clusters, 0.07)) == 7  # 0.07 * 100 = 7.000000000000001 in floats
 
 
 def test_pair_accuracy_and_auc():
     t = lambda *v: torch.tensor(v, dtype=torch.float64)
-    assert J.pair_accuracy(t(1, 0, 3), t(0, 1, 3), t(2, 2, 1), t(1, 1, 1)) == 0.5  # the tied pair is left out
-    assert J.auc(t(3, 2, 1, 0), torch.tensor([True, True, False, False])) == 1.0
-    assert J.auc(t(1, 1), torch.tensor([True, False])) == 0.5
+    assert SEL.pair_accuracy(t(1, 0, 3), t(0, 1, 3), t(2, 2, 1), t(1, 1, 1)) == 0.5  # the tied pair is left out
+    assert SEL.auc(t(3, 2, 1, 0), torch.tensor([True, True, False, False])) == 1.0
+    assert SEL.auc(t(1, 1), torch.tensor([True, False])) == 0.5
+
 
 # --- the trained selector on synthetic data with known corruption -------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def selection_setup(tmp_path_factory):
     """A frozen *random-init* tiny model (no training needed) and the synthetic describe-the-image samples
@@ -2645,16 +2361,16 @@ def selection_setup(tmp_path_factory):
     from data import load_tokenizer
     from model import CONFIGS, Llava
     torch.manual_seed(0)
-    S = J._synth()
+    S = SY
     tok = load_tokenizer(S.synth_data() / "tokenizer.json")
     cfg = CONFIGS["tiny"]
     model = Llava(replace(cfg, text=replace(cfg.text, vocab_size=tok.get_vocab_size()), image_token_id=S.SYNTH_IMAGE_TOKEN_ID))
-    data, pairs_path, image_dir = J.synthetic_selection_data(tmp_path_factory.mktemp("select"), corrupt=0.3,
+    data, pairs_path, image_dir = SEL.synthetic_selection_data(tmp_path_factory.mktemp("select"), corrupt=0.3,
                                                              n_model=2000, n_human=10, source="captions.json")
-    records, pairs = json.loads(data.read_text()), J.read_pairs(pairs_path)
-    items, ij, rows = J.index_samples(pairs, records)
+    records, pairs = json.loads(data.read_text()), SEL.read_pairs(pairs_path)
+    items, ij, rows = SEL.index_samples(pairs, records)
     with torch.no_grad():
-        feats = J.selector_features(model, tok, items, image_dir)
+        feats = SEL.selector_features(model, tok, items, image_dir)
     seen = {x["image"] for p in pairs for x in p["items"]}
     return dict(records=records, pairs=pairs, feats=feats, ij=ij, rows=rows, dv=cfg.vision.hidden_size,
                 bad=torch.tensor([r["corrupted"] for r in records]),
@@ -2664,11 +2380,11 @@ def selection_setup(tmp_path_factory):
 def _train_and_auc(d, feats):
     s = torch.tensor([p["scores"] for p in d["pairs"]])
     human = torch.tensor([p["source"] == "human" for p in d["pairs"]])
-    head = J.train_selector(feats[d["ij"][:, 0]], feats[d["ij"][:, 1]], s[:, 0], s[:, 1], human, w=400.0, epochs=6,
+    head = SEL.train_selector(feats[d["ij"][:, 0]], feats[d["ij"][:, 1]], s[:, 0], s[:, 1], human, w=400.0, epochs=6,
                             lr=1e-4, batch=64, seed=0)  # the paper's settings
     with torch.no_grad():
         scores = head(feats[d["rows"]])
-    return J.auc(scores[d["unseen"]], ~d["bad"][d["unseen"]])
+    return SEL.auc(scores[d["unseen"]], ~d["bad"][d["unseen"]])
 
 
 def test_synthetic_selection_data_is_as_documented(selection_setup):
@@ -2677,7 +2393,7 @@ def test_synthetic_selection_data_is_as_documented(selection_setup):
     assert d["unseen"][560:].all()  # the last 30% of images never appear in a training pair
     assert sum(p["source"] == "human" for p in d["pairs"]) == 10
     assert all(p["scores"][0] != p["scores"][1] for p in d["pairs"])  # drawn at two levels, as the authors do
-    S = J._synth()
+    S = SY
     facts = json.loads((S.synth_data() / "facts.json").read_text())
     for r in d["records"][:100]:  # corrupted captions state wrong facts, clean ones are right
         f, caption = facts[r["image"]], r["conversations"][1]["value"]
@@ -2698,18 +2414,255 @@ def test_selector_ranks_clean_over_corrupted(selection_setup):
     assert _train_and_auc(d, shuffled) < 0.7
 
 
+# ----------------------------------------------------------------------------- evaluate.py
+# Metrics: hand-worked cases whose expected values are derived here from LLaVA-Med's definitions
+# (eval_metrics/glossary.py, evaluate_metrics.py @ b9a98a7), not copied from our output.
+# Data: the real VQA-RAD / SLAKE test sets in ../shared/data (skipped when absent).
+
+need_data = pytest.mark.skipif(not (SHARED / "slake" / "test.json").exists() or
+                               not (SHARED / "vqa_rad" / "VQA_RAD_Dataset_Public.json").exists(),
+                               reason=f"real VQA-RAD/SLAKE test sets not found at {SHARED} (see shared/data/README.md)")
+
+
+def last_json(capsys):
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def write_answers(path, pairs):
+    with open(path, "w") as f:
+        for qid, text in pairs:
+            f.write(json.dumps({"question_id": qid, "text": text}) + "\n")
+
+
+# --- metric rules, by hand ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, expected", [
+    ("3.5 cm. x-ray (ct)", "3.5 cm x ray ct"),  # " (" has a space -> "(" removed; ")" and "-" -> space; "cm." loses its dot
+    ("x-ray - ct", "xray ct"),         # one spaced "-" in the ORIGINAL string makes every "-" vanish: "x-ray" -> "xray"
+    ("ct(mr/(", "ct mr"),              # "/" -> space puts " (" in the EDITED string only; the test reads the original,
+                                       # so "(" still becomes a space (testing the edited string would give "ctmr")
+    ("1,000 x-ray", "1000 xray"),      # a digit,digit anywhere: every punctuation mark is removed, not spaced
+    ("left/right", "left right"),      # no space next to "/": it becomes a space
+    ("Is it? Yes!", "is it yes"),      # "? " has a space -> "?" removed; "!" has none -> a space, stripped by split
+    ("the left lung", "left lung"),    # articles dropped
+    ("a an the", ""),                  # only articles -> empty string
+    ("Two lesions", "2 lesions"),      # number words -> digits (after lower-casing)
+    ("none", "0"),                     # "none" is a number word too
+    ("dont know", "don't know"),       # contractions table
+    ("Im here", "im here"),            # the table's capitalised keys can never match lower-cased words
+    ("no.", "no"),                     # trailing period removed
+    ("2.5.", "2.5"),                   # a period before a digit survives, the final one does not
+])
+def test_normalize_word(raw, expected):
+    assert E.normalize_word(raw.lower()) == expected
+
+
+def test_period_limit_is_32():
+    # re.UNICODE (=32) is passed as `count`: only the first 32 periods not followed by a digit go
+    s = " ".join(["x."] * 40)
+    assert E.normalize_word(s).count(".") == 40 - 32
+
+
+def prf(tp, fp, fn):
+    """The definition: precision tp/(tp+fp), recall tp/(tp+fn), F1 their harmonic mean; 0 if tp == 0."""
+    if tp == 0:
+        return 0.0, 0.0, 0.0
+    p, r = tp / (tp + fp), tp / (tp + fn)
+    return 2 * p * r / (p + r), p, r
+
+
+@pytest.mark.parametrize("pred, gt, tp, fp, fn", [
+    ("left upper lobe of the lung", "left lung", 2, 3, 0),  # "the" dropped: 5 pred words, left+lung shared
+    ("left left", "left lung", 2, 0, 1),     # tp counted from the PREDICTION's counts: recall 2/3, not 1/2
+    ("left", "left left", 1, 0, 0),          # a repeated gt word is never a false negative once it appears
+    ("Lung.", "the lung", 1, 0, 0),          # punctuation, case and articles normalised away
+    ("2 lesions", "two", 1, 1, 0),           # number word in the gt -> "2"
+    ("heart", "liver", 0, 1, 1),             # nothing shared -> all zero
+])
+def test_f1score(pred, gt, tp, fp, fn):
+    assert E.calculate_f1score(pred.lower(), gt.lower()) == pytest.approx(prf(tp, fp, fn))
+
+
+def test_empty_prediction_scores_zero():
+    s = E.score_item("", "yes")
+    assert (s["closed"], s["closed_run_eval"], s["closed_strict"], s["f1"], s["recall"], s["em_score"]) == (0,) * 6
+    assert E.calculate_f1score("lung", "the") == (0.0, 0.0, 0.0)  # a gt that normalises to nothing scores 0 too
+
+
+def test_exact_match_score():
+    # distinct gt words present in the prediction / number of prediction words
+    assert E.calculate_exactmatch("left lung left", "left lung") == pytest.approx(2 / 3)
+    assert E.calculate_exactmatch("lung", "left lung lung") == pytest.approx(1 / 1)
+    assert E.score_item("The Lung.", "lung")["exact"] == 1.0 and E.score_item("lungs", "lung")["exact"] == 0.0
+
+
+@pytest.mark.parametrize("pred, gt, official, run_eval, strict", [
+    ("normal", "no", 1, 1, 0),       # the substring quirk: "no" is inside "normal"
+    ("the eyes", "yes", 1, 1, 0),    # "yes" inside "eyes"
+    ("Yes, it is.", "yes", 1, 1, 1),
+    ("No, there is no mass.", "yes", 0, 0, 0),  # "yes" nowhere
+    ("There is no mass", "no", 1, 1, 0),  # official hit; strict wants the answer to lead with it
+    ("liver", "liver", 1, 0, 1),     # run_eval.py also needs "yes"/"no" somewhere: a non-yes/no closed answer fails
+    ("the liver or the heart", "liver", 1, 0, 1),  # whole word for non-yes/no gt in the strict rule
+    ("livers", "liver", 1, 0, 0),    # substring hit, not a whole word
+    ("", "no", 0, 0, 0),
+])
+def test_closed_rules(pred, gt, official, run_eval, strict):
+    s = E.score_item(pred, gt)
+    assert (s["closed"], s["closed_run_eval"], s["closed_strict"]) == (official, run_eval, strict)
+
+
+# --- loaders on the real data ---------------------------------------------------------------------------------
+@need_data
+@pytest.mark.parametrize("name, n, n_closed, n_open, n_images", [
+    ("vqa_rad", 451, 272, 179, 203), ("slake", 1061, 416, 645, 96)])
+def test_real_test_splits(name, n, n_closed, n_open, n_images):
+    ex = E.load_dataset(name, SHARED / name)
+    types = [e["answer_type"] for e in ex]
+    assert (len(ex), types.count("CLOSED"), types.count("OPEN")) == (n, n_closed, n_open)
+    assert len({e["qid"] for e in ex}) == n
+    images = {e["image"] for e in ex}
+    assert len(images) == n_images
+    for p in images:
+        with Image.open(p) as im:
+            im.verify()
+    if name == "slake":
+        assert {e["modality"] for e in ex} == {"CT", "MRI", "X-Ray"}
+
+
+def test_missing_data_says_what_to_download(tmp_path):
+    with pytest.raises(E.DataError, match="Download SLAKE.*imgs"):
+        E.load_dataset("slake", tmp_path / "nope")
+    (tmp_path / "test.json").write_text(json.dumps([{"qid": 1, "img_name": "xmlab1/source.jpg", "question": "q",
+                                                     "answer": "yes", "q_lang": "en", "answer_type": "CLOSED",
+                                                     "modality": "CT"}]))
+    with pytest.raises(E.DataError, match="1 image"):
+        E.load_dataset("slake", tmp_path)
+    assert len(E.load_dataset("slake", tmp_path, check_images=False)) == 1  # --pred needs no images
+
+
+def test_pathvqa_and_synth_loaders(tmp_path):
+    (tmp_path / "images" / "test").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "test" / "p0.jpg")
+    recs = [{"image_path": "images\\test\\p0.jpg", "question": "is it?", "answer": "yes", "answer_type": "CLOSED"},
+            {"image_path": "images\\test\\p0.jpg", "question": "what?", "answer": "a cell"}]  # no answer_type
+    (tmp_path / "test.json").write_text(json.dumps(recs))
+    ex = E.load_dataset("pathvqa", tmp_path)
+    assert [e["qid"] for e in ex] == ["0", "1"] and [e["answer_type"] for e in ex] == ["CLOSED", "OPEN"]
+    assert ex[0]["image"] == tmp_path / "images" / "test" / "p0.jpg"
+    synth = [{"qid": 0, "image_name": "p0.jpg", "question": "q?", "answer": "no", "answer_type": "CLOSED"}]
+    (tmp_path / "test.json").write_text(json.dumps(synth))
+    (tmp_path / "images" / "p0.jpg").write_bytes((tmp_path / "images" / "test" / "p0.jpg").read_bytes())
+    assert E.load_dataset("synth", tmp_path)[0]["image"] == tmp_path / "images" / "p0.jpg"
+
+
+@need_data
+def test_llava_med_converted_format_matches_official(tmp_path):
+    ex = E.load_dataset("slake", SHARED / "slake")[:30]
+    conv = [{"id": e["qid"], "image": str(e["image"].relative_to(SHARED / "slake" / "imgs")), "answer_type": e["answer_type"],
+             "conversations": [{"from": "human", "value": e["question"] + "\n<image>"}, {"from": "gpt", "value": e["answer"]}]}
+            for e in ex]
+    (tmp_path / "test.json").write_text(json.dumps(conv))
+    (tmp_path / "imgs").symlink_to(SHARED / "slake" / "imgs")
+    got = E.load_dataset("slake", tmp_path)
+    key = lambda e: (e["qid"], e["question"], e["answer"], e["answer_type"], e["image"].name)
+    assert [key(e) for e in got] == [key(e) for e in ex]
+
+
+# --- scoring files ----------------------------------------------------------------------------------------------
+@need_data
+@pytest.mark.parametrize("name", ["vqa_rad", "slake"])
+def test_ground_truth_scores_100(name, tmp_path, capsys):
+    ex = E.load_dataset(name, SHARED / name, check_images=False)
+    write_answers(tmp_path / "gt.jsonl", [(e["qid"], e["answer"]) for e in ex])
+    res = E.main([name, "--pred", str(tmp_path / "gt.jsonl"), "--data", str(SHARED / name), "--bootstrap", "50",
+                  "--json", str(tmp_path / "r.json")])
+    assert last_json(capsys) == json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(res))
+    for k in ("closed_accuracy", "closed_accuracy_strict", "open_recall", "open_f1", "open_precision", "exact_match"):
+        assert res[k] == 100.0, k
+    assert (res["n_closed"], res["n_open"], res["n_missing"]) == ({"vqa_rad": 272, "slake": 416}[name],
+                                                                  {"vqa_rad": 179, "slake": 645}[name], 0)
+    assert res["ci"]["open_f1"] == [100.0, 100.0]
+
+
+@need_data
+def test_shuffled_truncated_duplicate_unknown(tmp_path, capsys):
+    ex = E.load_dataset("slake", SHARED / "slake", check_images=False)
+    rng = random.Random(0)  # a mediocre "model": right, "no", or the question's last word
+    pairs = [(e["qid"], rng.choice([e["answer"], "No, normal.", e["question"].split()[-1]])) for e in ex]
+    write_answers(tmp_path / "a.jsonl", pairs)
+    shuffled = pairs[:]
+    rng.shuffle(shuffled)
+    write_answers(tmp_path / "b.jsonl", shuffled)
+    args = ["--data", str(SHARED / "slake"), "--bootstrap", "200"]
+    a = E.main(["slake", "--pred", str(tmp_path / "a.jsonl")] + args)
+    b = E.main(["slake", "--pred", str(tmp_path / "b.jsonl")] + args)
+    assert a == b and 0 < a["closed_accuracy"] < 100 and a["ci"]["closed_accuracy"][0] < a["closed_accuracy"]
+    write_answers(tmp_path / "c.jsonl", pairs[:-7] + [pairs[0], ("no-such-id", "yes")])
+    capsys.readouterr()
+    c = E.main(["slake", "--pred", str(tmp_path / "c.jsonl")] + args)
+    assert c["missing_ids"] == [q for q, _ in pairs[-7:]] and c["n_missing"] == 7
+    assert c["duplicate_ids"] == [pairs[0][0]] and c["unknown_ids"] == ["no-such-id"]
+    out = capsys.readouterr().out
+    assert "7 missing question id(s)" in out and pairs[-1][0] in out
+
+
+@need_data
+def test_compare_is_paired(tmp_path, capsys):
+    ex = E.load_dataset("vqa_rad", SHARED / "vqa_rad", check_images=False)
+    write_answers(tmp_path / "gt.jsonl", [(e["qid"], e["answer"]) for e in ex])
+    write_answers(tmp_path / "no.jsonl", [(e["qid"], "no") for e in ex])
+    data = ["--data", str(SHARED / "vqa_rad"), "--bootstrap", "200"]
+    same = E.main(["vqa_rad", "--compare", str(tmp_path / "no.jsonl"), str(tmp_path / "no.jsonl")] + data)
+    assert same["closed_accuracy"]["diff"] == 0 and same["closed_accuracy"]["ci"] == [0.0, 0.0]  # paired: no noise
+    res = E.main(["vqa_rad", "--compare", str(tmp_path / "no.jsonl"), str(tmp_path / "gt.jsonl")] + data)
+    closed = [e for e in ex if e["answer_type"] == "CLOSED"]
+    always_no = 100 * sum(E.normalize_word(e["answer"].lower()) in "no" for e in closed) / len(closed)
+    d = res["closed_accuracy"]
+    assert d["a"] == pytest.approx(always_no, abs=1e-3) and d["diff"] == pytest.approx(100 - always_no, abs=1e-3)
+    assert d["ci"][0] < d["diff"] < d["ci"][1]
+    assert "closed_accuracy" in last_json(capsys)
+
+
+# --- end to end: a tiny random model answers 20 real SLAKE questions -----------------------------------------
+@need_data
+def test_tiny_model_end_to_end(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    M = pytest.importorskip("model")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from data import VICUNA_SYSTEM
+    ex = E.load_dataset("slake", SHARED / "slake")[:20]
+    tok = Tokenizer(models.BPE())  # byte-level BPE with LLaMA's special-token layout, "<image>" = 3 as in "tiny"
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([VICUNA_SYSTEM] + [e["question"] + " " + e["answer"] for e in ex], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<image>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    cfg = copy.deepcopy(M.CONFIGS["tiny"])
+    cfg.text.vocab_size, cfg.image_token_id = tok.get_vocab_size(), tok.token_to_id("<image>")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    C.save_pretrained(M.Llava(cfg), str(ckpt))
+    tok.save(str(ckpt / "tokenizer.json"))
+    out = tmp_path / "answers.jsonl"
+    run = ["slake", "--model", str(ckpt), "--data", str(SHARED / "slake"), "--limit", "20", "--out", str(out),
+           "--batch_size", "8", "--max_new_tokens", "4", "--bootstrap", "0", "--device", "cpu"]
+    res = E.main(run)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [e["qid"] for e in ex]
+    assert all(isinstance(r["text"], str) and r["prompt"] == e["question"] for r, e in zip(rows, ex))
+    assert res["n"] == 20 and res["n_missing"] == 0 and res["n_closed"] + res["n_open"] == 20
+    capsys.readouterr()
+    scored = E.main(["slake", "--pred", str(out), "--data", str(SHARED / "slake"), "--limit", "20", "--bootstrap", "0"])
+    assert scored == res and last_json(capsys) == json.loads(json.dumps(res))
+    # resumable: a run killed mid-write leaves a torn line; the rerun drops it and answers only what is missing
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:17]) + lines[17][:15])
+    E.main(run)
+    assert out.read_text().splitlines(keepends=True)[:17] == lines[:17]
+    assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == [e["qid"] for e in ex]
+
+
 # ----------------------------------------------------------------------------- bench.py
-import json
-import math
-import os
-import subprocess
-import sys
-
-import pytest
-import torch
-
-import bench  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def tiny_pair():
@@ -2762,18 +2715,15 @@ def test_parity_check_catches_a_different_weight(tiny_pair):
             b[0, 0] -= 1e-3
 
 
-def test_dpo_loss_is_log2_at_the_reference_and_prefers_chosen():
+def test_bench_times_the_jobs_own_losses():
+    """bench.py keeps no copies: its objectives call dpo.dpo_loss and train.token_nll, the functions training runs."""
+    assert bench.dpo_loss is dpo.dpo_loss
+    assert bench.token_nll is T.token_nll
     x = torch.tensor([-3.0, -7.0])
-    assert bench.dpo_loss(x, x, x, x).item() == pytest.approx(math.log(2))
+    assert bench.dpo_loss(x, x, x, x)[0].mean().item() == pytest.approx(math.log(2))
     pc = torch.tensor([-3.0], requires_grad=True)
-    bench.dpo_loss(pc, torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.0])).backward()
+    bench.dpo_loss(pc, torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.0]))[0].mean().backward()
     assert pc.grad.item() < 0  # descending the loss raises the chosen answer's log-probability
-    try:  # the same loss as the project's DPO job, where that imports
-        import dpo
-    except Exception:
-        return
-    args = [torch.randn(5, generator=torch.Generator().manual_seed(i)) * 3 for i in range(4)]
-    assert bench.dpo_loss(*args, beta=0.3).item() == pytest.approx(dpo.dpo_loss(*args, beta=0.3)[0].mean().item())
 
 
 def test_sequences_and_flops_count_image_tokens(tiny_pair):
@@ -2805,10 +2755,7 @@ def test_gpu_shapes_map_onto_transformers_on_meta(shape):
     assert 6 * 6.5e9 * 8 * 705 < flops < 8 * 7.6e9 * 8 * 705  # ~6 N per token (+ attention)
 
 
-# ----------------------------------------------------------------------------- README
-import re
-from pathlib import Path
-
+# ----------------------------------------------------------------------------- README and layout
 
 def test_readme_line_counts_are_current():
     """The README's file table states each file's line count; a stale number fails here, not in a reader's head."""
@@ -2817,3 +2764,42 @@ def test_readme_line_counts_are_current():
     assert len(rows) >= 8
     for name, n in rows:
         assert len((root / name).read_text().splitlines()) == int(n), f"README says {name} has {n} lines"
+
+
+BLOCKS = ("model", "checkpoint", "lora", "data", "train", "synth")
+JOBS = ("sft", "dpo", "judge", "selector", "evaluate")
+
+
+def project_imports(name):
+    """The project modules that `name`.py imports anywhere in it, lazy imports inside functions included."""
+    tree = ast.parse((Path(__file__).resolve().parent / f"{name}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(BLOCKS + JOBS + ("bench",))
+
+
+def test_imports_point_one_way():
+    """Jobs stand on blocks: no block imports a job, model.py imports nothing of ours, no job imports a training
+    job (bench, the tool, takes dpo's loss to time it), and judge.py runs without torch."""
+    assert project_imports("model") == set()
+    for block in BLOCKS:
+        assert not project_imports(block) & set(JOBS + ("bench",)), f"{block}.py imports a job"
+    for job in JOBS:
+        assert not project_imports(job) & {"sft", "dpo", "bench"}, f"{job}.py imports a training job"
+    assert project_imports("bench") & set(JOBS) == {"dpo"}
+    r = subprocess.run([sys.executable, "-c", "import judge, sys; assert 'torch' not in sys.modules"],
+                       cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_files_stay_small():
+    """One concern per file: every file but the tests within 600 lines, the stage-1 job within 300."""
+    root = Path(__file__).resolve().parent
+    for path in root.glob("*.py"):
+        if path.name != "test_all.py":
+            limit = 300 if path.name == "sft.py" else 600
+            assert len(path.read_text().splitlines()) <= limit, f"{path.name} is over {limit} lines"
