@@ -3,9 +3,10 @@ LLaVA checkpoints on disk: config.json + safetensors, in the llava-hf layout (tr
 LlavaForConditionalGeneration) and the original LLaVA layout (LlavaLlamaForCausalLM, the only one that holds
 SQ-LLaVA's `cluster` projector), read into and written from model.py's `Llava`.
 
-- from_pretrained: either layout, single-file or sharded safetensors, with the CLIP tower inside the checkpoint
-  or beside it (`vision_path`); built on the meta device so the weights exist once. Nothing is downloaded.
-- save_pretrained: either layout, sharded above 5 GiB with an index, loadable by transformers.
+- from_pretrained: either layout, single-file or sharded safetensors, with the CLIP tower inside the
+  checkpoint or beside it (`vision_path`); built on the meta device so the weights exist once. Nothing is
+  downloaded.
+- save_pretrained: either layout, sharded above 5 GiB with an index; the llava-hf one loads in transformers.
 
 References: transformers `modeling_llava.py` (key names, `_checkpoint_conversion_mapping`),
 LLaVA `llava/model/builder.py` and `llava/model/llava_arch.py` (the original layout),
@@ -25,7 +26,8 @@ KNOWN_VISION_TOWERS = {
     "openai/clip-vit-large-patch14": VisionConfig(image_size=224),
 }
 LLAMA_DEFAULTS = TextConfig()  # transformers' LlamaConfig defaults; old llava-hf configs rely on them
-MISTRAL_DEFAULTS = TextConfig(intermediate_size=14336, num_kv_heads=8, max_position_embeddings=32768, model_type="mistral")
+MISTRAL_DEFAULTS = TextConfig(intermediate_size=14336, num_kv_heads=8, max_position_embeddings=32768,
+                              model_type="mistral")
 
 
 def _text_config(c):
@@ -39,7 +41,8 @@ def _text_config(c):
         intermediate_size=c.get("intermediate_size", d.intermediate_size),
         num_layers=c.get("num_hidden_layers", d.num_layers), num_heads=heads,
         num_kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim"), rope_theta=theta,
-        rms_norm_eps=c.get("rms_norm_eps", d.rms_norm_eps), tie_word_embeddings=c.get("tie_word_embeddings", False),
+        rms_norm_eps=c.get("rms_norm_eps", d.rms_norm_eps),
+        tie_word_embeddings=c.get("tie_word_embeddings", False),
         max_position_embeddings=c.get("max_position_embeddings", d.max_position_embeddings),
         bos_token_id=c.get("bos_token_id", 1), eos_token_id=c.get("eos_token_id", 2),
         model_type="mistral" if "mistral" in c.get("model_type", "") else "llama")
@@ -84,7 +87,8 @@ def _rename(key, projector_type):
         ("model.language_model.", "language_model."), ("model.multi_modal_projector.", "projector."),
         ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),  # original layout, tower inside
         ("model.vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
-        ("language_model.model.", "language_model."), ("language_model.lm_head.", "lm_head."),  # llava-hf < 4.52
+        # llava-hf as transformers < 4.52 saved it
+        ("language_model.model.", "language_model."), ("language_model.lm_head.", "lm_head."),
         ("vision_tower.vision_model.", "vision_tower."), ("vision_tower.", "vision_tower."),
         ("multi_modal_projector.", "projector."),
         ("model.mm_projector.", "projector."), ("model.", "language_model."), ("lm_head.", "lm_head."),
@@ -96,8 +100,9 @@ def _rename(key, projector_type):
             break
     else:
         return key  # unknown: reported as unexpected by from_pretrained
-    if key.startswith("projector.") and projector_type != "cluster":  # original: nn.Sequential indices 0 and 2
-        key = key.replace("projector.0.", "projector.linear_1.").replace("projector.2.", "projector.linear_2.")
+    if key.startswith("projector.") and projector_type != "cluster":  # original: Sequential indices 0, 2
+        key = (key.replace("projector.0.", "projector.linear_1.")
+               .replace("projector.2.", "projector.linear_2."))
         if projector_type == "linear" and key in ("projector.weight", "projector.bias"):
             key = key.replace("projector.", "projector.linear_1.")
     return key
@@ -113,7 +118,8 @@ def config_from_json(c, vision_path=None):
         if proj is None or not c.get("multimodal_projector_bias", True):
             raise ValueError(f"unsupported llava-hf projector: act={c.get('projector_hidden_act')!r}")
         return LlavaConfig(_vision_config(c["vision_config"], layer), _text_config(c["text_config"]), proj,
-                           c.get("image_token_id", c.get("image_token_index", 32000)), c.get("image_seq_length"))
+                           c.get("image_token_id", c.get("image_token_index", 32000)),
+                           c.get("image_seq_length"))
     layer = c.get("mm_vision_select_layer", -2)
     if c.get("mm_vision_select_feature", "patch") != "patch":
         raise ValueError("only mm_vision_select_feature='patch' (CLS dropped) is supported")
@@ -128,8 +134,9 @@ def config_from_json(c, vision_path=None):
                          "pass vision_path=<a local CLIPVisionModel or CLIPModel directory>")
     # LLaVA's IMAGE_TOKEN_INDEX (llava/constants.py): a placeholder outside the vocabulary
     # the authors hard-code Clustering(..., 256, 2) (builder.py); the two keys are ours, for smaller models
-    return LlavaConfig(vision, _text_config(c), c.get("mm_projector_type", "linear"), c.get("image_token_index", -200),
-                       cluster_centers=c.get("mm_cluster_centers", 256), cluster_iters=c.get("mm_cluster_iters", 2))
+    return LlavaConfig(vision, _text_config(c), c.get("mm_projector_type", "linear"),
+                       c.get("image_token_index", -200), cluster_centers=c.get("mm_cluster_centers", 256),
+                       cluster_iters=c.get("mm_cluster_iters", 2))
 
 
 def from_pretrained(path, vision_path=None, dtype=torch.bfloat16, device=None):
@@ -149,8 +156,9 @@ def from_pretrained(path, vision_path=None, dtype=torch.bfloat16, device=None):
             state[name] = v
     if not any(k.startswith("vision_tower.") for k in state):
         if vision_path is None:
-            raise ValueError(f"{path} holds no vision tower weights and the config names {c.get('mm_vision_tower')!r}; "
-                             "nothing is downloaded: pass vision_path=<local directory of that CLIP checkpoint>")
+            raise ValueError(f"{path} holds no vision tower weights and the config names "
+                             f"{c.get('mm_vision_tower')!r}; nothing is downloaded: "
+                             "pass vision_path=<local directory of that CLIP checkpoint>")
         for k, v in _load_safetensors(vision_path).items():  # CLIPModel ("vision_model.*", "text_model.*")
             if k.startswith(("text_model.", "text_projection", "visual_projection", "logit_scale")):
                 continue  # or CLIPVisionModel as transformers >= 5 saves it (no prefix)
@@ -163,7 +171,8 @@ def from_pretrained(path, vision_path=None, dtype=torch.bfloat16, device=None):
     if config.text.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         expected.pop("lm_head.weight")
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:10]}"
                          f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
@@ -172,7 +181,8 @@ def from_pretrained(path, vision_path=None, dtype=torch.bfloat16, device=None):
            for k, v in expected.items() if state[k].shape != v.shape]
     if bad:
         raise ValueError(f"shape mismatch in {path}: " + "; ".join(bad[:10]))
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
+                          strict=False, assign=True)
     if config.text.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
     return model.eval()
@@ -187,22 +197,26 @@ def save_pretrained(model, path, layout="llava-hf", max_shard_bytes=5 * 1024**3)
     """
     from safetensors.torch import save_file
     cfg = model.config
-    v, t = cfg.vision, cfg.text
-    text_json = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                     num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-                     head_dim=t.head_dim, rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps,
-                     tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=t.max_position_embeddings,
-                     bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, hidden_act="silu")
-    vision_json = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
-                       num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
-                       layer_norm_eps=v.layer_norm_eps, hidden_act="quick_gelu", model_type="clip_vision_model")
+    v = cfg.vision
+    t = cfg.text
+    text_json = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                     intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                     num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+                     head_dim=t.head_dim, rope_theta=t.rope_theta,
+                     rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=t.tie_word_embeddings,
+                     max_position_embeddings=t.max_position_embeddings, bos_token_id=t.bos_token_id,
+                     eos_token_id=t.eos_token_id, hidden_act="silu")
+    vision_json = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                       num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
+                       image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps,
+                       hidden_act="quick_gelu", model_type="clip_vision_model")
     state = {k: t_.detach().contiguous() for k, t_ in model.state_dict().items()}
     if t.tie_word_embeddings:
         state.pop("lm_head.weight")
     if layout == "llava-hf":
         if cfg.projector_type != "mlp2x_gelu":
-            raise ValueError(f"the llava-hf layout holds only the mlp2x_gelu projector, not {cfg.projector_type!r}: "
-                             "use layout='llava'")
+            raise ValueError("the llava-hf layout holds only the mlp2x_gelu projector, "
+                             f"not {cfg.projector_type!r}: use layout='llava'")
         config = dict(model_type="llava", architectures=["LlavaForConditionalGeneration"],
                       image_token_id=cfg.image_token_id, image_token_index=cfg.image_token_id,
                       image_seq_length=cfg.image_seq_length, vision_feature_layer=v.feature_layer,
@@ -215,13 +229,15 @@ def save_pretrained(model, path, layout="llava-hf", max_shard_bytes=5 * 1024**3)
         config = dict(text_json, model_type=f"llava_{t.model_type}", architectures=["LlavaLlamaForCausalLM"],
                       mm_projector_type=cfg.projector_type, mm_hidden_size=v.hidden_size,
                       mm_vision_select_layer=v.feature_layer, mm_vision_select_feature="patch",
-                      mm_use_im_start_end=False, image_aspect_ratio="pad", image_token_index=cfg.image_token_id,
-                      mm_cluster_centers=cfg.cluster_centers, mm_cluster_iters=cfg.cluster_iters,
-                      vision_config=vision_json)
-        prefixes = [("language_model.", "model."), ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+                      mm_use_im_start_end=False, image_aspect_ratio="pad",
+                      image_token_index=cfg.image_token_id, mm_cluster_centers=cfg.cluster_centers,
+                      mm_cluster_iters=cfg.cluster_iters, vision_config=vision_json)
+        prefixes = [("language_model.", "model."),
+                    ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
                     ("projector.", "model.mm_projector."), ("lm_head.", "lm_head.")]
-        if cfg.projector_type != "cluster":
-            state = {k.replace("projector.linear_1.", "projector.0." if cfg.projector_type == "mlp2x_gelu" else "projector.")
+        if cfg.projector_type != "cluster":  # nn.Sequential indices 0 and 2, or one bare Linear
+            linear_1 = "projector.0." if cfg.projector_type == "mlp2x_gelu" else "projector."
+            state = {k.replace("projector.linear_1.", linear_1)
                       .replace("projector.linear_2.", "projector.2."): x for k, x in state.items()}
     else:
         raise ValueError(f"unknown layout {layout!r}: expected 'llava-hf' or 'llava'")
@@ -232,7 +248,8 @@ def save_pretrained(model, path, layout="llava-hf", max_shard_bytes=5 * 1024**3)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    shards, size = [{}], 0  # greedy split in key order
+    shards = [{}]  # greedy split in key order
+    size = 0
     for k, x in out.items():
         nbytes = x.numel() * x.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:

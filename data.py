@@ -1,25 +1,22 @@
 """
-From raw records to exactly the tokens, labels and pixels that STLLaVA-Med trains on.
+From raw records to exactly the tokens, labels and pixels that STLLaVA-Med trains on (its §2, both stages).
 
-- Tokenizer: a `tokenizer.json`, or a LLaMA-style SentencePiece `tokenizer.model` converted by hand:
-  the protobuf is read field by field and rebuilt as the equivalent byte-fallback BPE in `tokenizers`
-  (merges from the piece scores, as transformers' LlamaConverter does), with ids equal to sentencepiece's.
+- Tokenizer: `tokenizer.json`, or a LLaMA SentencePiece `tokenizer.model` whose protobuf is read field by
+  field and rebuilt as the same byte-fallback BPE (merges from piece scores, as transformers' LlamaConverter).
 - Templates: `vicuna_v1` (LLaVA-1.5), `vicuna_v1_sq` (STLLaVA-Med stage 1: Vicuna plus the questioner
   role VUSER, from SQ-LLaVA) and `mistral_instruct` (LLaVA-Med v1.5), rendered as the authors' get_prompt.
 - Encoding: `<image>` becomes image_seq_length copies of the image id; labels are -100 except the
   answers and the VUSER questions with their "</s>"; checked against the authors' split/length arithmetic.
 - Images: LLaVA's pad-to-square with the CLIP mean colour, then CLIP's resize/crop/normalise, in PIL+numpy.
 - Datasets: a validating reader for LLaVA conversation JSON, and a collate with right or left padding.
-- LLaVA-Med's concept alignment: image-caption pairs as one-turn "describe" instructions (its Tables 6-7).
-- Replies: `generate_text` turns conversations into model text (evaluation and both stages use it), and
-  `ask_questions` is stage 2's questioner (describe the image, then speak in the VUSER role).
+- Concept alignment (LLaVA-Med §3, Tables 6-7): image-caption pairs as one-turn "describe" instructions.
+- Replies: `generate_text` (evaluation and both stages) and `ask_questions` (stage 2's VUSER questioner).
 
-References (fixed commits): heliossun/STLLaVA-Med@9113c41 `train.py` (preprocess_v1_sq2, preprocess_multimodal,
+References: heliossun/STLLaVA-Med@9113c41 `train.py` (preprocess_v1_sq2, preprocess_multimodal,
 LazySupervisedDataset), `llava/conversation.py`, `llava/mm_utils.py` (tokenizer_image_token);
-microsoft/LLaVA-Med@d406e3f `llava/conversation.py` (conv_mistral_instruct); sentencepiece
-`sentencepiece_model.proto`; transformers `convert_slow_tokenizer.py` (LlamaConverter, SentencePieceExtractor).
+microsoft/LLaVA-Med@d406e3f `llava/conversation.py` (conv_mistral_instruct); transformers
+`convert_slow_tokenizer.py` (LlamaConverter, SentencePieceExtractor); `sentencepiece_model.proto`.
 """
-
 import json
 import os
 import random
@@ -37,14 +34,15 @@ from model import generate
 
 IGNORE_INDEX = -100                 # labels with this value get no loss (PyTorch's cross-entropy default)
 IMAGE_TAG = "<image>"               # LLaVA's DEFAULT_IMAGE_TOKEN, expanded here to image_seq_length ids
-BOS, EOS = "<s>", "</s>"            # LLaMA's; the templates write EOS into the prompt text
+BOS = "<s>"                         # LLaMA's; the templates write EOS into the prompt text
+EOS = "</s>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP, as in CLIPImageProcessor
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # -----------------------------------------------------------------------------
 # Tokenizer: tokenizer.json, or a SentencePiece tokenizer.model read without sentencepiece/protobuf
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # ModelProto.SentencePiece.Type
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(1, 7)  # ModelProto.SentencePiece.Type
 # field numbers from sentencepiece_model.proto -> (name, default); only what the conversion needs
 TRAINER_FIELDS = {3: ("model_type", 1), 24: ("treat_whitespace_as_suffix", 0), 35: ("byte_fallback", 0),
                   40: ("unk_id", 0), 41: ("bos_id", 1), 42: ("eos_id", 2)}
@@ -55,25 +53,23 @@ NORMALIZER_FIELDS = {1: ("name", b""), 2: ("precompiled_charsmap", b""), 3: ("ad
 def _proto_fields(buf):
     """Yield (field number, value) of a protobuf message: each field is a varint key (number << 3 | wire
     type) then a varint (type 0), 8 bytes (1), a varint length and bytes (2) or 4 bytes (5)."""
-    def varint(i):
+    def varint(i):  # 7 bits a byte, low bits first; a set high bit means another byte follows
         value = shift = 0
-        while True:
-            byte = buf[i]
-            value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
-            if byte < 0x80:
-                return value, i
+        while buf[i] & 0x80:
+            value |= (buf[i] & 0x7F) << shift
+            shift += 7
+            i += 1
+        return value | buf[i] << shift, i + 1
     i = 0
     while i < len(buf):
         key, i = varint(i)
         wire = key & 7
         if wire == 0:
             value, i = varint(i)
-        elif wire in (1, 5):
-            n = 8 if wire == 1 else 4
-            value, i = buf[i:i + n], i + n
-        elif wire == 2:
-            n, i = varint(i)
-            value, i = buf[i:i + n], i + n
+        elif wire in (1, 2, 5):  # (n, i): a varint length for type 2, a fixed 8 or 4 bytes for types 1 and 5
+            n, i = varint(i) if wire == 2 else (8 if wire == 1 else 4, i)
+            value = buf[i:i + n]
+            i += n
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
         if i > len(buf):
@@ -94,11 +90,12 @@ def read_sentencepiece(path):
                 specs[field] = dict(_proto_fields(value))
         if not pieces:
             raise ValueError("no pieces")
-    except (ValueError, IndexError, KeyError, AttributeError, TypeError, UnicodeDecodeError, struct.error) as e:
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError, UnicodeDecodeError,
+            struct.error) as e:
         raise ValueError(f"{path}: not a readable SentencePiece model ({e})") from e
-    trainer = {name: specs[2].get(number, default) for number, (name, default) in TRAINER_FIELDS.items()}
-    normalizer = {name: specs[3].get(number, default) for number, (name, default) in NORMALIZER_FIELDS.items()}
-    for key in ("unk_id", "bos_id", "eos_id"):  # int32 -1 ("none") arrives as a 64-bit two's complement varint
+    trainer = {name: specs[2].get(field, default) for field, (name, default) in TRAINER_FIELDS.items()}
+    normalizer = {name: specs[3].get(field, default) for field, (name, default) in NORMALIZER_FIELDS.items()}
+    for key in ("unk_id", "bos_id", "eos_id"):  # int32 -1 ("none") comes as a 64-bit two's complement varint
         trainer[key] -= (1 << 64) if trainer[key] >= 1 << 63 else 0
     normalizer["name"] = normalizer["name"].decode()
     return pieces, trainer, normalizer
@@ -111,7 +108,8 @@ def _from_sentencepiece(path):
         raise ValueError(f"{path}: only SentencePiece BPE models (model_type 2, LLaMA's) are supported, "
                          f"got model_type {trainer['model_type']}")
     if trainer["treat_whitespace_as_suffix"] or any(t in (USER_DEFINED, UNUSED) for _, _, t in pieces):
-        raise ValueError(f"{path}: treat_whitespace_as_suffix and user-defined/unused pieces are not supported")
+        raise ValueError(f"{path}: treat_whitespace_as_suffix and user-defined/unused pieces "
+                         "are not supported")
     vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
     # SentencePiece BPE repeatedly merges the adjacent pair whose concatenation is the highest-scoring
     # normal piece; as ranked merges that is every (left, right) split of each piece, by descending score
@@ -122,10 +120,9 @@ def _from_sentencepiece(path):
     unk = pieces[trainer["unk_id"]][0]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[m[-2:] for m in merges], unk_token=unk, fuse_unk=True,
                                byte_fallback=bool(trainer["byte_fallback"])))
-    # normalisation in SentencePiece's order: charsmap (nmt_nfkc etc.; LLaMA: identity, none), extra-space
-    # removal (only ' '; LLaMA: off), the dummy-prefix space, then ' ' -> '▁'. No pre-tokenizer: SentencePiece
-    # merges over the whole string. Prepend runs per text segment between special tokens, which is what
-    # LLaMA's slow "legacy" tokenizer does (it calls sentencepiece on each segment).
+    # normalisation in SentencePiece's order: charsmap (nmt_nfkc etc.; LLaMA: none), extra-space removal (' '
+    # only; LLaMA: off), the dummy-prefix space, then ' ' -> '▁'. No pre-tokenizer: SentencePiece merges over
+    # the whole string. Prepend runs per segment between special tokens, like LLaMA's slow "legacy" tokenizer.
     steps = [normalizers.Precompiled(norm["precompiled_charsmap"])] if norm["precompiled_charsmap"] else []
     if norm["remove_extra_whitespaces"]:
         steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
@@ -136,20 +133,20 @@ def _from_sentencepiece(path):
     tok.normalizer = normalizers.Sequence(steps)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
                                     + [decoders.Strip(" ", 1, 0)] * bool(norm["add_dummy_prefix"]))
-    tok.add_special_tokens([AddedToken(p, special=True, normalized=False) for p, _, t in pieces if t in (UNKNOWN, CONTROL)])
+    tok.add_special_tokens([AddedToken(p, special=True, normalized=False)
+                            for p, _, t in pieces if t in (UNKNOWN, CONTROL)])
     if trainer["bos_id"] >= 0:  # LLaMA adds BOS, not EOS (add_bos_token=True, add_eos_token=False)
         bos = pieces[trainer["bos_id"]][0]
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, trainer["bos_id"])])
-    tok.enable_padding(pad_id=trainer["unk_id"], pad_token=unk)  # LLaVA: pad_token = unk_token (train.py L1131)
+    tok.enable_padding(pad_id=trainer["unk_id"], pad_token=unk)  # LLaVA: pad_token = unk (train.py L1131)
     return tok
 
 
 def load_tokenizer(path):
-    """Load a `tokenizers.Tokenizer` from a tokenizer.json / tokenizer.model file or a checkpoint folder
-    (tokenizer.json preferred). A SentencePiece BPE model is converted so that
-    `tok.encode(text, add_special_tokens=False).ids == sentencepiece.encode(text)` for any text without
-    special-token strings ("<s>", "</s>", "<unk>" in text are read as those tokens)."""
+    """A `tokenizers.Tokenizer` from tokenizer.json / tokenizer.model or a checkpoint folder (tokenizer.json
+    first). A SentencePiece BPE model is converted so that `tok.encode(text, add_special_tokens=False).ids ==
+    sentencepiece.encode(text)` for any text without "<s>", "</s>" or "<unk>" (read as those tokens)."""
     path = Path(path)
     if path.is_dir():
         found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
@@ -167,8 +164,8 @@ def load_tokenizer(path):
         # special token or before a leading space. LLaVA's slow tokenizer adds it to every text piece, as
         # sentencepiece does; the normaliser form (LlamaConverter's for legacy=True) gives those ids.
         tok.pre_tokenizer = None
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend(pre.replacement)] * (pre.prepend_scheme != "never")
-                                              + [normalizers.Replace(" ", pre.replacement)])
+        prepend = [normalizers.Prepend(pre.replacement)] * (pre.prepend_scheme != "never")
+        tok.normalizer = normalizers.Sequence(prepend + [normalizers.Replace(" ", pre.replacement)])
     return tok
 
 # -----------------------------------------------------------------------------
@@ -178,25 +175,26 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 # STLLaVA-Med llava/conversation.py conv_vicuna_v1_sq: appended with no space before "Also" (sic)
 QUESTIONER_SYSTEM = VICUNA_SYSTEM + (
-    "Also, the artificial intelligence assistant is a curious virtual user. The virtual user asks complex questions "
-    "that are relevant to the content in the image, for example, asking about background knowledge of the objects "
-    "in the image, asking to discuss about events happening in the image, etc. Again, do not ask about uncertain details.")
+    "Also, the artificial intelligence assistant is a curious virtual user. The virtual user asks complex "
+    "questions that are relevant to the content in the image, for example, asking about background knowledge "
+    "of the objects in the image, asking to discuss about events happening in the image, etc. Again, do not "
+    "ask about uncertain details.")
 
 
 @dataclass(frozen=True)
 class Template:  # what rendering needs of the authors' Conversation objects
     system: str
     roles: dict       # record role ("human", "gpt", "vuser") -> role tag in the prompt
-    style: str        # "two": Vicuna "ROLE: msg" turns (SeparatorStyle.TWO); "llama_2": "[INST] msg [/INST] answer"
+    style: str        # "two": Vicuna "ROLE: msg" (SeparatorStyle.TWO); "llama_2": "[INST] msg [/INST] answer"
     sep: str = " "    # after a user turn
     sep2: str = EOS   # after an assistant turn
 
 
 TEMPLATES = {
-    "vicuna_v1": Template(VICUNA_SYSTEM, {"human": "USER", "gpt": "ASSISTANT"}, "two"),
-    "vicuna_v1_sq": Template(QUESTIONER_SYSTEM, {"human": "USER", "gpt": "ASSISTANT", "vuser": "VUSER"}, "two"),
+    "vicuna_v1": Template(VICUNA_SYSTEM, dict(human="USER", gpt="ASSISTANT"), "two"),
+    "vicuna_v1_sq": Template(QUESTIONER_SYSTEM, dict(human="USER", gpt="ASSISTANT", vuser="VUSER"), "two"),
     # LLaVA-Med v1.5 (Mistral-7B-Instruct): conv_mistral_instruct = SeparatorStyle.LLAMA_2, system "", sep ""
-    "mistral_instruct": Template("", {"human": "USER", "gpt": "ASSISTANT"}, "llama_2", sep=""),
+    "mistral_instruct": Template("", dict(human="USER", gpt="ASSISTANT"), "llama_2", sep=""),
 }
 
 
@@ -207,8 +205,8 @@ def _check_turns(turns, tpl):
     for j, t in enumerate(turns):
         allowed = ("gpt",) if j % 2 else ("human", "vuser") if j else ("human",)
         if not isinstance(t, dict) or t.get("from") not in allowed or t["from"] not in tpl.roles:
-            raise ValueError(f"turn {j} is from {t.get('from') if isinstance(t, dict) else t!r}, expected one of "
-                             f"{[r for r in allowed if r in tpl.roles]}")
+            raise ValueError(f"turn {j} is from {t.get('from') if isinstance(t, dict) else t!r}, "
+                             f"expected one of {[r for r in allowed if r in tpl.roles]}")
         v = t.get("value")
         if not (isinstance(v, str) and v) and not (v is None and j == len(turns) - 1):
             raise ValueError(f"turn {j} has an empty or non-string value {v!r}")
@@ -225,7 +223,8 @@ def _spans(turns, tpl):
                 break               # a None message renders as "", so the prompt ends with "[/INST]"
             if j == 0 and tpl.system:
                 msg = f"<<SYS>>\n{tpl.system}\n<</SYS>>\n\n{msg}"
-            out.append((f"{tpl.sep}[INST] {msg} [/INST]", None) if j % 2 == 0 else (f" {msg} {tpl.sep2}", "answer"))
+            out.append((f"{tpl.sep}[INST] {msg} [/INST]", None) if j % 2 == 0
+                       else (f" {msg} {tpl.sep2}", "answer"))
             continue
         role = tpl.roles[t["from"]]  # TWO branch: role + ": " + msg + (sep, sep2)[j % 2]; None -> role + ":"
         if msg is None:
@@ -247,10 +246,9 @@ def render_conversation(turns, template):
 
 
 def assign_questioner_roles(turns, sq_r=0.5, rng=None):
-    """STLLaVA-Med train.py preprocess_v1_sq2: every human turn after the first (which holds the image)
-    becomes a VUSER turn, whose question then gets loss, with probability sq_r (their script: --sq_r 0.5).
-    The authors redraw with the global random() on every __getitem__; pass a seeded random.Random per
-    (seed, epoch, index) to redraw each epoch reproducibly. Draws once per candidate turn, as they do."""
+    """STLLaVA-Med train.py preprocess_v1_sq2: each human turn after the first (the image's) becomes a VUSER
+    turn, whose question gets loss, with probability sq_r (--sq_r 0.5). They redraw with global random() per
+    candidate turn each __getitem__; a random.Random per (seed, epoch, index) makes it repeatable."""
     rng = rng or random
     return [{**t, "from": "vuser"} if j > 0 and t["from"] == "human" and rng.random() < sq_r else dict(t)
             for j, t in enumerate(turns)]
@@ -258,12 +256,12 @@ def assign_questioner_roles(turns, sq_r=0.5, rng=None):
 # -----------------------------------------------------------------------------
 # Encoding: token ids and loss labels
 
-
 def _tokenize(text, tok, image_seq_length, image_token_id):
     """Ids of text, without BOS, as LLaVA produces them: mm_utils.tokenizer_image_token splits at "<image>",
     and the slow LLaMA tokenizer (use_fast=False, legacy) splits at "</s>" and runs sentencepiece on each
     piece, so every piece gets its own dummy-prefix "▁" (also the text right after a "</s>")."""
-    eos, ids = tok.token_to_id(EOS), []
+    eos = tok.token_to_id(EOS)
+    ids = []
     for k, part in enumerate(text.split(IMAGE_TAG)):
         ids += [image_token_id] * image_seq_length * (k > 0)  # model.py swaps these for the image features
         for j, piece in enumerate(part.split(EOS)):
@@ -276,7 +274,8 @@ def _authors_labels(prompt, ids, tpl, n_tokens):
     preprocess_v1 and preprocess_llama_2 do the same): split the prompt at "</s>" into rounds and mask
     by token counts of separately tokenized pieces. Returns (labels, counted length)."""
     answer_sep = tpl.sep + tpl.roles["gpt"] + ": " if tpl.style == "two" else "[/INST] "
-    labels, cur = [IGNORE_INDEX] + ids[1:], 1            # BOS: no loss
+    labels = [IGNORE_INDEX] + ids[1:]  # BOS: no loss
+    cur = 1
     for rou in prompt.split(EOS):
         if rou == "":
             break
@@ -293,11 +292,12 @@ def _authors_labels(prompt, ids, tpl, n_tokens):
 
 def encode_conversation(turns, tokenizer, template, image_seq_length, image_token_id, max_length=2048,
                         name="conversation", return_question_mask=False):
-    """(input_ids, labels) for training, equal to the authors' (with "<image>" expanded to image_seq_length
-    copies of image_token_id): BOS + the rendered prompt; labels -100 except the assistant answers and the
-    VUSER questions, each with its "</s>". Also returns a per-token is-question mask if asked. A prompt
-    whose labels differ from the authors' arithmetic (their "tokenization mismatch") raises ValueError
-    naming `name`; truncation to max_length never cuts into the image tokens."""
+    """(input_ids, labels) for training, as the authors' with "<image>" expanded to image_seq_length copies of
+    image_token_id: BOS + the rendered prompt; labels -100 except the answers and VUSER questions, each with
+    its "</s>"; plus an is-question mask if asked. Labels that differ from the authors' arithmetic (their
+    "tokenization mismatch") raise ValueError naming `name`; truncation never cuts into the image tokens."""
+    def tokenize(text):
+        return _tokenize(text, tokenizer, image_seq_length, image_token_id)
     tpl = TEMPLATES[template] if isinstance(template, str) else template
     try:
         spans = _spans(turns, tpl)
@@ -305,31 +305,37 @@ def encode_conversation(turns, tokenizer, template, image_seq_length, image_toke
             raise ValueError("a training conversation ends with a gpt answer")
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
-    tokenize = lambda text: _tokenize(text, tokenizer, image_seq_length, image_token_id)
-    ids, labels, question = [tokenizer.token_to_id(BOS)], [IGNORE_INDEX], [False]
+    ids = [tokenizer.token_to_id(BOS)]
+    labels = [IGNORE_INDEX]
+    question = [False]
     head = ""  # no-loss text not yet tokenized: it is tokenized together with the loss span after it,
     for text, kind in spans:  # since the space before an answer merges into the answer's first token ("▁Yes")
         if kind is None:
             head += text
             continue
-        prefix, both = tokenize(head), tokenize(head + text)  # each loss span ends with "</s>", so these
-        if both[:len(prefix)] != prefix:                       # pieces tokenize as in the whole prompt
-            raise ValueError(f"tokenization mismatch in {name}: {head!r} does not tokenize as a prefix of its round")
+        prefix = tokenize(head)
+        both = tokenize(head + text)  # each loss span ends with "</s>", so both tokenize as in the prompt
+        if both[:len(prefix)] != prefix:
+            raise ValueError(f"tokenization mismatch in {name}: {head!r} does not tokenize as a prefix "
+                             "of its round")
         ids += both
         labels += [IGNORE_INDEX] * len(prefix) + both[len(prefix):]
         question += [False] * len(prefix) + [kind == "question"] * (len(both) - len(prefix))
         head = ""
     tail = tokenize(head)
-    ids, labels, question = ids + tail, labels + [IGNORE_INDEX] * len(tail), question + [False] * len(tail)
+    ids += tail
+    labels += [IGNORE_INDEX] * len(tail)
+    question += [False] * len(tail)
     expected, counted = _authors_labels("".join(t for t, _ in spans), ids, tpl, lambda t: len(tokenize(t)))
     if labels != expected or counted != len(ids):
-        raise ValueError(f"tokenization mismatch in {name}: loss mask differs from the authors' "
-                         f"(counted {counted} vs {len(ids)} tokens); does a message contain '</s>' or a role tag?")
+        raise ValueError(f"tokenization mismatch in {name}: loss mask differs from the authors' (counted "
+                         f"{counted} vs {len(ids)} tokens); does a message contain '</s>' or a role tag?")
     if len(ids) > max_length:
         image_end = max((k + 1 for k, t in enumerate(ids) if t == image_token_id), default=0)
         if image_end > max_length:
-            raise ValueError(f"{name}: max_length={max_length} would cut into the image tokens (they end at {image_end})")
-        ids, labels, question = ids[:max_length], labels[:max_length], question[:max_length]
+            raise ValueError(f"{name}: max_length={max_length} would cut into the image tokens "
+                             f"(they end at {image_end})")
+        ids, labels, question = (seq[:max_length] for seq in (ids, labels, question))
     return (ids, labels, question) if return_question_mask else (ids, labels)
 
 
@@ -344,7 +350,6 @@ def encode_prompt(turns, tokenizer, template, image_seq_length, image_token_id):
 # -----------------------------------------------------------------------------
 # Images: LLaVA's pad-to-square, then CLIP's preprocessing
 
-
 def _open_image(path):
     try:
         with Image.open(path) as img:
@@ -358,7 +363,7 @@ def _to_rgb(img):
     """RGB as LLaVA's Image.open(...).convert('RGB') (alpha dropped, palette/CMYK/L mapped). 16-bit
     images (I;16, I) are scaled to 8 bits first, where convert('RGB') would clip everything above 255."""
     if img.mode.startswith("I;16") or img.mode == "I":
-        img = Image.fromarray(np.clip(np.round(np.asarray(img, dtype=np.float64) / 257), 0, 255).astype(np.uint8))
+        img = Image.fromarray(np.clip(np.round(np.asarray(img, np.float64) / 257), 0, 255).astype(np.uint8))
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -380,17 +385,16 @@ def preprocess_image(img, size=336, pad_to_square=True):
     if pad_to_square:
         img = expand2square(img, tuple(int(255 * m) for m in CLIP_MEAN))
     w, h = img.size
-    short, long = min(w, h), max(w, h)
+    short, long = sorted((w, h))
     new_long = int(size * long / short)  # transformers get_resize_output_image_size(default_to_square=False)
     img = img.resize((size, new_long) if w <= h else (new_long, size), Image.Resampling.BICUBIC)
-    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    left, top = ((side - size) // 2 for side in img.size)
     img = img.crop((left, top, left + size, top + size))
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0  # (3, size, size)
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
 # -----------------------------------------------------------------------------
 # Datasets: LLaVA conversation JSON, and batching
-
 
 def _move_image_tag(value):
     """STLLaVA-Med train.py preprocess_multimodal: the "<image>" tag moves to the front, then a newline."""
@@ -421,11 +425,10 @@ def _record_problem(rec, image_dir):
 
 
 def read_conversations(json_path, image_dir=None, skip_bad=False):
-    """Records of a LLaVA conversation JSON ([{"id", "image", "conversations": [{"from", "value"}]}], as
-    LLaVA-Med's instruct and alignment files), as [{"id", "image": Path | None, "conversations"}] with the
-    image tag moved to the front. Each record is checked (missing image file, no <image> tag, empty or
-    odd-role conversation): errors name the file and index; skip_bad=True skips them and prints the count.
-    image_dir defaults to the JSON's folder."""
+    """Records of a LLaVA conversation JSON (LLaVA-Med's instruct and alignment files: [{"id", "image",
+    "conversations": [{"from", "value"}]}]) as [{"id", "image": Path | None, "conversations"}], image tag
+    first; image_dir defaults to the JSON's folder. Each record is checked (missing image file, no <image>
+    tag, empty or odd-role conversation): errors name file and index; skip_bad=True skips and counts them."""
     json_path = Path(json_path)
     image_dir = Path(image_dir) if image_dir is not None else json_path.parent
     try:
@@ -434,59 +437,55 @@ def read_conversations(json_path, image_dir=None, skip_bad=False):
         raise ValueError(f"{json_path}: cannot read JSON ({e})") from e
     if not isinstance(records, list):
         raise ValueError(f"{json_path}: expected a list of records, got {type(records).__name__}")
-    out, bad = [], []
+    out = []
+    bad = []
     for i, rec in enumerate(records):
-        problem = _record_problem(rec, image_dir)
-        if problem:
-            msg = f"{json_path} record {i} (id {rec.get('id') if isinstance(rec, dict) else None!r}): {problem}"
+        if problem := _record_problem(rec, image_dir):
+            rec_id = rec.get("id") if isinstance(rec, dict) else None
+            msg = f"{json_path} record {i} (id {rec_id!r}): {problem}"
             if not skip_bad:
                 raise ValueError(msg)
             bad.append(msg)
             continue
-        out.append({"id": str(rec.get("id", i)), "image": image_dir / str(rec["image"]) if "image" in rec else None,
-                    "conversations": [{"from": t["from"], "value": _move_image_tag(t["value"]) if IMAGE_TAG in t["value"]
-                                       else t["value"]} for t in rec["conversations"]]})
+        image = image_dir / str(rec["image"]) if "image" in rec else None
+        turns = [{"from": t["from"], "value": _move_image_tag(t["value"]) if IMAGE_TAG in t["value"]
+                  else t["value"]} for t in rec["conversations"]]
+        out.append({"id": str(rec.get("id", i)), "image": image, "conversations": turns})
     if bad:
-        print(f"read_conversations: skipped {len(bad)} of {len(records)} records in {json_path}; first: {bad[0]}")
+        print(f"read_conversations: skipped {len(bad)} of {len(records)} records in {json_path}; "
+              f"first: {bad[0]}")
     return out
 
 
 def collate(examples, pad_id=0, padding_side="right", image_size=None):
     """Batch [{"input_ids", "labels"?, "question_mask"?, "pixel_values"? or "image" path}] into tensors:
     input_ids padded with pad_id (LLaVA pads with <unk> = 0), labels with -100, attention_mask 1 on real
-    tokens; right padding for training, left for generation (prompts then end at the same position).
-    pixel_values (N_img, 3, S, S) stacks the examples' images in order (None if none); an example with
-    an "image" path and no "pixel_values" is preprocessed here at image_size."""
+    tokens; right padding for training, left for generation (prompts then end together). pixel_values (N_img,
+    3, S, S) stacks the images in order, or None; an "image" without "pixel_values" is read at image_size."""
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
     T = max(len(e["input_ids"]) for e in examples)
-
     def pad(seq, value, dtype):
         seq = seq.tolist() if torch.is_tensor(seq) else list(seq)
         fill = [value] * (T - len(seq))
         return torch.tensor(fill + seq if padding_side == "left" else seq + fill, dtype=dtype)
-
     batch = {"input_ids": torch.stack([pad(e["input_ids"], pad_id, torch.long) for e in examples]),
              "attention_mask": torch.stack([pad([1] * len(e["input_ids"]), 0, torch.long) for e in examples])}
     for key, value, dtype in (("labels", IGNORE_INDEX, torch.long), ("question_mask", False, torch.bool)):
         if all(key in e for e in examples):
             batch[key] = torch.stack([pad(e[key], value, dtype) for e in examples])
-    images = [e["pixel_values"] if e.get("pixel_values") is not None else preprocess_image(e["image"], image_size)
+    images = [e["pixel_values"] if e.get("pixel_values") is not None
+              else preprocess_image(e["image"], image_size)
               for e in examples if e.get("pixel_values") is not None or (image_size and e.get("image"))]
     batch["pixel_values"] = torch.stack(images) if images else None
     return batch
 
 # -----------------------------------------------------------------------------
 # LLaVA-Med stage 1, concept alignment: image-caption pairs -> one-turn "describe the image" instructions
-#
 # LLaVA-Med §3 "Biomedical Concept Alignment Data": for an image X_v and its caption X_c, sample a question
-# X_q that asks to describe the image and build "Human: X_q X_v<STOP>\n Assistant: X_c<STOP>\n". The question
-# asks for a concise or a detailed description depending on the caption's length; the two lists are the
-# paper's Appendix A.2, Tables 6 and 7, copied verbatim (the brief ones end with a period, the detailed ones
-# do not). The released repository (microsoft/LLaVA-Med) ships the finished alignment JSON, not the code that
-# built it, so the paper is the only source for the lists and the rule.
-
-
+# X_q to describe the image and build "Human: X_q X_v<STOP>\n Assistant: X_c<STOP>\n", X_q concise or detailed
+# by caption length. The lists are Tables 6 and 7 (App. A.2) verbatim: brief ones end with a period, detailed
+# ones do not. microsoft/LLaVA-Med ships the JSON, not the code that built it, so the paper is the source.
 ALIGN_BRIEF = [  # LLaVA-Med Table 6: "The list of instructions for brief image description."
     "Describe the image concisely.",
     "Provide a brief description of the given image.",
@@ -518,37 +517,32 @@ ALIGN_DETAILED = [  # LLaVA-Med Table 7: "The list of instructions for detailed 
     "Examine the image closely and share its details",
     "Write an exhaustive depiction of the given image",
 ]
-# LLaVA-Med §3: "In practice, 25% of captions have length less than 30 words in PMC-15M [51], and thus 30 words
-# is used as the cutoff point to determine which list to choose." So "short" means *less than* 30 words:
-# 29 words or fewer -> brief list, 30 or more -> detailed list. Words = whitespace-separated tokens.
+# LLaVA-Med §3: "In practice, 25% of captions have length less than 30 words in PMC-15M [51], and thus 30
+# words is used as the cutoff point to determine which list to choose." So "short" means *less than* 30
+# words: 29 or fewer -> brief list, 30 or more -> detailed list. Words = whitespace-separated tokens.
 ALIGN_WORD_CUTOFF = 30
 
 
 def alignment_instructions(caption):
-    """The instruction list LLaVA-Med draws from for this caption: brief if it has < 30 words, else detailed."""
+    """The instruction list LLaVA-Med draws from for this caption: brief under 30 words, else detailed."""
     return ALIGN_BRIEF if len(caption.split()) < ALIGN_WORD_CUTOFF else ALIGN_DETAILED
 
 
 def caption_to_alignment(record, rng):
-    """One LLaVA-Med alignment record -> a one-turn instruction conversation, question drawn with `rng`.
-
-    record: {"id", "image", "conversations": [human, gpt caption]} (llava_med_alignment_500k.json; the human
-    turn's text is replaced, the caption is the first gpt turn) or {"id", "image", "caption"} (PMC-15M style).
-    rng: a random.Random; pass random.Random(seed) (or one per record, e.g. Random(f"{seed}-{id}"), for an order
-    that does not depend on the file's order). Returns {"id", "image", "conversations": [
-    {"from": "human", "value": "<image>\\n" + question}, {"from": "gpt", "value": caption}]}; the image tag goes
-    first, where data.py's reader moves it anyway (STLLaVA-Med train.py preprocess_multimodal).
-    """
-    if "caption" in record:
-        caption = record["caption"]
-    else:
-        caption = next(t["value"] for t in record["conversations"] if t["from"] == "gpt")
-    caption = caption.strip()
+    """One LLaVA-Med alignment record -> {"id", "image", "conversations": [{"from": "human", "value":
+    "<image>\\n" + question}, {"from": "gpt", "value": caption}]}, image tag first as the reader puts it
+    (STLLaVA-Med train.py preprocess_multimodal). record: {"id", "image", "conversations": [human, gpt]}
+    (llava_med_alignment_500k.json; the caption is the first gpt turn, the human text is replaced) or {"id",
+    "image", "caption"} (PMC-15M style). `rng` draws the question: random.Random(seed), or one per record
+    (Random(f"{seed}-{id}")) for an order that does not depend on the file's."""
+    caption = (record["caption"] if "caption" in record
+               else next(t["value"] for t in record["conversations"] if t["from"] == "gpt")).strip()
     if not caption:
         raise ValueError(f"record {record.get('id')!r}: empty caption")
     question = rng.choice(alignment_instructions(caption))
     return {"id": record.get("id"), "image": record["image"],
-            "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": caption}]}
+            "conversations": [{"from": "human", "value": "<image>\n" + question},
+                              {"from": "gpt", "value": caption}]}
 
 # -----------------------------------------------------------------------------
 # Replies: conversations in, the model's text out (evaluation, and both stages' sampling)
@@ -570,11 +564,8 @@ def copy_tokenizer(src, dst):
 
 def generate_text(model, tokenizer, conversations, pixel_values=None, template="vicuna_v1", max_new_tokens=64,
                   temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Replies of `model` to a batch of conversations whose last turn has value None.
-
-    The one place prompts become text: evaluation, the questions stage 2 asks (VUSER) and the answers it
-    samples all go through here. Prompts are left-padded, so decoding starts at the same column in every row.
-    """
+    """Replies of `model` to conversations whose last turn has value None: the one place prompts become text
+    (evaluation, stage 2's questions and sampled answers); left-padded, so decoding starts in one column."""
     cfg = model.config
     prompts = [{"input_ids": encode_prompt(c, tokenizer, template, cfg.image_seq_length, cfg.image_token_id)}
                for c in conversations]

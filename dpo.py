@@ -1,5 +1,5 @@
 """
-Stage 2 of STLLaVA-Med: preference revelation.
+Stage 2 of STLLaVA-Med: preference revelation (STLLaVA-Med §2, stage 2).
 
 1. generate: the stage-1 model describes each image, then speaks as the questioner (the conversation ends in
    "...</s>VUSER:") and samples questions; each question is answered twice in a fresh single-turn prompt
@@ -11,9 +11,13 @@ Stage 2 of STLLaVA-Med: preference revelation.
 
     python dpo.py                                   # all three on the synthetic default, oracle judge
     python dpo.py generate --model=out/sft/merged --data=instruct.json --image_dir=images/
-    python dpo.py judge --base_url=https://api.openai.com/v1 --judge_model=gpt-4o
-    torchrun --standalone --nproc_per_node=8 dpo.py train --model=out/sft/merged
-    torchrun --standalone --nproc_per_node=8 dpo.py train --model=out/sft/merged --shard=fsdp   # sharded policy
+    OPENAI_API_KEY=... python dpo.py judge --data=instruct.json --image_dir=images/ \
+        --base_url=https://api.openai.com/v1 --judge_model=gpt-4o
+    torchrun --standalone --nproc_per_node=8 dpo.py train --model=out/sft/merged --data=instruct.json \
+        --image_dir=images/
+    torchrun --standalone --nproc_per_node=8 dpo.py train --shard=fsdp ...   # FSDP2: the policy sharded
+
+Without --data each step runs on the synthetic default (`synth.synth_data()`) with the oracle judge.
 
 Every step resumes where a killed run stopped, and the judge never pays for a verdict twice.
 """
@@ -33,7 +37,8 @@ import judge as J
 import synth as S
 from checkpoint import from_pretrained, save_pretrained
 from lora import add_lora, disable_lora, lora_targets, mark_trainable, merge_lora, save_adapter
-from train import atomic_save, fit, param_groups, parse_config, print0, setup_distributed, shard_model, token_nll
+from train import (atomic_save, fit, param_groups, parse_config, print0, setup_distributed, shard_model,
+                   token_nll)
 
 
 @dataclass
@@ -79,7 +84,8 @@ class Config:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     grad_clip: float = 1.0
-    global_batch: int = 64  # per-device 4 x grad-accum 16 per GPU in dpo_finetune.sh (the paper: 256 on 4 GPUs)
+    # per-device 4 x grad-accum 16 per GPU in dpo_finetune.sh (the paper: 256 on 4 GPUs)
+    global_batch: int = 64
     micro_batch: int = 4
     epochs: float = 1
     max_steps: int = -1
@@ -87,7 +93,8 @@ class Config:
     precompute_ref: bool = False  # reference log-probs computed once and stored with the pairs
     grad_ckpt: bool = False
     seed: int = 0
-    shard: str = "ddp"  # or fsdp: FSDP2 shards the policy (and with it the reference, the same weights); see sft.py
+    # or fsdp: FSDP2 shards the policy, and with it the reference (the same weights); train.shard_model
+    shard: str = "ddp"
     cpu_offload: bool = False  # fsdp only: the shards and the optimizer state live in CPU memory
     save_every: int = 50
     resume: bool = False
@@ -95,13 +102,15 @@ class Config:
 
 
 # The synthetic default: the tiny model, the oracle judge and CPU-sized settings (each overridable).
-# The question sampling is cooled: a 1M-parameter model's tail over a 640-token vocabulary is not a 7B model's, and
-# at T 1.2 / top-k 300 (half the vocabulary) its questions are noise; T 1.0 / top-k 20 still left 95% malformed
-# (85 pairs), T 0.7 / top-k 5 keeps about half (~770 pairs). Answers keep the paper's sampling. The learning rate:
-# at 5e-4 DPO pushed both answers' likelihoods down and moved the mass to other tokens (closed accuracy 53 -> 10.5).
-SYNTH_OVERRIDES = dict(n_images=800, n_questions=5, describe_tokens=48, q_temperature=0.7, q_top_k=5, q_max_tokens=24,
-                       a_max_tokens=16, gen_batch=200, judge="oracle", lr=5e-5, vision_lr=5e-5, projector_lr=5e-5,
-                       global_batch=32, micro_batch=32, epochs=2, log_every=5)
+# The question sampling is cooled: a 1M-parameter model's tail over a 640-token vocabulary is not a 7B
+# model's, and at T 1.2 / top-k 300 (half the vocabulary) its questions are noise; T 1.0 / top-k 20 still
+# left 95% malformed (85 pairs), T 0.7 / top-k 5 keeps about half (~770 pairs). Answers keep the paper's
+# sampling. The learning rate: at 5e-4 DPO pushed both answers' likelihoods down and moved the mass to other
+# tokens (closed accuracy 53 -> 10.5).
+SYNTH_OVERRIDES = dict(n_images=800, n_questions=5, describe_tokens=48, q_temperature=0.7, q_top_k=5,
+                       q_max_tokens=24, a_max_tokens=16, gen_batch=200, judge="oracle",
+                       lr=5e-5, vision_lr=5e-5, projector_lr=5e-5, global_batch=32, micro_batch=32, epochs=2,
+                       log_every=5)
 
 # -----------------------------------------------------------------------------
 # 1. generate: self-asked questions and two sampled answers each
@@ -110,6 +119,11 @@ SYNTH_OVERRIDES = dict(n_images=800, n_questions=5, describe_tokens=48, q_temper
 def is_wellformed(q, max_chars=300):
     """A usable question: non-empty, ends with '?', not runaway length (the authors keep everything)."""
     return 0 < len(q) <= max_chars and q.rstrip().endswith("?")
+
+
+def is_synth_question(q):
+    """What the oracle judge can score: a well-formed question of the synthetic grammar."""
+    return is_wellformed(q) and S.parse_question(q) is not None
 
 
 def read_batches(path):
@@ -125,7 +139,8 @@ def read_batches(path):
     per_batch = {}
     for r in rows:
         per_batch.setdefault(r["batch"], []).append(r)
-    return [r for b in sorted(per_batch) for r in per_batch[b] if len(per_batch[b]) == per_batch[b][0]["batch_lines"]]
+    return [r for b in sorted(per_batch) for r in per_batch[b]
+            if len(per_batch[b]) == per_batch[b][0]["batch_lines"]]
 
 
 def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device, keep=None):
@@ -149,23 +164,29 @@ def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device, ke
         g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
         per_image = [[] for _ in names]
         for _ in range(cfg.n_questions):  # one VUSER sample per image per round
-            qs = D.ask_questions(model, tokenizer, paths, size, cfg.q_temperature, cfg.q_top_k, cfg.q_top_p, g,
-                               cfg.describe_tokens, cfg.q_max_tokens)
+            qs = D.ask_questions(model, tokenizer, paths, size, cfg.q_temperature, cfg.q_top_k, cfg.q_top_p,
+                                 g, cfg.describe_tokens, cfg.q_max_tokens)
             for lst, q in zip(per_image, qs):
                 lst.append(q.removesuffix("</s>").strip())
-        unique = [(n, q) for n, qs in zip(names, per_image) for q in dict.fromkeys(qs)]  # repeats asked once
+        # a question an image got twice is kept once
+        unique = [(n, q) for n, qs in zip(names, per_image) for q in dict.fromkeys(qs)]
         items = [(n, q) for n, q in unique if (keep or is_wellformed)(q)]
-        dropped, repeats = len(unique) - len(items), sum(len(qs) for qs in per_image) - len(unique)
+        dropped = len(unique) - len(items)
+        repeats = sum(len(qs) for qs in per_image) - len(unique)
         answers = []
         for s in seeds:  # two answers per question, each from its own seed
             ga = torch.Generator(device=device).manual_seed(s * 1_000_003 + b)
-            convs = [[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": None}] for _, q in items]
+            convs = [[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": None}]
+                     for _, q in items]
             px = D.load_images([Path(image_dir) / n for n, _ in items], size) if items else None
-            answers.append(D.generate_text(model, tokenizer, convs, px, "vicuna_v1", cfg.a_max_tokens, cfg.a_temperature,
-                                           cfg.a_top_k, cfg.a_top_p, ga) if items else [])
-        sampling = {"q": [cfg.q_temperature, cfg.q_top_k, cfg.q_top_p], "a": [cfg.a_temperature, cfg.a_top_k, cfg.a_top_p]}
+            answers.append(D.generate_text(model, tokenizer, convs, px, "vicuna_v1", cfg.a_max_tokens,
+                                           cfg.a_temperature, cfg.a_top_k, cfg.a_top_p, ga)
+                           if items else [])
+        sampling = {"q": [cfg.q_temperature, cfg.q_top_k, cfg.q_top_p],
+                    "a": [cfg.a_temperature, cfg.a_top_k, cfg.a_top_p]}
         lines = [{"batch": b, "batch_lines": len(items) + 1, "image": n, "question": q,
-                  "answers": [a[i] for a in answers], "seeds": seeds, "sampling": sampling} for i, (n, q) in enumerate(items)]
+                  "answers": [a[i] for a in answers], "seeds": seeds, "sampling": sampling}
+                 for i, (n, q) in enumerate(items)]
         lines.append({"batch": b, "batch_lines": len(items) + 1, "images": len(names), "dropped": dropped,
                       "repeats": repeats})  # the batch's end
         with open(out_path, "a") as f:
@@ -173,14 +194,14 @@ def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device, ke
             f.flush()
             os.fsync(f.fileno())
         dt = time.time() - t0
-        print0(f"generate: batch {b + 1}/{len(batches)}, {len(items)} questions kept, {dropped} malformed and "
-               f"{repeats} repeats dropped, "
+        print0(f"generate: batch {b + 1}/{len(batches)}, {len(items)} questions kept, "
+               f"{dropped} malformed and {repeats} repeats dropped, "
                f"ETA {dt / (b + 1 - len(done_batches)) * (len(batches) - b - 1):.0f}s")
     rows = read_batches(out_path)
     qa = [r for r in rows if "question" in r]
     print0(f"generate: {len(qa)} questions with two answers each in {out_path} "
-           f"({sum(r.get('dropped', 0) for r in rows)} malformed and {sum(r.get('repeats', 0) for r in rows)} repeated "
-           "questions dropped)")
+           f"({sum(r.get('dropped', 0) for r in rows)} malformed and "
+           f"{sum(r.get('repeats', 0) for r in rows)} repeated questions dropped)")
     return qa
 
 # -----------------------------------------------------------------------------
@@ -197,14 +218,17 @@ def make_judge(cfg, synth=None):
 
 
 def judge_step(cfg, rows, image_dir, judge, pairs_path):
-    """Rate every (question, answers) row; write preference pairs. Ties and failures are dropped and counted."""
+    """Rate every (question, answers) row; write preference pairs. Ties and failures are dropped and
+    counted."""
     cache = J.Cache(os.path.join(cfg.out_dir, "judge_cache.jsonl"))
     try:
         items = [{"image": r["image"], "question": r["question"], "answers": r["answers"]} for r in rows]
         rated, stats = J.rate_items(items, judge, cache, cfg.swap, str(image_dir), cfg.workers)
     finally:
         cache.close()
-    pairs, ties, failed = [], 0, 0
+    pairs = []
+    ties = 0
+    failed = 0
     for r in rated:
         if "error" in r:
             failed += 1
@@ -221,7 +245,8 @@ def judge_step(cfg, rows, image_dir, judge, pairs_path):
         f.writelines(json.dumps(p) + "\n" for p in pairs)
     os.replace(tmp, pairs_path)
     print0(J.summary(stats, judge, cfg.price_in, cfg.price_out))
-    print0(f"judge: {len(pairs)} preference pairs, {ties} ties dropped, {failed} failed verdicts dropped -> {pairs_path}")
+    print0(f"judge: {len(pairs)} preference pairs, {ties} ties dropped, {failed} failed verdicts dropped "
+           f"-> {pairs_path}")
     return pairs
 
 # -----------------------------------------------------------------------------
@@ -242,7 +267,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 def sequence_logps(model, b):
-    """Summed log-probabilities of the supervised (answer) tokens of each row: (2B,) for chosen ++ rejected."""
+    """Summed log-probabilities of the supervised (answer) tokens of each row: (2B,) for chosen ++
+    rejected."""
     logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"])
     return -token_nll(logits, b["labels"]).sum(-1)  # ignored positions contribute 0
 
@@ -254,7 +280,8 @@ class Reference:
     (`concatenated_forward` in base_dpo_trainer.py); here the reference uses its own, so it stays fixed."""
 
     def __init__(self, model):
-        self.model, self.projector = model, {k: v.detach().clone() for k, v in model.projector.state_dict().items()}
+        self.model = model
+        self.projector = {k: v.detach().clone() for k, v in model.projector.state_dict().items()}
 
     @torch.no_grad()
     def logps(self, b):
@@ -276,7 +303,8 @@ def encode_pair_batch(pairs, tokenizer, model_cfg, image_dir, image_size, max_le
     items = []
     for key in ("chosen", "rejected"):
         for p in pairs:
-            turns = [{"from": "human", "value": "<image>\n" + p["question"]}, {"from": "gpt", "value": p[key]}]
+            turns = [{"from": "human", "value": "<image>\n" + p["question"]},
+                     {"from": "gpt", "value": p[key]}]
             ids, labels = D.encode_conversation(turns, tokenizer, "vicuna_v1", model_cfg.image_seq_length,
                                                 model_cfg.image_token_id, max_length)
             items.append({"input_ids": ids, "labels": labels, "image": Path(image_dir) / p["image"]})
@@ -285,19 +313,19 @@ def encode_pair_batch(pairs, tokenizer, model_cfg, image_dir, image_size, max_le
 
 
 def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
-    """DPO of a fresh LoRA (+ projector) on the merged stage-1 model; returns the trained model (under --shard=fsdp
-    gathered on rank 0, None on the other ranks)."""
+    """DPO of a fresh LoRA (+ projector) on the merged stage-1 model; returns the trained model (under
+    --shard=fsdp gathered on rank 0, None on the other ranks)."""
     model = from_pretrained(cfg.model, dtype=torch.float32, device=device)
     model.language_model.gradient_checkpointing = cfg.grad_ckpt
-    # the same LoRA initialisation on every rank (DDP would broadcast rank 0's, FSDP shards what each rank holds)
-    # and in every rerun
+    # the same LoRA initialisation on every rank (DDP would broadcast rank 0's, FSDP shards what each rank
+    # holds) and in every rerun
     torch.manual_seed(cfg.seed)
-    add_lora(model, lora_targets(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.vit_lora_r, cfg.vit_lora_alpha,
-                                 cfg.vit_lora_dropout))
+    add_lora(model, lora_targets(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                 cfg.vit_lora_r, cfg.vit_lora_alpha, cfg.vit_lora_dropout))
     mark_trainable(model, lora=True, full=("projector",))
     groups = shard_model(model, cfg, device, param_groups(model, cfg))
-    # after sharding, so that it copies the projector's shards; FSDP2 reshards a module before its state_dict and
-    # load_state_dict, so the swaps in Reference.logps always meet shards, even after a no-grad forward
+    # after sharding, so that it copies the projector's shards; FSDP2 reshards a module before its state_dict
+    # and load_state_dict, so the swaps in Reference.logps always meet shards, even after a no-grad forward
     ref = Reference(model)
     size = model.config.vision.image_size
     ref_path = os.path.join(cfg.out_dir, "ref_logps.pt")
@@ -306,15 +334,18 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
         if saved is not None and saved["n"] == len(pairs):
             stored = saved["logps"]
         else:
-            stored = torch.cat([ref.logps(encode_pair_batch(pairs[i:i + cfg.micro_batch], tokenizer, model.config,
-                                                            image_dir, size, cfg.max_length, device)).view(2, -1).T
-                                for i in range(0, len(pairs), cfg.micro_batch)]).cpu()  # (P, 2): chosen, rejected
+            chunks = []
+            for i in range(0, len(pairs), cfg.micro_batch):
+                b = encode_pair_batch(pairs[i:i + cfg.micro_batch], tokenizer, model.config, image_dir, size,
+                                      cfg.max_length, device)
+                chunks.append(ref.logps(b).view(2, -1).T)
+            stored = torch.cat(chunks).cpu()  # (P, 2): chosen, rejected
             if rank == 0:
                 atomic_save({"n": len(pairs), "logps": stored}, ref_path)
 
     def prepare(indices, epoch):
-        b = encode_pair_batch([pairs[i] for i in indices], tokenizer, model.config, image_dir, size, cfg.max_length,
-                              device)
+        b = encode_pair_batch([pairs[i] for i in indices], tokenizer, model.config, image_dir, size,
+                              cfg.max_length, device)
         b["ref"] = stored[indices].T.reshape(-1).to(device) if cfg.precompute_ref else ref.logps(b)
         b["count"] = len(indices)
         return b
@@ -323,11 +354,14 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
         logps = sequence_logps(policy, b)
         n = len(logps) // 2
         losses, rc, rr = dpo_loss(logps[:n], logps[n:], b["ref"][:n], b["ref"][n:], cfg.beta)
-        return losses.sum(), {"loss_sum": losses.sum().item(), "loss_n": n, "reward_acc_sum": (rc > rr).sum().item(),
-                              "reward_acc_n": n, "margin_sum": (rc - rr).sum().item(), "margin_n": n,
-                              "chosen_reward_sum": rc.sum().item(), "chosen_reward_n": n,
-                              "rejected_reward_sum": rr.sum().item(), "rejected_reward_n": n,
-                              "tokens": int(b["attention_mask"].sum())}
+        loss_sum = losses.sum()
+        metrics = {"loss_sum": losses.sum().item(), "loss_n": n,
+                   "reward_acc_sum": (rc > rr).sum().item(), "reward_acc_n": n,
+                   "margin_sum": (rc - rr).sum().item(), "margin_n": n,
+                   "chosen_reward_sum": rc.sum().item(), "chosen_reward_n": n,
+                   "rejected_reward_sum": rr.sum().item(), "rejected_reward_n": n,
+                   "tokens": int(b["attention_mask"].sum())}
+        return loss_sum, metrics
 
     return fit(cfg, model, len(pairs), prepare, micro_loss, groups, cfg.out_dir, world, rank, device)
 
@@ -337,7 +371,8 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
 
 def image_list(cfg, synth):
     if synth is not None and not cfg.data:
-        return sorted({r["image"] for r in json.loads((synth / "train.json").read_text())})[:cfg.n_images], synth / "images"
+        names = sorted({r["image"] for r in json.loads((synth / "train.json").read_text())})
+        return names[:cfg.n_images], synth / "images"
     records = D.read_conversations(cfg.data, cfg.image_dir, skip_bad=True)
     names = sorted({os.path.relpath(r["image"], cfg.image_dir) for r in records if r["image"]})
     return names[:cfg.n_images], Path(cfg.image_dir)
@@ -347,7 +382,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     steps = ["generate", "judge", "train"]
     if argv and argv[0] in steps:
-        steps, argv = [argv[0]], argv[1:]
+        steps = [argv[0]]
+        argv = argv[1:]
     cfg, given = parse_config(Config, argv)
     synthetic = not cfg.data  # no data: the synthetic default, with the oracle judge
     if synthetic:
@@ -360,15 +396,18 @@ def main(argv=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
     tokenizer = D.load_tokenizer(cfg.model)
     images, image_dir = image_list(cfg, synth)
-    gen_path, pairs_path = os.path.join(cfg.out_dir, "generations.jsonl"), os.path.join(cfg.out_dir, "pairs.jsonl")
+    gen_path = os.path.join(cfg.out_dir, "generations.jsonl")
+    pairs_path = os.path.join(cfg.out_dir, "pairs.jsonl")
     t0 = time.time()
-    if "generate" in steps and rank == 0:  # one copy of the stage-1 model serves the "before" scores and sampling
-        model = from_pretrained(cfg.model, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
+    # one copy of the stage-1 model serves the "before" scores and the sampling
+    if "generate" in steps and rank == 0:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        model = from_pretrained(cfg.model, dtype=dtype, device=device)
         if synthetic and len(steps) == 3:
             before = E.evaluate_model(model, tokenizer, "synth", str(synth),
                                       os.path.join(cfg.out_dir, "answers_stage1.jsonl"))
         # the oracle judge can only score questions of the synthetic grammar: keep those
-        keep = (lambda q: is_wellformed(q) and S.parse_question(q) is not None) if synthetic else None
+        keep = is_synth_question if synthetic else None
         generate_step(cfg, model, tokenizer, images, image_dir, gen_path, device, keep)
         del model
     if "judge" in steps and rank == 0:
@@ -392,7 +431,8 @@ def main(argv=None):
                                          os.path.join(cfg.out_dir, "answers_stage2.jsonl"))
                 report(before, after, cfg, synth)
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # leave together: a rank that exits while rank 0 still writes can make gloo abort
+        # leave together: a rank that exits while rank 0 still writes can make gloo abort
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -1,15 +1,16 @@
-"""
-Medical VQA evaluation: VQA-RAD, SLAKE (English), PathVQA and the synthetic set, scored exactly as the
-papers score them.
+"""Medical VQA evaluation: VQA-RAD, SLAKE (English), PathVQA and the synthetic set, scored exactly as the
+papers score them (STLLaVA-Med §4.1 and Table 1, LLaVA-Med Table 3).
 
     python evaluate.py slake --pred answers.jsonl                       # score an existing answer file
     python evaluate.py slake --model ckpt/ [--adapter lora/] [--out answers.jsonl] [--batch_size 8]
     python evaluate.py slake --compare base.jsonl ours.jsonl            # paired difference, with its CI
 
+- Holds: the dataset loaders, LLaVA-Med's metric rules, answer files (written as they go, so a rerun
+  resumes; decoding is data.generate_text), bootstrap CIs and paired comparisons.
 - Metrics: LLaVA-Med v1's `llava/eval/run_eval_batch.py` + `eval_metrics/{glossary,evaluate_metrics,utils}.py`
   (microsoft/LLaVA-Med @ b9a98a7; the v1.5 main branch no longer has them). The papers' tables
-  (LLaVA-Med Table 3, STLLaVA-Med, BioMed-VITAL) report Open = mean token recall over OPEN questions,
-  F1 = mean token F1 over OPEN questions, Closed = "yes/no accuracy" over CLOSED questions, x100.
+  (LLaVA-Med Table 3, STLLaVA-Med Table 1, BioMed-VITAL) report Open = mean token recall over OPEN
+  questions, F1 = mean token F1 over OPEN questions, Closed = "yes/no accuracy" over CLOSED questions, x100.
   Every quirk is kept on purpose (each is marked "quirk"), so the numbers are comparable with the tables.
 - Beyond the papers: run_eval.py's closed rule, a strict closed accuracy, a 95% bootstrap CI on each
   headline number, and a paired bootstrap for comparing two answer files on the same questions.
@@ -36,40 +37,42 @@ import numpy as np
 # -----------------------------------------------------------------------------
 # Metric rules: LLaVA-Med `llava/eval/eval_metrics/glossary.py` (tables copied verbatim)
 
-CONTRACTIONS = {  # glossary.py `contractions`; the capitalised keys can never match (input is lower-cased): quirk
+# glossary.py `contractions`; the capitalised keys can never match (input is lower-cased): quirk
+CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
     "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
-    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
-    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
-    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
-    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
-    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
-    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
-    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
-    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
-    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
-    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
-    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
-    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
-    "youve": "you've",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
+    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's",
+    "somethingd": "something'd", "somethingd've": "something'd've", "something'dve": "something'd've",
+    "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
+    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
+    "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's",
+    "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
+    "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
+    "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # glossary.py `manual_map`
 ARTICLES = ("a", "an", "the")
-PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+         "?", "!"]
 # the "(?!<=\d)" is a typo for a lookbehind: as written it is a lookahead that always passes, so this
 # removes every "." not followed by a digit ("3.5" survives, "cm." loses its dot): quirk
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
@@ -80,13 +83,15 @@ def normalize_word(s):
     """glossary.py `normalize_word`: punctuation, periods, number words, articles, contractions."""
     out = s
     for p in PUNCT:
-        # a mark next to a space anywhere in the ORIGINAL string (not the edited one), or any digit-comma-digit
-        # anywhere, makes every copy of that mark vanish; otherwise each copy becomes a space: quirk
+        # a mark next to a space anywhere in the ORIGINAL string (not the edited one), or any
+        # digit-comma-digit anywhere, makes every copy of that mark vanish; otherwise each copy becomes a
+        # space: quirk
         if (p + " " in s or " " + p in s) or COMMA_STRIP.search(s) is not None:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    out = PERIOD_STRIP.sub("", out, count=int(re.UNICODE))  # the official code passes re.UNICODE (=32) as count: quirk
+    # the official code passes re.UNICODE (=32) as count: quirk
+    out = PERIOD_STRIP.sub("", out, count=int(re.UNICODE))
     words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]  # "two" -> "2", "none" -> "0"
     words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]  # drop a/an/the, "dont" -> "don't"
     return " ".join(words).replace(",", "")
@@ -102,7 +107,8 @@ def calculate_f1score(pred, gt):
     c, r = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
     if not c or not r:  # an empty prediction or reference scores 0
         return 0.0, 0.0, 0.0
-    tp = sum(n for w, n in c.items() if w in r)  # counted on the PREDICTION side: "left left" vs "left lung" -> 2: quirk
+    # counted on the PREDICTION side: "left left" vs "left lung" -> 2: quirk
+    tp = sum(n for w, n in c.items() if w in r)
     fp = sum(n for w, n in c.items() if w not in r)
     fn = sum(n for w, n in r.items() if w not in c)
     if tp == 0:
@@ -120,9 +126,11 @@ def calculate_exactmatch(pred, gt):
 
 
 def score_item(pred, gt):
-    """All per-question scores; `pred`/`gt` are raw strings, lower-cased then normalised as run_eval_batch.py does."""
+    """All per-question scores; `pred`/`gt` are raw strings, lower-cased then normalised as run_eval_batch.py
+    does."""
     p, g = normalize_word(str(pred).lower()), normalize_word(str(gt).lower())
-    f1, precision, recall = calculate_f1score(p, g)  # normalised a second time inside, as in the official code
+    # normalised a second time inside, as in the official code
+    f1, precision, recall = calculate_f1score(p, g)
     words = p.split()
     yes_no = g in ("yes", "no")
     return {
@@ -131,24 +139,28 @@ def score_item(pred, gt):
         "closed": float(g in p),
         # run_eval.py (b9a98a7): as above, and "yes" or "no" must also occur (as substrings) in the prediction
         "closed_run_eval": float(("yes" in p or "no" in p) and g in p),
-        # strict (ours): a yes/no gt must equal the prediction's FIRST word; any other gt must occur as whole words
+        # strict (ours): a yes/no gt must equal the prediction's FIRST word; any other gt must occur as
+        # whole words
         "closed_strict": float(words[:1] == [g] if yes_no else f" {g} " in f" {p} "),
-        "open_hit": float(g in p),  # run_eval_batch.py's "open accuracy": the same substring test on OPEN questions
+        # run_eval_batch.py's "open accuracy": the same substring test on OPEN questions
+        "open_hit": float(g in p),
         "recall": recall, "precision": precision, "f1": f1,  # calculate_f1score, the papers' Open and F1
         "em_score": calculate_exactmatch(p, g),  # LLaVA-Med's "exact match score" (see its docstring)
         "exact": float(p == g),  # exact match (ours): the normalised strings are equal
     }
 
 # -----------------------------------------------------------------------------
-# Loaders: each returns a list of {"qid": str, "image": Path, "question", "answer", "answer_type": OPEN|CLOSED,
-# "modality"?}, in the file's order. Ids are strings, so 12 and "12" match (VQA-RAD mixes the two).
+# Loaders: each returns a list of {"qid": str, "image": Path, "question", "answer",
+# "answer_type": OPEN|CLOSED, "modality"?}, in the file's order. Ids are strings, so 12 and "12" match
+# (VQA-RAD mixes the two).
 
 DOWNLOAD = {
     "vqa_rad": "VQA-RAD from https://osf.io/89kps/ : VQA_RAD_Dataset_Public.json and the image folder "
                "(as images/ or 'VQA_RAD Image Folder/')",
     "slake": "SLAKE 1.0 from https://www.med-vqa.com/slake/ : test.json and imgs.zip unpacked as imgs/",
     "pathvqa": "PathVQA's test split (https://github.com/UCSD-AI4H/PathVQA) as test.json, either a list of "
-               "{image_path, question, answer, answer_type} or LLaVA-Med's converted pvqa test.json, with its images",
+               "{image_path, question, answer, answer_type} or LLaVA-Med's converted pvqa test.json, "
+               "with its images",
     "synth": "nothing: leave --data out and synth.synth_data() generates it",
 }
 
@@ -158,7 +170,8 @@ class DataError(FileNotFoundError):
 
 
 def answer_type(t, answer):
-    """'CLOSED'/'OPEN' from the files' spellings ('CLOSED ' with a space in VQA-RAD train, 'CLOSE' in BioMed-VITAL)."""
+    """'CLOSED'/'OPEN' from the files' spellings ('CLOSED ' with a space in VQA-RAD train, 'CLOSE' in
+    BioMed-VITAL)."""
     if t is None:  # PathVQA copies without the field: yes/no answers are the closed ones (our choice)
         return "CLOSED" if str(answer).strip().lower() in ("yes", "no") else "OPEN"
     t = str(t).strip().upper()
@@ -168,13 +181,14 @@ def answer_type(t, answer):
 
 
 def _qa(qid, image, question, answer, atype, **extra):
-    return {"qid": str(qid), "image": Path(image), "question": str(question).strip(), "answer": str(answer).strip(),
-            "answer_type": answer_type(atype, answer), **extra}
+    return {"qid": str(qid), "image": Path(image), "question": str(question).strip(),
+            "answer": str(answer).strip(), "answer_type": answer_type(atype, answer), **extra}
 
 
 def _read_json(path, dataset):
     if not Path(path).is_file():
-        raise DataError(f"{path} not found. Download {DOWNLOAD[dataset]}, into {Path(path).parent}/ (or pass --data DIR)")
+        raise DataError(f"{path} not found. Download {DOWNLOAD[dataset]}, into {Path(path).parent}/ "
+                        "(or pass --data DIR)")
     with open(path) as f:
         return json.load(f)
 
@@ -202,7 +216,8 @@ def load_dataset(name, data_dir=None, check_images=True):
         data_dir = synth_data()
     root = Path(data_dir) if data_dir is not None else Path(__file__).resolve().parent / "data" / name
     if not root.exists():
-        raise DataError(f"{root} does not exist. Download {DOWNLOAD[name]}, into {root}/ (or pass --data DIR)")
+        raise DataError(f"{root} does not exist. Download {DOWNLOAD[name]}, into {root}/ "
+                        "(or pass --data DIR)")
     path = root if root.is_file() else root / "test.json"
     if name == "vqa_rad" and root.is_dir() and (root / "VQA_RAD_Dataset_Public.json").exists():
         path = root / "VQA_RAD_Dataset_Public.json"
@@ -212,19 +227,21 @@ def load_dataset(name, data_dir=None, check_images=True):
         examples = load_llava_med(records, root)
     elif name in ("vqa_rad", "synth"):  # VQA-RAD's public JSON; the synthetic set writes the same fields
         images = _first_dir(root, ["images", "VQA_RAD Image Folder"])
+        # phrase_type "test_freeform" and "test_para" are the test questions
         examples = [_qa(r["qid"], images / r["image_name"], r["question"], r["answer"], r["answer_type"])
-                    for r in records if r.get("phrase_type", "test").startswith("test")]  # test_freeform + test_para
+                    for r in records if r.get("phrase_type", "test").startswith("test")]
     elif name == "slake":
         examples = [_qa(r["qid"], root / "imgs" / r["img_name"], r["question"], r["answer"], r["answer_type"],
                         modality=r["modality"]) for r in records if r["q_lang"] == "en"]
     elif name == "pathvqa":  # the id is the record's index; image paths may be written with Windows "\\"
-        examples = [_qa(i, root / r["image_path"].replace("\\", "/"), r["question"], r["answer"], r.get("answer_type"))
-                    for i, r in enumerate(records)]
+        examples = [_qa(i, root / r["image_path"].replace("\\", "/"), r["question"], r["answer"],
+                        r.get("answer_type")) for i, r in enumerate(records)]
     else:
         raise ValueError(f"unknown dataset {name!r}")
     missing = [str(e["image"]) for e in examples if check_images and not e["image"].is_file()]
     if missing:
-        raise DataError(f"{len(missing)} image(s) missing, e.g. {missing[0]}. Download {DOWNLOAD[name]}, into {root}/")
+        raise DataError(f"{len(missing)} image(s) missing, e.g. {missing[0]}. "
+                        f"Download {DOWNLOAD[name]}, into {root}/")
     return examples
 
 # -----------------------------------------------------------------------------
@@ -258,7 +275,8 @@ def match_answers(examples, rows):
     known = {e["qid"] for e in examples}
     missing = [e["qid"] for e in examples if e["qid"] not in first]
     unknown = [q for q in first if q not in known]
-    report = {"n_missing": len(missing), "missing_ids": missing, "n_duplicate": len(dup), "duplicate_ids": dup,
+    report = {"n_missing": len(missing), "missing_ids": missing,
+              "n_duplicate": len(dup), "duplicate_ids": dup,
               "n_unknown": len(unknown), "unknown_ids": unknown}
     return [first.get(e["qid"], "") for e in examples], report
 
@@ -294,10 +312,12 @@ def score(examples, texts):
 def summarize(s, keep=None):
     """Metrics in percent (macro over questions, as the official scripts average), over rows `keep`."""
     keep = np.ones(len(s["OPEN"]), bool) if keep is None else keep
-    out = {"n": int(keep.sum()), "n_closed": int((keep & s["CLOSED"]).sum()), "n_open": int((keep & s["OPEN"]).sum())}
+    out = {"n": int(keep.sum()), "n_closed": int((keep & s["CLOSED"]).sum()),
+           "n_open": int((keep & s["OPEN"]).sum())}
     for key, (col, atype) in METRICS.items():
         rows = keep & s[atype] if atype else keep
-        out[key] = round(100 * float(s[col][rows].mean()), 4) if rows.any() else None  # None: no such question
+        # None: no question of that type
+        out[key] = round(100 * float(s[col][rows].mean()), 4) if rows.any() else None
     return out
 
 
@@ -326,18 +346,22 @@ def report(name, examples, texts, match, n_boot=1000, seed=0):
     print(f"\n{name}: {res['n']} questions ({res['n_closed']} closed, {res['n_open']} open)")
     for key in METRICS:
         ci = res["ci"].get(key)
-        print(f"  {LABELS[key]:<44} {_fmt(res[key])}" + (f"   95% CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+        print(f"  {LABELS[key]:<44} {_fmt(res[key])}"
+              + (f"   95% CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
     if any("modality" in e for e in examples):  # SLAKE: by imaging modality
         mods = sorted({e.get("modality", "?") for e in examples})
-        res["by_modality"] = {m: summarize(s, np.array([e.get("modality", "?") == m for e in examples])) for m in mods}
-        print(f"\n  {'modality':<10}{'n_closed':>9}{'n_open':>8}{'closed':>9}{'strict':>9}{'recall':>9}{'f1':>9}")
+        res["by_modality"] = {m: summarize(s, np.array([e.get("modality", "?") == m for e in examples]))
+                              for m in mods}
+        print(f"\n  {'modality':<10}{'n_closed':>9}{'n_open':>8}"
+              f"{'closed':>9}{'strict':>9}{'recall':>9}{'f1':>9}")
         for m, r in res["by_modality"].items():
             print(f"  {m:<10}{r['n_closed']:>9}{r['n_open']:>8}" + "".join(f"{_fmt(r[k], 9)}" for k in
                   ("closed_accuracy", "closed_accuracy_strict", "open_recall", "open_f1")))
     for what in ("missing", "duplicate", "unknown"):
         if match.get(f"n_{what}"):
             ids = match[f"{what}_ids"]
-            print(f"  WARNING: {len(ids)} {what} question id(s): {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}"
+            print(f"  WARNING: {len(ids)} {what} question id(s): "
+                  f"{', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}"
                   + (" (scored as empty answers)" if what == "missing" else ""))
     return res
 
@@ -345,7 +369,8 @@ def report(name, examples, texts, match, n_boot=1000, seed=0):
 def compare(examples, texts_a, texts_b, n_boot=1000, seed=0):
     """Paired difference B - A on each headline metric; both files' scores resampled with the same indices."""
     a, b = score(examples, texts_a), score(examples, texts_b)
-    sa, sb, out = summarize(a), summarize(b), {}
+    sa, sb = summarize(a), summarize(b)
+    out = {}
     for key in HEADLINE:
         col, atype = METRICS[key]
         d = b[col][a[atype]] - a[col][a[atype]]  # (n,) per-question differences on the same questions
@@ -362,7 +387,8 @@ def compare(examples, texts_a, texts_b, n_boot=1000, seed=0):
 
 
 def done_ids(path):
-    """Ids already answered in `path`; a torn last line (killed mid-write) is cut off so the file stays valid."""
+    """Ids already answered in `path`; a torn last line (killed mid-write) is cut off so the file stays
+    valid."""
     if not os.path.exists(path):
         return set()
     good = []
@@ -384,17 +410,19 @@ def answer(examples, model_path, out, vision_path=None, adapter=None, batch_size
     from data import load_tokenizer
     from checkpoint import from_pretrained
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = getattr(torch, dtype) if dtype else (
+        torch.bfloat16 if device.startswith("cuda") else torch.float32)
     model = from_pretrained(model_path, vision_path, dtype=dtype, device=device)
     if adapter:
         import lora
-        model = lora.merge_lora(lora.load_adapter(model, adapter))  # merged: plain Linear layers decode faster
-    answer_with(model, load_tokenizer(model_path), examples, out, batch_size, max_new_tokens, closed_suffix, pad,
-                model_id=os.path.basename(os.path.normpath(model_path)))
+        # merged: plain Linear layers decode faster
+        model = lora.merge_lora(lora.load_adapter(model, adapter))
+    answer_with(model, load_tokenizer(model_path), examples, out, batch_size, max_new_tokens, closed_suffix,
+                pad, model_id=os.path.basename(os.path.normpath(model_path)))
 
 
-def answer_with(model, tokenizer, examples, out, batch_size=8, max_new_tokens=1024, closed_suffix="", pad=True,
-                model_id="model"):
+def answer_with(model, tokenizer, examples, out, batch_size=8, max_new_tokens=1024, closed_suffix="",
+                pad=True, model_id="model"):
     """Answer every question not yet in `out` (JSONL, appended and flushed per batch, so reruns resume)."""
     import torch
     from data import generate_text, preprocess_image
@@ -402,26 +430,34 @@ def answer_with(model, tokenizer, examples, out, batch_size=8, max_new_tokens=10
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     todo = [e for e in examples if e["qid"] not in done_ids(out)]
     print(f"{len(examples) - len(todo)} of {len(examples)} already answered in {out}", file=sys.stderr)
-    t0, n_tok, n_steps = time.time(), 0, 0
+    t0 = time.time()
+    n_tok = 0
+    n_steps = 0
     with open(out, "a") as f:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
-            questions = [e["question"] + (closed_suffix if e["answer_type"] == "CLOSED" else "") for e in batch]
-            convs = [[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": None}] for q in questions]
+            questions = [e["question"] + (closed_suffix if e["answer_type"] == "CLOSED" else "")
+                         for e in batch]
+            convs = [[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": None}]
+                     for q in questions]
             pixels = torch.stack([preprocess_image(e["image"], size=size, pad_to_square=pad) for e in batch])
             texts = generate_text(model, tokenizer, convs, pixels, "vicuna_v1", max_new_tokens)
             for e, q, text in zip(batch, questions, texts):
                 n_tok += len(tokenizer.encode(text, add_special_tokens=False).ids) + 1
-                f.write(json.dumps({"question_id": e["qid"], "prompt": q, "text": text, "model_id": model_id}) + "\n")
+                record = {"question_id": e["qid"], "prompt": q, "text": text, "model_id": model_id}
+                f.write(json.dumps(record) + "\n")
             f.flush()
-            n_steps += max_new_tokens + 1  # upper bound: prefill + decode steps, each reads every weight once
-            dt, k = time.time() - t0, i + len(batch)
-            print(f"[{k}/{len(todo)}] {n_tok / dt:.1f} tok/s, <= {weight_bytes * n_steps / dt / 1e9:.2f} GB/s of "
-                  f"weights, ETA {dt / k * (len(todo) - k):.0f}s", file=sys.stderr)
+            # upper bound: prefill + decode steps, each reads every weight once
+            n_steps += max_new_tokens + 1
+            dt = time.time() - t0
+            k = i + len(batch)
+            print(f"[{k}/{len(todo)}] {n_tok / dt:.1f} tok/s, "
+                  f"<= {weight_bytes * n_steps / dt / 1e9:.2f} GB/s of weights, "
+                  f"ETA {dt / k * (len(todo) - k):.0f}s", file=sys.stderr)
 
 
-def evaluate_model(model, tokenizer, dataset, data_dir=None, out="answers.jsonl", batch_size=32, max_new_tokens=32,
-                   n_boot=1000, seed=0):
+def evaluate_model(model, tokenizer, dataset, data_dir=None, out="answers.jsonl", batch_size=32,
+                   max_new_tokens=32, n_boot=1000, seed=0):
     """Answer a test set with an in-memory model and score it: the result dict of `report`."""
     examples = load_dataset(dataset, data_dir)
     answer_with(model, tokenizer, examples, out, batch_size, max_new_tokens)
@@ -438,19 +474,24 @@ def main(argv=None):
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--pred", help="score this answer file (JSONL: question_id, text)")
     what.add_argument("--model", help="answer with this checkpoint directory, then score")
-    what.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired difference B - A of two answer files")
+    what.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                      help="paired difference B - A of two answer files")
     ap.add_argument("--data", help="dataset directory or test JSON (default data/<dataset>)")
-    ap.add_argument("--vision_path", help="local CLIP checkpoint when the model directory has no vision tower")
+    ap.add_argument("--vision_path",
+                    help="local CLIP checkpoint when the model directory has no vision tower")
     ap.add_argument("--adapter", help="LoRA adapter directory (PEFT layout) applied on top of --model")
     ap.add_argument("--out", help="answer file to write (default answers-<dataset>.jsonl)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=1024, help="the authors' value")
     ap.add_argument("--limit", type=int, help="only the first N test questions (answering and scoring)")
-    ap.add_argument("--closed_suffix", default="", help='appended to CLOSED questions, e.g. " Answer with yes or no."')
-    ap.add_argument("--no_pad", action="store_true", help="centre-crop images instead of padding them to square")
+    ap.add_argument("--closed_suffix", default="",
+                    help='appended to CLOSED questions, e.g. " Answer with yes or no."')
+    ap.add_argument("--no_pad", action="store_true",
+                    help="centre-crop images instead of padding them to square")
     ap.add_argument("--device")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
+    ap.add_argument("--bootstrap", type=int, default=1000,
+                    help="bootstrap resamples for the 95%% CIs (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the result JSON here")
     args = ap.parse_args(argv)
@@ -462,13 +503,14 @@ def main(argv=None):
     if args.compare:
         (ta, ma), (tb, mb) = (match_answers(examples, read_answers(p)) for p in args.compare)
         print(f"\n{args.dataset}: {args.compare[1]} (B) vs {args.compare[0]} (A), {len(examples)} questions")
-        res = {"dataset": args.dataset, "a": ma, "b": mb, **compare(examples, ta, tb, args.bootstrap, args.seed)}
+        res = {"dataset": args.dataset, "a": ma, "b": mb,
+               **compare(examples, ta, tb, args.bootstrap, args.seed)}
     else:
         pred = args.pred
         if args.model:
             pred = args.out or f"answers-{args.dataset}.jsonl"
-            answer(examples, args.model, pred, args.vision_path, args.adapter, args.batch_size, args.max_new_tokens,
-                   args.closed_suffix, not args.no_pad, args.device, args.dtype)
+            answer(examples, args.model, pred, args.vision_path, args.adapter, args.batch_size,
+                   args.max_new_tokens, args.closed_suffix, not args.no_pad, args.device, args.dtype)
         texts, match = match_answers(examples, read_answers(pred))
         res = report(args.dataset, examples, texts, match, args.bootstrap, args.seed)
     line = json.dumps(res)

@@ -39,9 +39,9 @@ VIT_LAYERS = r"vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|
 
 
 def lora_targets(r=128, alpha=256, dropout=0.05, vit_r=32, vit_alpha=64, vit_dropout=0.2) -> dict:
-    """The paper's LoRA targets, {pattern: LoRASpec}: every Linear of the decoder blocks (r, alpha, dropout) and
-    of the ViT blocks (vit_*). The defaults are stage 1's (sqllava_med.sh, train.py); sft.py and dpo.py pass
-    their configs' values, so a flag changes a rank without a second copy of the patterns."""
+    """The paper's LoRA targets, {pattern: LoRASpec}: every Linear of the decoder blocks (r, alpha,
+    dropout) and of the ViT blocks (vit_*). The defaults are stage 1's (sqllava_med.sh, train.py); sft.py
+    and dpo.py pass their configs' values, so a flag changes a rank without a second copy of the patterns."""
     return {LLM_LAYERS: LoRASpec(r, alpha, dropout), VIT_LAYERS: LoRASpec(vit_r, vit_alpha, vit_dropout)}
 
 
@@ -57,15 +57,21 @@ class LoRALinear(nn.Module):
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got r={r}")
         linear.requires_grad_(False)
-        self.weight, self.bias = linear.weight, linear.bias  # same Parameters: no copy, state-dict names unchanged
+        # the same Parameters: no copy, and the state-dict names are unchanged
+        self.weight = linear.weight
+        self.bias = linear.bias
         # Adapters stay fp32 on a bf16/fp16 base (PEFT's default `autocast_adapter_dtype`): a 5e-6 step on a
         # bf16 weight of size 1e-2 is below bf16's resolution and would be lost.
         half = linear.weight.dtype in (torch.float16, torch.bfloat16)
         kw = dict(device=linear.weight.device, dtype=torch.float32 if half else linear.weight.dtype)
         self.lora_a = nn.Parameter(torch.empty(r, linear.in_features, **kw))
-        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, r, **kw))  # B = 0: the update starts at zero
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # PEFT's init; = nn.Linear's default, U(+-1/sqrt(in))
-        self.r, self.alpha, self.scale, self.dropout_p = r, alpha, alpha / r, dropout
+        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, r, **kw))  # B = 0: no update at first
+        # PEFT's init; the same as nn.Linear's default, U(+-1/sqrt(in))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.r = r
+        self.alpha = alpha
+        self.scale = alpha / r
+        self.dropout_p = dropout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False  # set by disable_lora(): compute the base layer only
         self.merged = False  # B A scale is folded into weight
@@ -75,13 +81,15 @@ class LoRALinear(nn.Module):
         if self.disabled or self.merged:
             return out
         # Dropout only on the adapter's input, added after the base output: PEFT's order, so results match it.
-        delta = F.linear(F.linear(self.dropout(x).to(self.lora_a.dtype), self.lora_a), self.lora_b) * self.scale
+        h = F.linear(self.dropout(x).to(self.lora_a.dtype), self.lora_a)  # (..., r)
+        delta = F.linear(h, self.lora_b) * self.scale
         return (out + delta).to(out.dtype)  # PEFT's rounding: add in fp32, then cast
 
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            self.weight += ((self.lora_b @ self.lora_a) * self.scale).to(self.weight.dtype)  # (out, r) @ (r, in)
+            # (out, r) @ (r, in)
+            self.weight += ((self.lora_b @ self.lora_a) * self.scale).to(self.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
@@ -160,11 +168,12 @@ def disable_lora(model: nn.Module):
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight and put back plain nn.Linears (same state-dict names as the base)."""
+    """Fold every adapter into its weight and put back plain nn.Linears (the base's state-dict names)."""
     for name, m in lora_layers(model).items():
         m.merge()
         linear = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=m.bias is not None, device="meta")
-        linear.weight, linear.bias = m.weight, m.bias
+        linear.weight = m.weight
+        linear.bias = m.bias
         _swap(model, name, linear)
     return model
 
@@ -215,62 +224,76 @@ def save_adapter(model: nn.Module, path: str, full: tuple = ("projector",)):
     r, alpha, dropout = Counter((m.r, m.alpha, m.dropout_p) for m in layers.values()).most_common(1)[0][0]
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
-        "auto_mapping": {"base_model_class": HF_CLASS, "parent_library": "transformers.models.llava.modeling_llava"},
-        "r": r, "lora_alpha": alpha, "lora_dropout": dropout,  # PEFT has one dropout for all layers (the paper: two)
+        "auto_mapping": {"base_model_class": HF_CLASS,
+                         "parent_library": "transformers.models.llava.modeling_llava"},
+        # PEFT has one dropout for all layers (the paper: two)
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         # Exact names (escaped for the pattern dicts): nothing to re-interpret across the two naming schemes.
         "target_modules": sorted(to_hf_name(n) for n in layers),
         "rank_pattern": {re.escape(to_hf_name(n)): m.r for n, m in layers.items() if m.r != r},
         "alpha_pattern": {re.escape(to_hf_name(n)): m.alpha for n, m in layers.items() if m.alpha != alpha},
         "modules_to_save": [to_hf_name(f) for f in full] or None,
-        "bias": "none", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "inference_mode": True,
+        "bias": "none", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False,
+        "inference_mode": True,
     }
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(path, "adapter_model.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+              os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
 
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str) -> nn.Module:
-    """Load a PEFT LoRA adapter of LlavaForConditionalGeneration (from PEFT or `save_adapter`): a LoRALinear
-    wherever the file has lora_A/lora_B (r from the shapes, alpha as PEFT resolves it, PEFT's single
-    lora_dropout everywhere) and the `modules_to_save` weights. Everything is checked before the model changes."""
+    """Load a PEFT LoRA adapter of LlavaForConditionalGeneration (from PEFT or `save_adapter`): a
+    LoRALinear wherever the file has lora_A/lora_B (r from the shapes, alpha as PEFT resolves it, PEFT's
+    single lora_dropout everywhere) and the `modules_to_save` weights. Everything is checked before the
+    model changes."""
     with open(os.path.join(path, "adapter_config.json")) as fh:
         config = json.load(fh)
     arch = (config.get("auto_mapping") or {}).get("base_model_class", HF_CLASS)
     if config.get("peft_type") != "LORA" or arch != HF_CLASS:
-        raise ValueError(f"{path} holds a {config.get('peft_type')} adapter for {arch}; expected LORA for {HF_CLASS}")
+        raise ValueError(f"{path} holds a {config.get('peft_type')} adapter for {arch}; "
+                         f"expected LORA for {HF_CLASS}")
     unsupported = [k for k in ("use_dora", "use_rslora", "fan_in_fan_out") if config.get(k)]
     if unsupported or config.get("bias", "none") != "none":
         raise ValueError(f"{path}: unsupported LoRA variant {unsupported or config['bias']}")
-    lora, full = {}, {}
+    lora = {}
+    full = {}
     for key, t in load_file(os.path.join(path, "adapter_model.safetensors")).items():
         m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key.removeprefix(PEFT_PREFIX))
         if m:
             lora.setdefault(m[1], {})[m[2]] = t
         else:
             full[from_hf_name(key.removeprefix(PEFT_PREFIX))] = t
-    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
     for hf_name, ab in lora.items():
         m = modules.get(from_hf_name(hf_name))
         if not isinstance(m, (nn.Linear, LoRALinear)):
-            raise ValueError(f"{path}: adapter for {hf_name!r}, but our model has no Linear {from_hf_name(hf_name)!r}")
-        r, (out_f, in_f) = ab["A"].shape[0], m.weight.shape
+            raise ValueError(f"{path}: adapter for {hf_name!r}, "
+                             f"but our model has no Linear {from_hf_name(hf_name)!r}")
+        r = ab["A"].shape[0]
+        out_f, in_f = m.weight.shape
         if (ab["A"].shape, ab["B"].shape) != ((r, in_f), (out_f, r)) or getattr(m, "r", r) != r:
-            raise ValueError(f"{path}: shape mismatch at {hf_name!r}: A {tuple(ab['A'].shape)}, B {tuple(ab['B'].shape)} "
-                             f"vs a ({out_f}, {in_f}) Linear here (LoRA rank {getattr(m, 'r', 'any')})")
+            raise ValueError(f"{path}: shape mismatch at {hf_name!r}: A {tuple(ab['A'].shape)}, "
+                             f"B {tuple(ab['B'].shape)} vs a ({out_f}, {in_f}) Linear here "
+                             f"(LoRA rank {getattr(m, 'r', 'any')})")
     for name, t in full.items():
         if name not in params or params[name].shape != t.shape:
             raise ValueError(f"{path}: {name!r} {tuple(t.shape)} has no parameter of that shape here")
     for hf_name, ab in lora.items():
-        name, r = from_hf_name(hf_name), ab["A"].shape[0]
-        alpha = next((v for p, v in (config.get("alpha_pattern") or {}).items() if _matches(p, hf_name)), config["lora_alpha"])
+        name = from_hf_name(hf_name)
+        r = ab["A"].shape[0]
+        alpha = next((v for p, v in (config.get("alpha_pattern") or {}).items() if _matches(p, hf_name)),
+                     config["lora_alpha"])
         if isinstance(modules[name], nn.Linear):
             _swap(model, name, LoRALinear(modules[name], r, alpha, config.get("lora_dropout", 0.0)))
         layer = model.get_submodule(name)
         layer.lora_a.copy_(ab["A"])
         layer.lora_b.copy_(ab["B"])
-        layer.alpha, layer.scale = alpha, alpha / r
+        layer.alpha = alpha
+        layer.scale = alpha / r
     for name, t in full.items():
         params[name].copy_(t)
     return model

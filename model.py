@@ -1,5 +1,6 @@
 """
-LLaVA-1.5 from scratch: a CLIP vision tower, a projector and a LLaMA/Mistral decoder, in one file.
+LLaVA-1.5 from scratch (Liu et al., "Improved Baselines with Visual Instruction Tuning"), the model that
+STLLaVA-Med §2 trains: a CLIP vision tower, a projector and a LLaMA/Mistral decoder, in one file.
 
 - vision_tower: CLIP ViT (ViT-L/14-336 in LLaVA-1.5). Patch conv without bias + class token + learned
   positions -> pre-layernorm -> pre-norm blocks with a quick_gelu MLP. LLaVA takes the hidden state of
@@ -12,7 +13,8 @@ LLaVA-1.5 from scratch: a CLIP vision tower, a projector and a LLaMA/Mistral dec
   the input embeddings are overwritten, in order, by the projected image features (one masked assignment).
 - generate: batched, left-padded prompts, a small KV cache, greedy or temperature/top-k/top-p sampling.
 
-This file imports nothing else from the project, so it can be copied alone.
+Reading and writing checkpoints (llava-hf and original LLaVA layouts) lives in checkpoint.py; this
+file imports nothing else from the project, so it can be copied alone.
 References: LLaVA `llava/model/llava_arch.py` (encode_images, the splice) and
 `llava/model/multimodal_encoder/clip_encoder.py` (feature_select); transformers `modeling_clip.py`,
 `modeling_llama.py`, `modeling_llava.py`; SQ-LLaVA / STLLaVA-Med
@@ -78,21 +80,24 @@ class LlavaConfig:
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
         # the cluster projector refines every patch token in place, so the count does not change
-        self.image_seq_length = self.image_seq_length or (self.vision.image_size // self.vision.patch_size) ** 2
+        n_patches = (self.vision.image_size // self.vision.patch_size) ** 2
+        self.image_seq_length = self.image_seq_length or n_patches
 
 
 CONFIGS = {
-    # the CPU-sized model of the synthetic default; data.py fills vocab_size / image_token_id from its tokenizer
+    # the CPU-sized model of the synthetic default; data.py sets vocab_size, image_token_id from its tokenizer
     "tiny": LlavaConfig(
-        vision=VisionConfig(hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4, image_size=48, patch_size=12),
+        vision=VisionConfig(hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4,
+                            image_size=48, patch_size=12),
         text=TextConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                         num_kv_heads=2, max_position_embeddings=1024),
         image_token_id=3),
     "llava-1.5-7b": LlavaConfig(),
     "llava-1.5-13b": LlavaConfig(text=TextConfig(hidden_size=5120, intermediate_size=13824, num_layers=40,
                                                  num_heads=40, num_kv_heads=40)),
-    "llava-med-v1.5-mistral-7b": LlavaConfig(text=TextConfig(intermediate_size=14336, num_kv_heads=8, rope_theta=1e6,
-                                                             max_position_embeddings=32768, model_type="mistral")),
+    "llava-med-v1.5-mistral-7b": LlavaConfig(text=TextConfig(intermediate_size=14336, num_kv_heads=8,
+                                                             rope_theta=1e6, max_position_embeddings=32768,
+                                                             model_type="mistral")),
 }
 
 # -----------------------------------------------------------------------------
@@ -107,7 +112,8 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x):  # (B, T, C), no mask: every patch sees every patch
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -115,7 +121,8 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         h = self.fc1(x)
@@ -139,7 +146,8 @@ class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
-        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size,
+                                         bias=False)
         self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
 
     def forward(self, pixel_values):  # (N, 3, H, W)
@@ -167,7 +175,8 @@ class CLIPVisionTower(nn.Module):
     def forward(self, pixel_values):
         """(N, 3, H, W) -> (N, P, C): hidden state of `feature_layer`, class token dropped."""
         x = self.pre_layrnorm(self.embeddings(pixel_values))  # this is hidden_states[0] in transformers
-        n_run = self.cfg.num_layers + 1 + self.cfg.feature_layer if self.cfg.feature_layer < 0 else self.cfg.feature_layer
+        layer = self.cfg.feature_layer
+        n_run = self.cfg.num_layers + 1 + layer if layer < 0 else layer
         for block in self.encoder.layers[:n_run]:  # blocks after the feature layer are never needed
             x = block(x)
         return x[:, 1:]  # LLaVA's select_feature="patch": drop CLS
@@ -177,7 +186,8 @@ class CLIPVisionTower(nn.Module):
 
 
 class MLPProjector(nn.Module):
-    """`mlp2x_gelu` (Linear -> GELU -> Linear) or, with depth 1, `linear`. LLaVA `multimodal_projector/builder.py`."""
+    """`mlp2x_gelu` (Linear -> GELU -> Linear) or, with depth 1, `linear`
+    (LLaVA `multimodal_projector/builder.py`)."""
 
     def __init__(self, vision_dim, text_dim, depth=2):
         super().__init__()
@@ -190,7 +200,7 @@ class MLPProjector(nn.Module):
 
 
 class ClusterProjector(nn.Module):
-    """SQ-LLaVA's prototype extractor (STLLaVA-Med `llava/model/multimodal_projector/cluster.py`, `Clustering`).
+    """SQ-LLaVA's prototype extractor (STLLaVA-Med `multimodal_projector/cluster.py`, `Clustering`).
 
     1. centre proposals: adaptive average pooling of the L patch tokens down to N centres;
     2. `iters` refinements: centres <- softmax over centres of cos(c(centres), v(x)) @ f(x);
@@ -202,7 +212,8 @@ class ClusterProjector(nn.Module):
 
     def __init__(self, vision_dim, text_dim, num_centers=256, iters=2):
         super().__init__()
-        self.num_centers, self.iters = num_centers, iters
+        self.num_centers = num_centers
+        self.iters = iters
         self.sim_alpha = nn.Parameter(torch.ones(1, 1, 1))
         self.sim_beta = nn.Parameter(torch.zeros(1, 1, 1))
         self.c, self.v, self.f = (nn.Linear(vision_dim, vision_dim) for _ in range(3))
@@ -210,17 +221,22 @@ class ClusterProjector(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(vision_dim, text_dim), QuickGELU(), nn.Linear(text_dim, text_dim))
 
     def forward(self, x):  # (B, L, D)
-        value = F.normalize(self.v(x), dim=1)  # quirk kept from the authors: normalised over tokens, not channels
+        value = F.normalize(self.v(x), dim=1)  # the authors' quirk: normalised over tokens, not channels
         feature = self.f(x)  # (B, L, D)
-        pool = lambda t: F.adaptive_avg_pool1d(t.transpose(1, 2), self.num_centers).transpose(1, 2)  # (B, N, D)
-        centers, centers_feature = pool(x), pool(feature)
+
+        def pool(t):  # (B, L, D) -> (B, N, D)
+            return F.adaptive_avg_pool1d(t.transpose(1, 2), self.num_centers).transpose(1, 2)
+        centers = pool(x)
+        centers_feature = pool(feature)
         for _ in range(self.iters):
             centers = self.c(centers)
-            sim = torch.softmax(F.normalize(centers, dim=-1) @ value.transpose(1, 2), dim=1)  # (B, N, L) over centres
+            # (B, N, L), a softmax over centres
+            sim = torch.softmax(F.normalize(centers, dim=-1) @ value.transpose(1, 2), dim=1)
             centers = sim @ feature  # (B, N, D)
         cos = F.normalize(centers, dim=-1) @ F.normalize(x, dim=-1).transpose(1, 2)  # (B, N, L)
         similarity = torch.sigmoid(self.sim_beta + self.sim_alpha * cos)
-        assign = F.one_hot(similarity.argmax(dim=1), self.num_centers).transpose(1, 2).to(x.dtype)  # (B, N, L)
+        # (B, N, L): 1 at each token's most similar centre
+        assign = F.one_hot(similarity.argmax(dim=1), self.num_centers).transpose(1, 2).to(x.dtype)
         similarity = similarity * assign  # keep only each token's own centre
         update = (similarity @ feature + centers_feature) / (assign.sum(-1, keepdim=True) + 1.0)  # (B, N, D)
         x = x + similarity.transpose(1, 2) @ update  # (B, L, D): every token gets its centre's update
@@ -268,17 +284,20 @@ class KVCache:
     """
 
     def __init__(self, num_layers, batch, num_kv_heads, max_len, head_dim, dtype, device):
-        # a tensor per layer: inductor turned a write into a view of one (L, ...) input into whole-layer copies
+        # a tensor per layer: inductor turned a write into a view of one (L, ...) input into
+        # whole-layer copies
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.seen = 0  # slots filled by calls without input_pos
 
     def update(self, layer, k, v, input_pos=None):  # k, v: (B, Hkv, T_new, hd)
-        """Without input_pos: write at the next free slots, return the filled prefix (B, Hkv, seen + T_new, hd).
-        With input_pos (T_new,) slots as a tensor: write there, return the whole buffers, so shapes never change."""
+        """Without input_pos: write at the next free slots, return the filled prefix
+        (B, Hkv, seen + T_new, hd). With input_pos, (T_new,) slots as a tensor: write there and return
+        the whole buffers, so shapes never change."""
         if input_pos is not None:
-            self.k[layer][:, :, input_pos] = k  # a tensor index (index_put_), not a slice: same graph every step
+            # a tensor index (index_put_), not a slice: the same graph every step
+            self.k[layer][:, :, input_pos] = k
             self.v[layer][:, :, input_pos] = v
             return self.k[layer], self.v[layer]
         end = self.seen + k.shape[2]
@@ -292,20 +311,22 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx):
         super().__init__()
-        self.cfg, self.layer_idx = cfg, layer_idx
+        self.cfg = cfg
+        self.layer_idx = layer_idx
         H, Hkv, hd, C = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
         self.q_proj = nn.Linear(C, H * hd, bias=False)
         self.k_proj = nn.Linear(C, Hkv * hd, bias=False)
         self.v_proj = nn.Linear(C, Hkv * hd, bias=False)
         self.o_proj = nn.Linear(H * hd, C, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, input_pos=None):  # x (B, T, C); mask (B, 1, T, T_keys) bool,
-        # True = attend; mask None = causal
+    def forward(self, x, cos, sin, mask, cache=None, input_pos=None):
+        # x (B, T, C); mask (B, 1, T, T_keys) bool, True = attend, or None for causal
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.cfg.num_heads, -1).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.cfg.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.cfg.num_kv_heads, -1).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, input_pos)
         # grouped-query attention: each key/value head serves num_heads // num_kv_heads query heads. Only when
@@ -346,7 +367,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
+        self.gradient_checkpointing = False  # recompute blocks in backward: less memory, ~30% more compute
 
     def forward(self, x, attention_mask, cache=None, input_pos=None):
         """x: input embeddings (B, T, C); attention_mask: (B, T_all) over cached + new tokens, 1 = real.
@@ -357,7 +378,7 @@ class Llama(nn.Module):
         B, T, _ = x.shape
         T_all = attention_mask.shape[1]
         q_slot = torch.arange(T_all - T, T_all, device=x.device) if input_pos is None else input_pos  # (T,)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, q_slot]  # left padding -> 0-based
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, q_slot]  # left pad -> 0-based
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         # causal mask over absolute slots, AND the key is not padding; a padded query may see itself so
         # that no row of the softmax is empty (its output is never used). Slots past the query are masked
@@ -365,9 +386,10 @@ class Llama(nn.Module):
         if cache is None and bool(attention_mask.all()):
             mask = None  # plain causal attention: lets SDPA pick its flash kernel
         else:
-            q_slot, k_slot = q_slot[:, None], torch.arange(T_all, device=x.device)[None, :]
-            mask = (k_slot <= q_slot) & (attention_mask.bool()[:, None, :] | (k_slot == q_slot))  # (B, T, T_all)
-            mask = mask[:, None]  # (B, 1, T, T_all)
+            q_slot = q_slot[:, None]
+            k_slot = torch.arange(T_all, device=x.device)[None, :]
+            mask = (k_slot <= q_slot) & (attention_mask.bool()[:, None, :] | (k_slot == q_slot))
+            mask = mask[:, None]  # (B, T, T_all) -> (B, 1, T, T_all)
         for block in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
@@ -385,16 +407,19 @@ class Llava(nn.Module):
     def __init__(self, config: LlavaConfig):
         super().__init__()
         self.config = config
-        v, t = config.vision, config.text
+        v = config.vision
+        t = config.text
         self.vision_tower = CLIPVisionTower(v)
         if config.projector_type == "mlp2x_gelu":
             self.projector = MLPProjector(v.hidden_size, t.hidden_size, depth=2)
         elif config.projector_type == "linear":
             self.projector = MLPProjector(v.hidden_size, t.hidden_size, depth=1)
         elif config.projector_type == "cluster":
-            self.projector = ClusterProjector(v.hidden_size, t.hidden_size, config.cluster_centers, config.cluster_iters)
+            self.projector = ClusterProjector(v.hidden_size, t.hidden_size, config.cluster_centers,
+                                              config.cluster_iters)
         else:
-            raise ValueError(f"unknown projector_type {config.projector_type!r}: expected mlp2x_gelu, linear or cluster")
+            raise ValueError(f"unknown projector_type {config.projector_type!r}: "
+                             "expected mlp2x_gelu, linear or cluster")
         self.language_model = Llama(t)
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
         if t.tie_word_embeddings:
@@ -413,10 +438,11 @@ class Llava(nn.Module):
         n_placeholders = int(is_image.sum())
         if pixel_values is None:
             if n_placeholders:
-                raise ValueError(f"input_ids hold {n_placeholders} image tokens (id {self.config.image_token_id}) "
-                                 "but no pixel_values were given")
+                raise ValueError(f"input_ids hold {n_placeholders} image tokens "
+                                 f"(id {self.config.image_token_id}) but no pixel_values were given")
             return x
-        n_images, L = pixel_values.shape[0], self.config.image_seq_length
+        n_images = pixel_values.shape[0]
+        L = self.config.image_seq_length
         if n_placeholders != n_images * L:
             raise ValueError(f"image token count mismatch: input_ids hold {n_placeholders} image tokens "
                              f"(id {self.config.image_token_id}) but {n_images} image(s) x {L} tokens = "
@@ -434,14 +460,15 @@ class Llava(nn.Module):
         return self.language_model(self.embed(input_ids, pixel_values), attention_mask, cache)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None):
-        """input_ids (B, T), pixel_values (N_images, 3, H, W) or None, attention_mask (B, T) -> logits (B, T, V).
+        """input_ids (B, T), pixel_values (N, 3, H, W) or None, attention_mask (B, T) -> logits (B, T, V).
 
         With a cache, attention_mask covers the cached tokens too: (B, cache.seen + T).
         """
         return self.lm_head(self.hidden_states(input_ids, pixel_values, attention_mask, cache))
 
     def new_cache(self, batch, max_len):
-        t, p = self.config.text, self.lm_head.weight
+        t = self.config.text
+        p = self.lm_head.weight
         return KVCache(t.num_layers, batch, t.num_kv_heads, max_len, t.head_dim, p.dtype, p.device)
 
 # -----------------------------------------------------------------------------
@@ -489,34 +516,40 @@ def decode_one_token(model, token, input_pos, attention_mask, cache):
     key/value go in at a tensor index, and positions come from the mask, so torch.compile captures one graph
     (one CUDA graph with mode="reduce-overhead") and replays it at every step.
     """
-    x = model.language_model.embed_tokens(token[:, None])  # (B, 1, C); never the image token (mask_image_token)
+    x = model.language_model.embed_tokens(token[:, None])  # (B, 1, C); never the image id (mask_image_token)
     h = model.language_model(x, attention_mask, cache, input_pos)
     return mask_image_token(model.lm_head(h[:, -1]), model.config.image_token_id)
 
 
-_compiled = {}  # (backend, device type) -> compiled decode_one_token; dynamo keeps one graph per model and shape
+# (backend, device type) -> compiled decode_one_token; dynamo keeps one graph per model and shape
+_compiled = {}
 
 
 def compiled_decode(backend, device):
-    """decode_one_token under torch.compile, built once; on CUDA with inductor, as CUDA graphs ("reduce-overhead"):
-    a decode step is hundreds of small kernels, and replaying them as one graph removes the launch overhead."""
+    """decode_one_token under torch.compile, built once; on CUDA with inductor, as CUDA graphs
+    ("reduce-overhead"): a decode step is hundreds of small kernels, and replaying them as one graph
+    removes the launch overhead."""
     if (backend, device.type) not in _compiled:
         mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
-        _compiled[backend, device.type] = torch.compile(decode_one_token, backend=backend, mode=mode, fullgraph=True,
-                                                        dynamic=False)
+        _compiled[backend, device.type] = torch.compile(decode_one_token, backend=backend, mode=mode,
+                                                        fullgraph=True, dynamic=False)
     return _compiled[backend, device.type]
 
 
 def static_cache(model, batch, max_len):
-    """The cache compiled decoding reuses, kept on the model: CUDA graphs replay fixed addresses, so a new cache
-    per call would be recorded again. Grows when a call needs more slots; `del model.decode_cache` frees it."""
-    c, w = getattr(model, "decode_cache", None), model.lm_head.weight
+    """The cache compiled decoding reuses, kept on the model: CUDA graphs replay fixed addresses, so a
+    new cache per call would be recorded again. Grows when a call needs more slots;
+    `del model.decode_cache` frees it."""
+    c = getattr(model, "decode_cache", None)
+    w = model.lm_head.weight
     k = None if c is None else c.k[0]
     if k is None or k.shape[0] != batch or k.shape[2] < max_len or (k.dtype, k.device) != (w.dtype, w.device):
         c = model.decode_cache = model.new_cache(batch, max_len)
-        for t in c.k + c.v:  # CUDA graphs refuse to mutate an input in place unless its address is marked static
+        # CUDA graphs refuse to mutate an input in place unless its address is marked static
+        for t in c.k + c.v:
             torch._dynamo.mark_static_address(t)
-    for t in c.k + c.v:  # an earlier call's values sit in masked slots; a zero weight times inf would still be NaN
+    # an earlier call's values sit in masked slots; a zero weight times inf would still be NaN
+    for t in c.k + c.v:
         t.zero_()
     c.seen = 0
     return c
@@ -529,17 +562,19 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
 
     Returns only the new tokens, (B, n <= max_new_tokens); a row that produced EOS keeps it and is
     filled with `pad_token_id` afterwards; decoding stops when every row is done.
-    compile=True runs each decode step through torch.compile (inductor; CUDA graphs on a GPU), or pass a
-    backend name ("aot_eager"). The first call for a model, batch size and length compiles (seconds to minutes).
+    compile=True runs each decode step through torch.compile (inductor; CUDA graphs on a GPU), or pass
+    a backend name ("aot_eager"); the first call per model, batch and length compiles (seconds to minutes).
     """
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate expects left-padded prompts: the last column of attention_mask must be 1")
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=input_ids.device)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
+                       device=input_ids.device)
     cache = static_cache(model, B, T + max_new_tokens) if compile else model.new_cache(B, T + max_new_tokens)
-    step = compiled_decode("inductor" if compile is True else compile, input_ids.device) if compile else decode_one_token
+    backend = "inductor" if compile is True else compile
+    step = compiled_decode(backend, input_ids.device) if compile else decode_one_token
     h = model.hidden_states(input_ids, pixel_values, attention_mask, cache)  # prefill: (B, T, C)
     logits = mask_image_token(model.lm_head(h[:, -1]), model.config.image_token_id)  # (B, V)
     # from here the mask spans every cache slot: 1 for the tokens to come, hidden by causality until written

@@ -5,18 +5,22 @@ The policy learns to answer (ASSISTANT turns) and to ask (VUSER turns): the loss
 cross-entropy over every supervised token, answers and questions alike (STLLaVA-Med §2; the authors'
 `llava/train/train.py` `preprocess_v1_sq2`). LoRA on the language model (r128/α256) and on the vision
 tower (r32/α64), the projector trained in full, three learning rates (`sqllava_med.sh`).
-The same trainer runs LLaVA-Med's curriculum: `--train=projector --align_captions` (concept alignment on
-image-caption pairs), then `--train=full` or `--train=lora` (instruction tuning), e.g. on the synthetic data:
+The same trainer runs LLaVA-Med's curriculum (LLaVA-Med §4): `--train=projector --align_captions` (concept
+alignment on image-caption pairs), then `--train=full` or `--train=lora` (instruction tuning), e.g. on the
+synthetic data, where <synth> is the directory `synth.synth_data()` returns and out/sft/base is the base model
+that `python sft.py` trains:
 
-    python sft.py --model=out/sft/base --data=<synth>/captions.json --train=projector --align_captions \
-        --template=vicuna_v1 --no-question_loss --lr=2e-3 --projector_lr=2e-3 --out_dir=out/align
-    python sft.py --model=out/align/final --data=<synth>/train.json --train=full --out_dir=out/instruct
+    python sft.py --model=out/sft/base --data=<synth>/captions.json --image_dir=<synth>/images \
+        --train=projector --align_captions --template=vicuna_v1 --no-question_loss --lr=2e-3 \
+        --projector_lr=2e-3 --out_dir=out/align
+    python sft.py --model=out/align/final --data=<synth>/train.json --image_dir=<synth>/images --train=full \
+        --template=vicuna_v1 --no-question_loss --lr=1e-3 --out_dir=out/instruct
 
-    python sft.py                                          # synthetic default, one CPU process
-    python sft.py --model=ckpt/llava-1.5-7b --data=instruct.json --image_dir=images/
+    python sft.py                                     # synthetic default, one CPU process
+    python sft.py --model=ckpt/llava-v1.5-7b --data=instruct.json --image_dir=images/
     torchrun --standalone --nproc_per_node=8 sft.py --model=... --data=... --image_dir=...
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 sft.py ...
-    torchrun --standalone --nproc_per_node=8 sft.py --shard=fsdp ...  # FSDP2: weights, grads, optimizer sharded
+    torchrun --standalone --nproc_per_node=8 sft.py --shard=fsdp ...   # FSDP2: weights, grads, AdamW sharded
 
 With no --model, the synthetic default stands in for the general-purpose LLaVA the paper starts from:
 a tiny model is trained from scratch (`full`) on the synthetic captions and answers, once, cached in
@@ -52,8 +56,9 @@ class Config:
     # what trains: lora = the paper (LoRA on both towers + projector), projector = LLaVA-Med alignment, full
     train: str = "lora"
     question_loss: bool = True  # STLLaVA-Med: supervise VUSER questions too; off = plain LLaVA answers-only
-    align_captions: bool = False  # LLaVA-Med concept alignment: each caption record gets a "describe" instruction
-    # drawn per epoch from the paper's brief (< 30 words) or detailed list (data.caption_to_alignment)
+    # LLaVA-Med concept alignment: each caption record gets a "describe" instruction, drawn per epoch from
+    # the paper's brief (< 30 words) or detailed list (data.caption_to_alignment)
+    align_captions: bool = False
     sq_r: float = 0.5  # probability that a later human turn becomes a VUSER turn (sqllava_med.sh --sq_r 0.5)
     template: str = "vicuna_v1_sq"
     lora_r: int = 128  # LLM LoRA (sqllava_med.sh)
@@ -77,7 +82,8 @@ class Config:
     image_size: int = 0  # 0 = the vision tower's own (config.json); images are resized to this
     grad_ckpt: bool = False
     seed: int = 0
-    # ddp: every rank holds the whole model; fsdp: FSDP2 shards weights, gradients and optimizer state over the ranks
+    # ddp: every rank holds the whole model; fsdp: FSDP2 shards weights, gradients and optimizer state over
+    # the ranks (train.shard_model)
     shard: str = "ddp"
     cpu_offload: bool = False  # fsdp only: the shards and the optimizer state live in CPU memory
     # bookkeeping
@@ -102,7 +108,7 @@ def setup_trainable(model, cfg):
     """Inject LoRA / freeze per `cfg.train`; returns the AdamW parameter groups."""
     if cfg.train == "lora":
         add_lora(model, lora_targets(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                          cfg.vit_lora_r, cfg.vit_lora_alpha, cfg.vit_lora_dropout))
+                                     cfg.vit_lora_r, cfg.vit_lora_alpha, cfg.vit_lora_dropout))
         mark_trainable(model, lora=True, full=("projector",))
     elif cfg.train == "projector":
         mark_trainable(model, lora=False, full=("projector",))
@@ -124,12 +130,13 @@ def make_sft_prepare(examples, tokenizer, cfg, model_cfg, device):
             turns = ex["conversations"]
             if cfg.template == "vicuna_v1_sq" and cfg.sq_r > 0:
                 turns = D.assign_questioner_roles(turns, cfg.sq_r, random.Random(hash((cfg.seed, epoch, i))))
-            ids, labels, is_question = D.encode_conversation(turns, tokenizer, cfg.template, model_cfg.image_seq_length,
-                                                             model_cfg.image_token_id, cfg.max_length,
-                                                             return_question_mask=True)
+            ids, labels, is_question = D.encode_conversation(
+                turns, tokenizer, cfg.template, model_cfg.image_seq_length, model_cfg.image_token_id,
+                cfg.max_length, return_question_mask=True)
             if not cfg.question_loss:
-                labels = [-100 if q else l for l, q in zip(labels, is_question)]
-            items.append({"input_ids": ids, "labels": labels, "question_mask": is_question, "image": ex["image"]})
+                labels = [-100 if q else lab for lab, q in zip(labels, is_question)]
+            items.append({"input_ids": ids, "labels": labels, "question_mask": is_question,
+                          "image": ex["image"]})
         b = D.collate(items, padding_side="right", image_size=cfg.image_size or model_cfg.vision.image_size)
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
         b["count"] = int((b["labels"][:, 1:] != -100).sum())
@@ -150,7 +157,7 @@ def sft_loss(model, b):
                       "tokens": int(b["attention_mask"].sum())}
 
 # -----------------------------------------------------------------------------
-# Entry point
+# The synthetic base model, and the entry point
 
 
 def init_weights(model, std=0.02):
@@ -177,11 +184,13 @@ def synthetic_base(cfg, synth, tokenizer, rank, world, device):
     examples = D.read_conversations(synth / "captions.json", synth / "images") + \
         D.read_conversations(synth / "train.json", synth / "images")
     groups = shard_model(model, base_cfg, device, setup_trainable(model, base_cfg))
-    model = fit(base_cfg, model, len(examples), make_sft_prepare(examples, tokenizer, base_cfg, mc, device), sft_loss,
-                groups, base_cfg.out_dir, world, rank, device)
+    prepare = make_sft_prepare(examples, tokenizer, base_cfg, mc, device)
+    model = fit(base_cfg, model, len(examples), prepare, sft_loss, groups, base_cfg.out_dir,
+                world, rank, device)
     if rank == 0:
         save_pretrained(model, base_dir + ".tmp")
-        D.copy_tokenizer(synth, base_dir + ".tmp")  # a model directory loads alone (align, select from out/sft/base)
+        # a model directory loads alone (align, select from out/sft/base)
+        D.copy_tokenizer(synth, base_dir + ".tmp")
         os.replace(base_dir + ".tmp", base_dir)
     if world > 1:
         dist.barrier()
@@ -200,15 +209,17 @@ def main(argv=None):
         synth = S.synth_data()
         tokenizer = D.load_tokenizer(synth / "tokenizer.json")
         cfg = replace(cfg, model=synthetic_base(cfg, synth, tokenizer, rank, world, device),
-                      data=cfg.data or str(synth / "train.json"), image_dir=cfg.image_dir or str(synth / "images"))
+                      data=cfg.data or str(synth / "train.json"),
+                      image_dir=cfg.image_dir or str(synth / "images"))
     else:
         tokenizer = D.load_tokenizer(cfg.model)
     model = from_pretrained(cfg.model, cfg.vision_path or None, dtype=torch.float32, device=device)
     model.language_model.gradient_checkpointing = cfg.grad_ckpt
     examples = D.read_conversations(cfg.data, cfg.image_dir)
     groups = shard_model(model, cfg, device, setup_trainable(model, cfg))
-    model = fit(cfg, model, len(examples), make_sft_prepare(examples, tokenizer, cfg, model.config, device), sft_loss,
-                groups, cfg.out_dir, world, rank, device)  # under fsdp: gathered on rank 0
+    prepare = make_sft_prepare(examples, tokenizer, cfg, model.config, device)
+    # under fsdp: the trained model gathered on rank 0 (None on the others)
+    model = fit(cfg, model, len(examples), prepare, sft_loss, groups, cfg.out_dir, world, rank, device)
     if rank == 0:
         final = os.path.join(cfg.out_dir, "final")
         if cfg.train == "lora":
@@ -238,10 +249,10 @@ def report_synthetic(model, tokenizer, synth, cfg, device, n_ask=40):
     print0(json.dumps({k: scores[k] for k in ("closed_accuracy", "open_recall", "open_f1")}))
     images = sorted({t["image_name"] for t in json.load(open(synth / "test.json"))})[:n_ask]
     asked = D.ask_questions(model, tokenizer, [synth / "images" / im for im in images],
-                          model.config.vision.image_size)
+                            model.config.vision.image_size)
     good = [q for q in asked if S.parse_question(q)]
-    print0(f"questions asked about {len(asked)} unseen test images: {100 * len(good) / max(1, len(asked)):.0f}% "
-           "well-formed; e.g. " + " | ".join(asked[:4]))
+    print0(f"questions asked about {len(asked)} unseen test images: "
+           f"{100 * len(good) / max(1, len(asked)):.0f}% well-formed; e.g. " + " | ".join(asked[:4]))
     return scores, asked
 
 

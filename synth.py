@@ -1,18 +1,20 @@
 """
-The synthetic default, "toy radiology": a seeded, deterministic stand-in for LLaVA-Med's data that a tiny model
-learns in minutes on a CPU, and the oracle that scores answers against each image's known facts.
+The synthetic default, "toy radiology": a seeded, deterministic stand-in for LLaVA-Med's data that a tiny
+model learns in minutes on a CPU, and the oracle that scores answers against each image's known facts. It is
+this project's own toy world, from neither paper; only its file formats follow LLaVA's and VQA-RAD's.
 
 48x48 grayscale "scans" whose look encodes a few facts (modality, organ, lesion count, side and size), with
-captions, conversations and VQA-RAD-like test questions from a small fixed grammar, so that answers can be scored
-(`score_answer`, the offline stand-in for the paper's GPT-4o judge, App. B.2) and the questions the model learns
-to ask can be parsed (`parse_question`). The visual cues are large and high-contrast on purpose: the point is to
-exercise the pipeline, not to be hard. "left"/"right" are the image's (not the radiological convention, where the
-patient's left is on the image's right), to keep the toy unambiguous.
+captions, conversations and VQA-RAD-like test questions from a small fixed grammar, so that answers can be
+scored (`score_answer`, the offline stand-in for STLLaVA-Med's GPT-4o judge, App. B.2) and the questions the
+model learns to ask can be parsed (`parse_question`). The visual cues are large and high-contrast on purpose:
+the point is to exercise the pipeline, not to be hard. "left"/"right" are the image's (not the radiological
+convention, where the patient's left is on the image's right), to keep the toy unambiguous.
 
     python -c "import synth; print(synth.synth_data())"   # where the files are (generated on first use)
 
-Files: images/, train.json and captions.json (LLaVA conversation JSON), test.json (VQA-RAD's fields),
-facts.json ({image: facts}), tokenizer.json (byte-level BPE with LLaMA's special ids), config.json.
+Files: images/, train.json and captions.json (LLaVA conversation JSON; captions use LLaVA-Med's Table 6
+instruction), test.json (VQA-RAD's fields), facts.json ({image: facts}), tokenizer.json (byte-level BPE with
+LLaMA's special ids), config.json.
 """
 import json
 import math
@@ -36,8 +38,10 @@ SYNTH_IMAGE_TOKEN_ID = 3
 SYNTH_VOCAB_SIZE = 640
 SYNTH_SPLITS = {"train": 800, "test": 100}  # images per split
 SYNTH_CONVS_PER_IMAGE = 2                    # train conversations per image, 3-4 rounds each
-MODALITIES, ORGANS = ("ct", "mri", "x-ray"), ("brain", "chest", "abdomen")
-SIDES, SIZES = ("left", "right"), ("small", "large")  # a lesion-free image has side and size "none"
+MODALITIES = ("ct", "mri", "x-ray")
+ORGANS = ("brain", "chest", "abdomen")
+SIDES = ("left", "right")  # a lesion-free image has side and size "none"
+SIZES = ("small", "large")
 CAPTION_INSTRUCTION = D.ALIGN_BRIEF[0]  # "Describe the image concisely.", the captions' one instruction
 
 # --- facts and drawing --------------------------------------------------------------------------------------
@@ -51,27 +55,33 @@ def synth_facts(rng):
             "count": count, "side": side, "size": size}
 
 # modality = global look (background, organ intensity, texture); lesions are always the brightest thing
-_LOOK = {"ct": (0, 120), "mri": (60, None), "x-ray": (200, 80)}  # (background, organ intensity; None = stripes)
+_LOOK = {"ct": (0, 120), "mri": (60, None), "x-ray": (200, 80)}  # (background, organ; None = stripes)
 
 def synth_draw(facts, rng):
     """Render facts as a 48x48 grayscale PIL image, with small seeded jitter in position/size and noise."""
     yy, xx = np.mgrid[0:SYNTH_IMAGE_SIZE, 0:SYNTH_IMAGE_SIZE] + 0.5
-    cx, cy = 24 + rng.uniform(-1.5, 1.5), 24 + rng.uniform(-1.5, 1.5)
+    cx = 24 + rng.uniform(-1.5, 1.5)  # drawn before cy: the draw order fixes every image
+    cy = 24 + rng.uniform(-1.5, 1.5)
     bg, fg = _LOOK[facts["modality"]]
     img = np.full(xx.shape, float(bg))
-    tissue = np.where((yy // 2) % 2 == 0, 70.0, 150.0) if fg is None else np.full(xx.shape, float(fg))  # MRI: stripes
+    # the organ's tissue: one intensity, or MRI's horizontal stripes (2 px each) when fg is None
+    tissue = np.where((yy // 2) % 2 == 0, 70.0, 150.0) if fg is None else np.full(xx.shape, float(fg))
     if facts["organ"] == "brain":    # a disc inside a bright skull ring
         r = np.hypot(xx - cx, yy - cy)
-        organ, rim = r < 17, (r >= 17) & (r < 19.5)
+        organ = r < 17
+        rim = (r >= 17) & (r < 19.5)
     elif facts["organ"] == "chest":  # two tall lung ovals with a gap between them
         organ = sum(((xx - cx - dx) / 8) ** 2 + ((yy - cy) / 17) ** 2 < 1 for dx in (-10.5, 10.5)) > 0
         rim = np.zeros_like(organ)
     else:                            # abdomen: one wide rectangle filling the corners the others leave empty
-        organ, rim = (abs(xx - cx) < 20.5) & (abs(yy - cy) < 13.5), np.zeros(xx.shape, bool)
-    img[organ], img[rim] = tissue[organ], 235.0
+        organ = (abs(xx - cx) < 20.5) & (abs(yy - cy) < 13.5)
+        rim = np.zeros(xx.shape, bool)
+    img[organ] = tissue[organ]
+    img[rim] = 235.0
     lesion_sides = {"none": [], "left": [-10], "right": [10], "both": [-10, 10]}[facts["side"]]
     for dx in lesion_sides:          # lesion centres at x ~ 14 (left) / 34 (right)
-        lx, ly = cx + dx + rng.uniform(-1.5, 1.5), cy + rng.uniform(-4, 4)
+        lx = cx + dx + rng.uniform(-1.5, 1.5)  # before ly, as above
+        ly = cy + rng.uniform(-4, 4)
         radius = (3.0 if facts["size"] == "small" else 5.5) + rng.uniform(-0.3, 0.3)
         img[np.hypot(xx - lx, yy - ly) < radius] = 255.0
     img += rng.normal(0, 8, img.shape)  # scanner noise, so a model cannot key on exact pixel values
@@ -83,27 +93,32 @@ def _an(word):
     return "an" if word[0] in "aeiomx" else "a"  # "an mri", "an x-ray", "a ct"
 
 def synth_caption(facts):
-    """A one-sentence caption stating every fact: 'An mri scan of the brain with 1 small lesion on the left side.'"""
-    n, lesions = facts["count"], "no lesions"
+    """A one-sentence caption stating every fact:
+    'An mri scan of the brain with 1 small lesion on the left side.'"""
+    n = facts["count"]
+    lesions = "no lesions"
     if n:
         where = "on both sides" if n == 2 else f"on the {facts['side']} side"
         lesions = f"{n} {facts['size']} lesion{'s' * (n > 1)} {where}"
-    return f"{_an(facts['modality']).capitalize()} {facts['modality']} scan of the {facts['organ']} with {lesions}."
+    article = _an(facts["modality"]).capitalize()
+    return f"{article} {facts['modality']} scan of the {facts['organ']} with {lesions}."
 
 # The question grammar: (fact type, closed?) -> templates; {v} is the value asked about, {a} its article.
-# Open answers are the bare value ("ct", "brain", "2", "left"/"right"/"both", "small"); closed ones "yes"/"no".
+# Open answers are the bare value ("ct", "brain", "2", "left"/"right"/"both", "small"); closed ones yes/no.
 QUESTION_TEMPLATES = {
     ("modality", False): ["What is the imaging modality?", "What modality is this scan?",
                           "How was this image taken?"],
     ("modality", True): ["Is this {a} {v} scan?", "Was this image taken with {v}?", "Is the modality {v}?"],
-    ("organ", False): ["What organ is shown?", "Which part of the body is this?", "What organ does this scan show?"],
+    ("organ", False): ["What organ is shown?", "Which part of the body is this?",
+                       "What organ does this scan show?"],
     ("organ", True): ["Is this an image of the {v}?", "Does this scan show the {v}?", "Is the {v} shown?"],
     ("lesion", True): ["Is there a lesion?", "Are there any lesions?", "Is there an abnormality?"],
     ("count", False): ["How many lesions are there?", "How many lesions are visible?",
                        "What is the number of lesions?"],
     ("count", True): ["Is the number of lesions {v}?", "Is the lesion count {v}?"],
     ("side", False): ["Which side is the lesion on?", "Where is the lesion?", "On which side is the lesion?"],
-    ("side", True): ["Is the lesion on the {v} side?", "Is there a lesion on the {v}?", "Is the {v} side affected?"],
+    ("side", True): ["Is the lesion on the {v} side?", "Is there a lesion on the {v}?",
+                     "Is the {v} side affected?"],
     ("size", False): ["How big is the lesion?", "What size is the lesion?", "How large is the lesion?"],
     ("size", True): ["Is the lesion {v}?", "Is it a {v} lesion?", "Does the lesion look {v}?"],
 }
@@ -120,7 +135,7 @@ def synth_truth(facts, kind, value):
     return facts[kind] == value
 
 def answer_question(facts, question):
-    """The reference answer to a grammar question about an image with these facts (None if not grammatical)."""
+    """The reference answer to a grammar question about an image with these facts (None if off-grammar)."""
     q = parse_question(question)
     if q is None:
         return None
@@ -128,7 +143,7 @@ def answer_question(facts, question):
         return "yes" if synth_truth(facts, q["type"], q["value"]) else "no"
     return str(facts[q["type"]])  # side/size of an image without lesions is "none"
 
-# --- parsing and the oracle judge -----------------------------------------------------------------------------
+# --- parsing and the oracle judge ---------------------------------------------------------------------------
 
 def _norm(text):
     return " ".join(text.lower().split())  # case- and whitespace-insensitive, nothing else
@@ -170,9 +185,9 @@ def parse_answer(text):
     return stated
 
 def score_answer(facts, question, answer):
-    """Oracle judge score in [1, 10]. For a grammar question: 10 for the right answer said concisely, minus 1 per
-    3 extra words (at most 3) and 3 per wrong fact said on the side; 3 off-topic (minus 2 per wrong fact); 2 wrong
-    (minus 1 per further wrong fact); 1 empty. For a free question (e.g. "describe"):
+    """Oracle judge score in [1, 10]. For a grammar question: 10 for the right answer said concisely, minus 1
+    per 3 extra words (at most 3) and 3 per wrong fact said on the side; 3 off-topic (minus 2 per wrong fact);
+    2 wrong (minus 1 per further wrong fact); 1 empty. For a free question (e.g. "describe"):
     1 + 9 * (right - wrong facts stated) / (facts a caption states)."""
     stated = parse_answer(answer)
     wrong = {k for k, v in stated.items() if k in facts and v != facts[k]}
@@ -197,25 +212,27 @@ def score_answer(facts, question, answer):
 # --- questions, conversations and files --------------------------------------------------------------------
 
 def _yes_no_bag(rng):
-    """Shuffled bags of 10 yes + 10 no targets: balanced splits, no order a model could exploit in a conversation."""
+    """Shuffled bags of 10 yes + 10 no targets: balanced splits, and no order a model could exploit."""
     while True:
         bag = [True, False] * 10
         rng.shuffle(bag)
         yield from bag
 
 def _synth_qa(facts, closed, bag, rng, asked):
-    """Sample a grammar question and its answer, of a type not yet in `asked` (a set of (type, closed), updated).
-    Closed answers follow the yes/no bag; side/size are only asked about images with lesions. If no type of
-    the requested kind is left (a lesion-free image has 3 open types), the other kind is asked."""
+    """Sample a grammar question and its answer, of a type not yet in `asked` (a set of (type, closed),
+    updated). Closed answers follow the yes/no bag; side/size are only asked about images with lesions. If no
+    type of the requested kind is left (a lesion-free image has 3 open types), the other kind is asked."""
     def options(closed, want_yes):
         kinds = ["modality", "organ", "count"] + ["lesion"] * closed + ["side", "size"] * (facts["count"] > 0)
-        return kinds, [(k, v) for k in kinds if (k, closed) not in asked for v in (_VALUES[k] if closed else (None,))
+        return kinds, [(k, v) for k in kinds if (k, closed) not in asked
+                       for v in (_VALUES[k] if closed else (None,))
                        if not closed or synth_truth(facts, k, v) == want_yes]
     if not (options(closed, True)[1] and options(closed, False)[1]):
         closed = not closed
     want_yes = closed and next(bag)
     kinds, opts = options(closed, want_yes)
-    kind = rng.choice(sorted({k for k, _ in opts}, key=kinds.index))  # type first, then value: types stay even
+    # type first, then value: the types stay evenly asked whatever their number of values
+    kind = rng.choice(sorted({k for k, _ in opts}, key=kinds.index))
     value = rng.choice([v for k, v in opts if k == kind])
     asked.add((kind, closed))
     q = rng.choice(QUESTION_TEMPLATES[kind, closed]).format(v=value, a=_an(str(value)))
@@ -223,13 +240,16 @@ def _synth_qa(facts, closed, bag, rng, asked):
 
 def _synth_conversation(facts, rng, bag):
     """3-4 rounds; half the conversations open with the stage-2 "describe" request answered by the caption."""
-    turns, asked = [], set()
+    turns = []
+    asked = set()
     for i in range(rng.choice([3, 4])):
         if i == 0 and rng.random() < 0.5:
-            q, a = D.DESCRIBE, synth_caption(facts)
+            q = D.DESCRIBE
+            a = synth_caption(facts)
         else:
             _, _, q, a = _synth_qa(facts, rng.random() < 0.5, bag, rng, asked)
-        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
+        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q},
+                  {"from": "gpt", "value": a}]
     return turns
 
 def _synth_tokenizer(texts):
@@ -246,15 +266,22 @@ def _synth_tokenizer(texts):
     return tok
 
 def _synth_generate(root, seed):
-    """Write images/, train.json, captions.json, test.json, facts.json, tokenizer.json, config.json into root."""
+    """Write images/, train.json, captions.json, test.json, facts.json, tokenizer.json and config.json
+    into root."""
     (root / "images").mkdir()
     rng = random.Random(seed)
-    train, captions, test, all_facts, corpus = [], [], [], {}, []
+    train = []
+    captions = []
+    test = []
+    all_facts = {}
+    corpus = []  # the tokenizer's training text
     for s, (split, n) in enumerate(SYNTH_SPLITS.items()):
         bag = _yes_no_bag(random.Random(seed * 1000 + s))  # one per split: each split is balanced on its own
         for i in range(n):
-            img_rng = np.random.default_rng([seed, s, i])  # per-image stream: images do not shift when n changes
-            name, facts = f"synth_{split}_{i:05d}.png", synth_facts(img_rng)
+            # a per-image stream: images do not shift when n changes
+            img_rng = np.random.default_rng([seed, s, i])
+            name = f"synth_{split}_{i:05d}.png"
+            facts = synth_facts(img_rng)
             synth_draw(facts, img_rng).save(root / "images" / name)
             all_facts[name] = facts
             if split == "train":
@@ -264,7 +291,8 @@ def _synth_generate(root, seed):
                 for k in range(SYNTH_CONVS_PER_IMAGE):
                     turns = _synth_conversation(facts, rng, bag)
                     train.append({"id": f"{split}_{i:05d}_{k}", "image": name, "conversations": turns})
-                    roles = iter(["USER", "ASSISTANT", "VUSER", "ASSISTANT"] * 2)  # roughly as vicuna_v1_sq renders
+                    # roughly as vicuna_v1_sq renders them
+                    roles = iter(["USER", "ASSISTANT", "VUSER", "ASSISTANT"] * 2)
                     rendered = [f"{next(roles)}: {t['value']}" + "</s>" * (t["from"] == "gpt") for t in turns]
                     corpus.append(" ".join([D.QUESTIONER_SYSTEM, *rendered]))
                 continue
@@ -272,8 +300,9 @@ def _synth_generate(root, seed):
             for closed in (True, True, False, False):
                 kind, closed, q, a = _synth_qa(facts, closed, bag, rng, asked)
                 test.append({"qid": len(test), "image_name": name, "question": q, "answer": a,
-                             "answer_type": "CLOSED" if closed else "OPEN", "question_type": _VQA_RAD_TYPE[kind],
-                             "phrase_type": "test_freeform", "image_organ": _VQA_RAD_ORGAN[facts["organ"]]})
+                             "answer_type": "CLOSED" if closed else "OPEN",
+                             "question_type": _VQA_RAD_TYPE[kind], "phrase_type": "test_freeform",
+                             "image_organ": _VQA_RAD_ORGAN[facts["organ"]]})
                 corpus.append(f"USER: <image>\n{q} ASSISTANT: {a}</s>")
     tok = _synth_tokenizer(corpus)
     tok.save(str(root / "tokenizer.json"))
@@ -296,7 +325,8 @@ def synth_data(cache_dir=None, seed=0):
         try:
             _synth_generate(tmp, seed)
             tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
-            os.rename(tmp, final)  # atomic; fails if a concurrent process finished first, and then we use its copy
+            # atomic; fails if a concurrent process finished first, and then we use its copy
+            os.rename(tmp, final)
         except OSError:
             if not final.is_dir():
                 raise

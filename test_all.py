@@ -4,8 +4,8 @@ Every test of the project, one file: `python -m pytest -q test_all.py`.
 Tiny random models on CPU, checked against independent oracles: transformers (LlavaForConditionalGeneration,
 CLIPImageProcessor, logits warpers), PEFT (LoRA), sentencepiece (the tokenizer conversion), LLaVA-Med's metric
 definitions worked by hand, a fake OpenAI-compatible server on 127.0.0.1, and formulas computed another way.
-Sections follow the files: model, checkpoint, lora, data, synth, train and sft, dpo, judge, selector, evaluate,
-bench, then the README and the import rules.
+Sections follow the files: model, checkpoint, lora, data, synth, train and sft, dpo, judge, selector,
+evaluate, bench, then the README and the import rules.
 """
 import ast
 import base64
@@ -66,8 +66,8 @@ def tiny_hf_llava(theta=500000.0, kv_heads=2, vocab=120, image_token_id=119, tie
     vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                           image_size=28, patch_size=7, projection_dim=16)
     tc = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=kv_heads, vocab_size=vocab, rope_theta=theta, tie_word_embeddings=tie,
-                     max_position_embeddings=256)
+                     num_key_value_heads=kv_heads, vocab_size=vocab, rope_theta=theta,
+                     tie_word_embeddings=tie, max_position_embeddings=256)
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id, image_seq_length=16,
                       vision_feature_layer=-2, tie_word_embeddings=tie)
     hf = LlavaForConditionalGeneration(cfg).eval()
@@ -80,7 +80,9 @@ def tiny_hf_llava(theta=500000.0, kv_heads=2, vocab=120, image_token_id=119, tie
 def padded_batch(image_token_id=119, L=16, vocab=118, seed=1):
     """Two rows, left-padded: [pad, pad, t, <image>*16, t, t, t] and [t, <image>*16, t x 5]."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda n: torch.randint(3, vocab, (n,), generator=g)
+
+    def r(n):
+        return torch.randint(3, vocab, (n,), generator=g)
     img = torch.full((L,), image_token_id)
     row0 = torch.cat([torch.zeros(2, dtype=torch.long), r(1), img, r(3)])
     row1 = torch.cat([r(1), img, r(5)])
@@ -124,8 +126,8 @@ def test_greedy_generate_matches_transformers(hf_and_ours):
     hf, ours, _ = hf_and_ours
     ids, mask, pixels = padded_batch()
     with torch.no_grad():
-        ref = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                          eos_token_id=5, pad_token_id=0)[:, ids.shape[1]:]
+        ref = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=12,
+                          do_sample=False, eos_token_id=5, pad_token_id=0)[:, ids.shape[1]:]
     out = M.generate(ours, ids, pixels, mask, max_new_tokens=12, eos_token_id=5, pad_token_id=0)
     assert out.shape == ref.shape and torch.equal(out, ref)
     # a row that hits EOS is padded afterwards and stops early when every row is done
@@ -154,7 +156,8 @@ def test_kv_cache_decoding_equals_full_forward(hf_and_ours):
 
 
 def test_static_decode_step_equals_growing_cache(hf_and_ours):
-    """generate's decode step (whole-cache mask, tensor slot) gives the logits of the growing-slice path, left padding included."""
+    """generate's decode step (whole-cache mask, tensor slot) gives the logits of the growing-slice path, left
+    padding included."""
     _, ours, _ = hf_and_ours
     ids, mask, pixels = padded_batch()
     B, T, n = ids.shape[0], ids.shape[1], 5
@@ -162,24 +165,28 @@ def test_static_decode_step_equals_growing_cache(hf_and_ours):
     with torch.no_grad():
         ours(ids, pixels, mask, cache=grow)
         ours(ids, pixels, mask, cache=static)
-        full_mask = torch.cat([mask, torch.ones(B, n, dtype=mask.dtype)], 1)  # (B, max_len), as generate builds it
+        # (B, max_len), as generate builds it
+        full_mask = torch.cat([mask, torch.ones(B, n, dtype=mask.dtype)], 1)
         token, m = torch.tensor([7, 9]), mask
         for i in range(n):
             m = torch.cat([m, torch.ones(B, 1, dtype=m.dtype)], 1)
-            want = M.mask_image_token(ours(token[:, None], attention_mask=m, cache=grow)[:, -1], ours.config.image_token_id)
+            want = M.mask_image_token(ours(token[:, None], attention_mask=m, cache=grow)[:, -1],
+                                      ours.config.image_token_id)
             got = M.decode_one_token(ours, token, torch.tensor([T + i]), full_mask, static)
-            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=0)  # -inf at the image token
+            assert got.shape == want.shape
+            assert torch.allclose(got, want, atol=1e-5, rtol=0)  # -inf at the image token
             token = want.argmax(-1)
     assert static.seen == T  # the static path leaves the count to its caller
 
 
 def test_compiled_generate_equals_eager_and_transformers(hf_and_ours):
-    """compile=<backend>: one graph for every decode step (static shapes), and the same greedy tokens as eager and HF."""
+    """compile=<backend>: one graph for every decode step (static shapes), and the same greedy tokens as eager
+    and HF."""
     hf, ours, _ = hf_and_ours
     ids, mask, pixels = padded_batch()
     with torch.no_grad():
-        ref = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                          pad_token_id=0)[:, ids.shape[1]:]
+        ref = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=10,
+                          do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
     graphs = []
 
     def counting_backend(gm, example_inputs):  # what dynamo hands to a backend: one call per (re)compile
@@ -189,25 +196,29 @@ def test_compiled_generate_equals_eager_and_transformers(hf_and_ours):
     eager = M.generate(ours, ids, pixels, mask, max_new_tokens=10)
     compiled = M.generate(ours, ids, pixels, mask, max_new_tokens=10, compile=counting_backend)
     assert torch.equal(eager, ref) and torch.equal(compiled, ref)
-    assert len(graphs) == 1  # 9 decode steps, one graph: nothing in the step changes shape or guards on the step
+    # 9 decode steps, one graph: nothing in the step changes shape or guards on the step
+    assert len(graphs) == 1
     again = M.generate(ours, ids[:, 1:], pixels, mask[:, 1:], max_new_tokens=6, compile=counting_backend)
-    assert len(graphs) == 1 and ours.decode_cache.k[0].shape[2] == ids.shape[1] + 10  # shorter call: cache reused
+    assert len(graphs) == 1
+    assert ours.decode_cache.k[0].shape[2] == ids.shape[1] + 10  # shorter call: cache reused
     assert torch.equal(again, M.generate(ours, ids[:, 1:], pixels, mask[:, 1:], max_new_tokens=6))
-    out = M.generate(ours, ids, pixels, mask, max_new_tokens=10, compile="aot_eager")  # functionalized in-place writes
+    # functionalized in-place writes
+    out = M.generate(ours, ids, pixels, mask, max_new_tokens=10, compile="aot_eager")
     assert torch.equal(out, ref)
     del ours.decode_cache
 
 
 def test_logits_and_generate_match_transformers_without_gqa(tmp_path):
-    """num_kv_heads == num_heads (LLaVA-1.5) takes SDPA's enable_gqa=False branch: same logits and greedy tokens."""
+    """num_kv_heads == num_heads (LLaVA-1.5) takes SDPA's enable_gqa=False branch: same logits and greedy
+    tokens."""
     hf = tiny_hf_llava(kv_heads=4)
     hf.save_pretrained(tmp_path)
     ours = C.from_pretrained(str(tmp_path), dtype=torch.float32)
     ids, mask, pixels = padded_batch()
     with torch.no_grad():
         out = ours(ids, pixels, mask)
-        ref = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                          pad_token_id=0)[:, ids.shape[1]:]
+        ref = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=8,
+                          do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
     assert (out - hf_logits(hf, ids, mask, pixels))[mask.bool()].abs().max() < 1e-4
     assert torch.equal(M.generate(ours, ids, pixels, mask, max_new_tokens=8), ref)
 
@@ -220,7 +231,8 @@ def test_sampling_filter_matches_transformers_warpers():
         logits = torch.randn(4, 300, generator=g) * (1 + trial % 4)
         if trial % 5 == 0:
             logits[:, :10] = logits[:, :1]  # ties
-        for temp, k, p in [(1.2, 100, 0.95), (0.7, 5, 1.0), (1.0, None, 0.5), (2.0, 300, 0.01), (1.0, 1, 0.9)]:
+        for temp, k, p in [(1.2, 100, 0.95), (0.7, 5, 1.0), (1.0, None, 0.5), (2.0, 300, 0.01),
+                           (1.0, 1, 0.9)]:
             ref = TemperatureLogitsWarper(temp)(None, logits.clone())
             if k:
                 ref = TopKLogitsWarper(k)(None, ref)
@@ -251,16 +263,17 @@ def cluster_by_definition(p, x):
             C = S @ Fe
         cos = torch.zeros(N, L)
         for n in range(N):
-            for l in range(L):
-                cos[n, l] = torch.dot(C[n], X[l]) / (C[n].norm().clamp(min=1e-12) * X[l].norm().clamp(min=1e-12))
+            for t in range(L):
+                cos[n, t] = torch.dot(C[n], X[t]) / (C[n].norm().clamp(min=1e-12)
+                                                     * X[t].norm().clamp(min=1e-12))
         sim = torch.sigmoid(p.sim_beta.flatten() + p.sim_alpha.flatten() * cos)
         assign = sim.argmax(0)  # (L,) each token's centre
         out = X.clone()
         for n in range(N):
             members = (assign == n).nonzero().flatten()
-            upd = (sum((sim[n, l] * Fe[l] for l in members), torch.zeros(D)) + CF[n]) / (len(members) + 1.0)
-            for l in members:
-                out[l] = out[l] + sim[n, l] * upd
+            upd = (sum((sim[n, t] * Fe[t] for t in members), torch.zeros(D)) + CF[n]) / (len(members) + 1.0)
+            for t in members:
+                out[t] = out[t] + sim[n, t] * upd
         outs.append(p.mlp(out))
     return torch.stack(outs), assign
 
@@ -283,7 +296,8 @@ def test_cluster_projector_matches_step_by_step_definition():
 # Oracle: transformers reads what checkpoint.py writes and writes what it reads.
 
 def write_original_layout(hf, d, vision_dir, clip_model_form=False):
-    """Save `hf` as an original-LLaVA checkpoint (LLaMA keys + mm_projector) and its tower as a CLIPVisionModel."""
+    """Save `hf` as an original-LLaVA checkpoint (LLaMA keys + mm_projector) and its tower as a
+    CLIPVisionModel."""
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel
     sd = hf.state_dict()
@@ -302,20 +316,23 @@ def write_original_layout(hf, d, vision_dir, clip_model_form=False):
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(d, "model.safetensors"))
     cfg = dict(model_type="llava_llama", hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
                num_hidden_layers=tc.num_hidden_layers, num_attention_heads=tc.num_attention_heads,
-               num_key_value_heads=tc.num_key_value_heads, vocab_size=tc.vocab_size - 1, rms_norm_eps=tc.rms_norm_eps,
-               rope_theta=500000.0, mm_projector_type="mlp2x_gelu", mm_vision_tower="my-local/clip",
-               mm_hidden_size=32, mm_vision_select_layer=-2, mm_vision_select_feature="patch")
+               num_key_value_heads=tc.num_key_value_heads, vocab_size=tc.vocab_size - 1,
+               rms_norm_eps=tc.rms_norm_eps, rope_theta=500000.0, mm_projector_type="mlp2x_gelu",
+               mm_vision_tower="my-local/clip", mm_hidden_size=32, mm_vision_select_layer=-2,
+               mm_vision_select_feature="patch")
     # the original layout has no image-token row in the vocabulary: drop the last row (id 119)
     out["model.embed_tokens.weight"] = out["model.embed_tokens.weight"][:-1].contiguous()
     out["lm_head.weight"] = out["lm_head.weight"][:-1].contiguous()
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(d, "model.safetensors"))
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
-    tower_sd = {k[len("model.vision_tower."):]: v for k, v in sd.items() if k.startswith("model.vision_tower.")}
+    tower_sd = {k[len("model.vision_tower."):]: v for k, v in sd.items()
+                if k.startswith("model.vision_tower.")}
     if clip_model_form:  # what the hub's openai/clip-* checkpoints hold: a whole CLIPModel
         os.makedirs(vision_dir, exist_ok=True)
         clip = {"vision_model." + k: v.contiguous() for k, v in tower_sd.items()}
-        clip.update({"text_model.embeddings.token_embedding.weight": torch.zeros(3, 4), "logit_scale": torch.ones(())})
+        clip.update({"text_model.embeddings.token_embedding.weight": torch.zeros(3, 4),
+                     "logit_scale": torch.ones(())})
         save_file(clip, os.path.join(vision_dir, "model.safetensors"))
         with open(os.path.join(vision_dir, "config.json"), "w") as f:
             json.dump({"model_type": "clip", "vision_config": hf.config.vision_config.to_dict()}, f)
@@ -366,7 +383,8 @@ def test_tied_embeddings_roundtrip(tmp_path):
     assert ours.lm_head.weight is ours.language_model.embed_tokens.weight
     ids, mask, pixels = padded_batch()
     with torch.no_grad():
-        assert (ours(ids, pixels, mask)[mask.bool()] - hf_logits(hf, ids, mask, pixels)[mask.bool()]).abs().max() < 1e-4
+        assert (ours(ids, pixels, mask)[mask.bool()]
+                - hf_logits(hf, ids, mask, pixels)[mask.bool()]).abs().max() < 1e-4
 
 
 def test_cluster_projector_roundtrips_in_llava_layout(tmp_path):
@@ -392,7 +410,8 @@ def test_cluster_projector_roundtrips_in_llava_layout(tmp_path):
 def test_bad_inputs_give_clear_errors(hf_and_ours, tmp_path):
     _, ours, d = hf_and_ours
     ids, mask, pixels = padded_batch()
-    with pytest.raises(ValueError, match=r"image token count mismatch: input_ids hold 32 .* 1 image\(s\) x 16"):
+    with pytest.raises(ValueError,
+                       match=r"image token count mismatch: input_ids hold 32 .* 1 image\(s\) x 16"):
         ours(ids, pixels[:1], mask)
     with pytest.raises(ValueError, match="no pixel_values"):
         ours(ids, None, mask)
@@ -410,12 +429,14 @@ def test_bad_inputs_give_clear_errors(hf_and_ours, tmp_path):
     broken.pop(head)
     broken["model.extra.weight"] = torch.zeros(1)
     save_file(broken, tmp_path / "bad" / "model.safetensors")
-    with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\], unexpected \['language_model.extra.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\], "
+                                         r"unexpected \['language_model.extra.weight'\]"):
         C.from_pretrained(str(tmp_path / "bad"), dtype=torch.float32)
     broken = dict(sd)
     broken[head] = torch.zeros(3, 3)
     save_file(broken, tmp_path / "bad" / "model.safetensors")
-    with pytest.raises(ValueError, match=r"shape mismatch .* lm_head.weight: checkpoint \(3, 3\) vs model \(120, 48\)"):
+    with pytest.raises(ValueError, match=r"shape mismatch .* lm_head.weight: "
+                                         r"checkpoint \(3, 3\) vs model \(120, 48\)"):
         C.from_pretrained(str(tmp_path / "bad"), dtype=torch.float32)
     with pytest.raises(ValueError, match="unknown projector_type 'mlp3'"):
         M.Llava(M.LlavaConfig(projector_type="mlp3", vision=M.VisionConfig(8, 8, 1, 2, 14, 7),
@@ -436,14 +457,15 @@ IMG_ID, N_IMG_TOKENS = 119, 16
 
 
 def lora_hf_llava(text_hidden=48, seed=0):
-    """Random transformers LlavaForConditionalGeneration: CLIP 3 layers (the last one unused, feature layer -2),
-    Llama 2 layers with GQA."""
+    """Random transformers LlavaForConditionalGeneration: CLIP 3 layers (the last one unused, feature layer
+    -2), Llama 2 layers with GQA."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     torch.manual_seed(seed)
     vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                           image_size=28, patch_size=7, projection_dim=16)
-    tc = LlamaConfig(hidden_size=text_hidden, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=120, max_position_embeddings=256)
+    tc = LlamaConfig(hidden_size=text_hidden, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=120,
+                     max_position_embeddings=256)
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG_ID, image_seq_length=N_IMG_TOKENS,
                       vision_feature_layer=-2)
     hf = LlavaForConditionalGeneration(cfg).eval()
@@ -457,7 +479,8 @@ def batch(seed=1):
     """Two rows of [t, <image>*16, t x 5] and their images."""
     g = torch.Generator().manual_seed(seed)
     img = torch.full((N_IMG_TOKENS,), IMG_ID)
-    ids = torch.stack([torch.cat([torch.randint(3, 118, (1,), generator=g), img, torch.randint(3, 118, (5,), generator=g)])
+    ids = torch.stack([torch.cat([torch.randint(3, 118, (1,), generator=g), img,
+                                  torch.randint(3, 118, (5,), generator=g)])
                        for _ in range(2)])
     return ids, torch.randn(2, 3, 28, 28, generator=g)
 
@@ -531,8 +554,11 @@ def test_lora_linear_matches_peft_layer():
     theirs = pm.base_model.model[0]
     # init: B = 0, A ~ U(+-1/sqrt(in)) in both (kaiming_uniform, a=sqrt(5))
     bound = 64 ** -0.5
-    for a, b in [(ours.lora_a, ours.lora_b), (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight)]:
-        assert (b == 0).all() and a.abs().max() <= bound and a.abs().max() > 0.9 * bound and a.std() > 0.5 * bound / 3 ** 0.5
+    for a, b in [(ours.lora_a, ours.lora_b),
+                 (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight)]:
+        assert (b == 0).all()
+        assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound
+        assert a.std() > 0.5 * bound / 3 ** 0.5
     assert not ours.weight.requires_grad and ours.lora_a.requires_grad and ours.lora_b.requires_grad
     with torch.no_grad():
         ours.lora_b.normal_()
@@ -555,9 +581,11 @@ def test_half_precision_base_keeps_fp32_adapters_as_peft_does():
     torch.manual_seed(0)
     base_lin = nn.Linear(32, 16).to(torch.bfloat16)
     ours = L.LoRALinear(copy.deepcopy(base_lin), r=4, alpha=8)
-    pm = peft.get_peft_model(nn.Sequential(copy.deepcopy(base_lin)), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    pm = peft.get_peft_model(nn.Sequential(copy.deepcopy(base_lin)),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
     theirs = pm.base_model.model[0]
-    assert ours.weight.dtype == torch.bfloat16 and ours.lora_a.dtype == theirs.lora_A["default"].weight.dtype == torch.float32
+    assert ours.weight.dtype == torch.bfloat16
+    assert ours.lora_a.dtype == theirs.lora_A["default"].weight.dtype == torch.float32
     with torch.no_grad():
         ours.lora_b.normal_()
         theirs.lora_A["default"].weight.copy_(ours.lora_a)
@@ -586,14 +614,16 @@ def test_paper_targets_are_the_authors_modules(base):
     hf, d = base
     ours = L.add_lora(ours_from(d), L.PAPER_TARGETS)
     pm = peft.get_peft_model(copy.deepcopy(hf), peft_paper_config(target_modules=authors_targets(hf)))
-    theirs = {n[len(L.PEFT_PREFIX):]: m for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.Linear)}
+    theirs = {n[len(L.PEFT_PREFIX):]: m for n, m in pm.named_modules()
+              if isinstance(m, peft.tuners.lora.Linear)}
     layers = L.lora_layers(ours)
     assert {L.to_hf_name(n) for n in layers} == set(theirs) and len(layers) == 2 * 7 + 3 * 6
     for n, m in layers.items():
         t = theirs[L.to_hf_name(n)]
         assert (m.r, m.alpha, m.scale) == (t.r["default"], t.lora_alpha["default"], t.scaling["default"])
         assert m.dropout_p == (0.2 if n.startswith("vision_tower") else 0.05)
-    assert all(m.dropout_p == 0.1 for n, m in L.lora_layers(L.add_lora(ours_from(d), L.PAPER_TARGETS_DPO)).items()
+    assert all(m.dropout_p == 0.1
+               for n, m in L.lora_layers(L.add_lora(ours_from(d), L.PAPER_TARGETS_DPO)).items()
                if n.startswith("vision_tower"))
 
 
@@ -646,12 +676,14 @@ def test_only_lora_and_projector_get_gradients(base):
     ours(ids, pixels).logsumexp(-1).mean().backward()
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     with_grad = {n for n, p in ours.named_parameters() if p.grad is not None}
-    expected = {n for n in dict(ours.named_parameters()) if n.endswith((".lora_a", ".lora_b")) or n.startswith("projector.")}
+    expected = {n for n in dict(ours.named_parameters())
+                if n.endswith((".lora_a", ".lora_b")) or n.startswith("projector.")}
     assert trainable == expected and len(expected) == 2 * len(L.lora_layers(ours)) + 4
     # the last CLIP layer is past the feature layer (-2): never run, so no gradient, as in LLaVA
     assert with_grad == {n for n in expected if not n.startswith("vision_tower.encoder.layers.2.")}
     assert all(ours.get_parameter(n).grad.abs().sum() > 0 for n in with_grad)
-    assert L.param_report(ours).startswith(f"trainable params: {sum(ours.get_parameter(n).numel() for n in expected):,} / ")
+    assert L.param_report(ours).startswith(
+        f"trainable params: {sum(ours.get_parameter(n).numel() for n in expected):,} / ")
     L.mark_trainable(ours, lora=False, full=("vision_tower",))
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
         n for n in dict(ours.named_parameters()) if n.startswith("vision_tower.")}
@@ -662,7 +694,8 @@ def test_param_report_counts_like_peft(base):
     ours = L.mark_trainable(L.add_lora(ours_from(d), L.PAPER_TARGETS), full=())
     pm = peft.get_peft_model(copy.deepcopy(hf), peft_paper_config(target_modules=authors_targets(hf)))
     trainable, total = pm.get_nb_trainable_parameters()
-    assert L.param_report(ours) == f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)"
+    assert L.param_report(ours) == (
+        f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.4f}%)")
 
 
 def test_adapter_saved_here_loads_in_peft(base, tmp_path):
@@ -680,8 +713,10 @@ def test_adapter_saved_here_loads_in_peft(base, tmp_path):
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "ours")).eval()
     ids, pixels = batch()
     assert (logits(loaded, ids, pixels) - logits(ours, ids, pixels)).abs().max() < 1e-5
-    # the projector comes back as a PEFT modules_to_save module (trainable there, saved again), not by accident
-    assert isinstance(loaded.base_model.model.model.multi_modal_projector, peft.utils.other.ModulesToSaveWrapper)
+    # the projector comes back as a PEFT modules_to_save module (trainable there, saved again), not by
+    # accident
+    assert isinstance(loaded.base_model.model.model.multi_modal_projector,
+                      peft.utils.other.ModulesToSaveWrapper)
     loaded.save_pretrained(str(tmp_path / "resaved"))
     resaved = load_file(str(tmp_path / "resaved" / "adapter_model.safetensors"))
     assert sorted(resaved) == sorted(mine) and all(torch.equal(mine[k], resaved[k]) for k in mine)
@@ -700,7 +735,8 @@ def test_adapter_saved_by_peft_loads_here(base, tmp_path):
     ours = L.load_adapter(ours_from(d), str(tmp_path)).eval()
     layers = L.lora_layers(ours)
     assert len(layers) == 2 * 7 + 3 * 6 and layers["vision_tower.encoder.layers.0.mlp.fc1"].scale == 2.0
-    assert (layers["vision_tower.encoder.layers.0.mlp.fc1"].r, layers["language_model.layers.0.mlp.up_proj"].r) == (32, 128)
+    assert (layers["vision_tower.encoder.layers.0.mlp.fc1"].r,
+            layers["language_model.layers.0.mlp.up_proj"].r) == (32, 128)
     ids, pixels = batch()
     assert (logits(ours, ids, pixels) - logits(pm.eval(), ids, pixels)).abs().max() < 1e-5
     adapted = L.add_lora(ours_from(d), {p: L.LoRASpec(s.r, 1.0) for p, s in L.PAPER_TARGETS.items()})
@@ -725,28 +761,36 @@ def test_lora_bad_inputs_give_clear_errors(base, tmp_path):
     with pytest.raises(ValueError, match="matches no nn.Linear"):  # twice: already adapted
         L.add_lora(ours, {r"q_proj": L.LoRASpec(4, 8)})
     with pytest.raises(ValueError, match="'projector' has LoRA layers"):
-        L.save_adapter(L.add_lora(ours_from(d), {r"projector\.linear_1": L.LoRASpec(4, 8)}), str(tmp_path / "x"))
+        L.save_adapter(L.add_lora(ours_from(d), {r"projector\.linear_1": L.LoRASpec(4, 8)}),
+                       str(tmp_path / "x"))
     # an adapter for another architecture: PEFT LoRA of a LlamaForCausalLM
     llama = transformers.LlamaForCausalLM(hf.config.text_config)
-    peft.get_peft_model(llama, peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "llama"))
-    with pytest.raises(ValueError, match="adapter for LlamaForCausalLM; expected LORA for LlavaForConditionalGeneration"):
+    peft.get_peft_model(llama, peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        str(tmp_path / "llama"))
+    with pytest.raises(ValueError,
+                       match="adapter for LlamaForCausalLM; expected LORA for LlavaForConditionalGeneration"):
         L.load_adapter(ours_from(d), str(tmp_path / "llama"))
     cfg_path = tmp_path / "llama" / "adapter_config.json"  # the same without the class name in its config
     cfg = json.loads(cfg_path.read_text())
     cfg["auto_mapping"] = None
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.q_proj' is not a LlavaForConditionalGeneration name"):
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.q_proj' "
+                                         r"is not a LlavaForConditionalGeneration name"):
         L.load_adapter(ours_from(d), str(tmp_path / "llama"))
     # a Llava adapter of another size
     other = lora_hf_llava(text_hidden=64)
-    peft.get_peft_model(other, peft.LoraConfig(r=4, target_modules=["o_proj"])).save_pretrained(str(tmp_path / "big"))
+    peft.get_peft_model(other, peft.LoraConfig(r=4, target_modules=["o_proj"])).save_pretrained(
+        str(tmp_path / "big"))
     target = ours_from(d)
-    with pytest.raises(ValueError, match=r"shape mismatch at 'model\.language_model\.layers\.0\.self_attn\.o_proj'"):
+    with pytest.raises(ValueError,
+                       match=r"shape mismatch at 'model\.language_model\.layers\.0\.self_attn\.o_proj'"):
         L.load_adapter(target, str(tmp_path / "big"))
     assert not L.lora_layers(target)  # checked before anything changed
     peft.get_peft_model(lora_hf_llava(text_hidden=64), peft.LoraConfig(  # ViT fits, projector does not
-        r=4, target_modules=["fc1"], modules_to_save=["multi_modal_projector"])).save_pretrained(str(tmp_path / "proj"))
-    with pytest.raises(ValueError, match=r"'projector\.linear_1\.(weight|bias)' \(64.*has no parameter of that shape"):
+        r=4, target_modules=["fc1"], modules_to_save=["multi_modal_projector"])).save_pretrained(
+        str(tmp_path / "proj"))
+    with pytest.raises(ValueError,
+                       match=r"'projector\.linear_1\.(weight|bias)' \(64.*has no parameter of that shape"):
         L.load_adapter(target, str(tmp_path / "proj"))
     assert not L.lora_layers(target)
     with pytest.raises(RuntimeError, match="unmerge"):
@@ -756,7 +800,7 @@ def test_lora_bad_inputs_give_clear_errors(base, tmp_path):
 
 
 # ----------------------------------------------------------------------------- data.py
-# Tests for data.py items 1-5 (issue 4), against oracles: sentencepiece for the tokenizer conversion, the
+# Tests for data.py's parts 1-5 below, against oracles: sentencepiece for the tokenizer conversion, the
 # authors' tokenizer_image_token + preprocess_v1_sq2 masking (ported below) run on transformers' slow
 # sentencepiece tokenizer for the tokens and labels, and transformers' CLIPImageProcessorPil for the pixels.
 # sentencepiece and transformers are test-only. Real questions and images come from ../shared/data.
@@ -764,10 +808,12 @@ def test_lora_bad_inputs_give_clear_errors(base, tmp_path):
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
-needs_shared = pytest.mark.skipif(not (SHARED / "vqa_rad").is_dir(), reason="needs ../shared/data (VQA-RAD, SLAKE)")
+needs_shared = pytest.mark.skipif(not (SHARED / "vqa_rad").is_dir(),
+                                  reason="needs ../shared/data (VQA-RAD, SLAKE)")
 
 
-DATA_N_IMG, DATA_IMG_ID = 7, 1500  # a short image placeholder run; an id just past the test vocabulary, as llava-hf's 32000
+# a short image placeholder run; an id just past the test vocabulary, as llava-hf's 32000
+DATA_N_IMG, DATA_IMG_ID = 7, 1500
 
 
 # -----------------------------------------------------------------------------
@@ -781,7 +827,8 @@ def _corpus():
     qa = [(r["question"], str(r["answer"])) for r in rad + slake]  # SLAKE has Chinese questions too
     lines = [q for q, _ in qa] + [a for _, a in qa]
     lines += [f"USER: {q} ASSISTANT: {a}" for q, a in qa[:4000:3]] + [f"VUSER: {q}" for q, _ in qa[1:4000:5]]
-    lines += [D.QUESTIONER_SYSTEM] * 20 + ["  two  spaces,\ttabs\t\tand", "line one\nline two\n\n", "code:    indented"] * 10
+    lines += [D.QUESTIONER_SYSTEM] * 20 + ["  two  spaces,\ttabs\t\tand", "line one\nline two\n\n",
+                                           "code:    indented"] * 10
     return lines
 
 
@@ -829,7 +876,9 @@ def authors_tokenizer_image_token(prompt, tokenizer, image_token_index=-200):
 
 def authors_labels(conversation, input_ids, tokenizer, roles=("USER", "ASSISTANT", "VUSER")):
     """STLLaVA-Med train.py preprocess_v1_sq2 masking (L555-610, has_image=True), on one sample."""
-    tii = lambda text: authors_tokenizer_image_token(text, tokenizer)
+
+    def tii(text):
+        return authors_tokenizer_image_token(text, tokenizer)
     target = list(input_ids)
     total_len = sum(t != tokenizer.pad_token_id for t in target)
     sep, sep_vur = " " + roles[1] + ": ", roles[2] + ": "
@@ -843,7 +892,8 @@ def authors_labels(conversation, input_ids, tokenizer, roles=("USER", "ASSISTANT
             parts[0] += sep
             round_len = len(tii(rou))
             instruction_len = len(tii(parts[0])) - 2
-            target[cur_len:cur_len + instruction_len] = [-100] * len(target[cur_len:cur_len + instruction_len])
+            target[cur_len:cur_len + instruction_len] = (
+                [-100] * len(target[cur_len:cur_len + instruction_len]))
         else:
             round_len = len(tii(rou))
             if i == 0:
@@ -860,7 +910,8 @@ def authors_labels(conversation, input_ids, tokenizer, roles=("USER", "ASSISTANT
 
 
 def expand_images(ids, labels=None):
-    """What llava_arch.prepare_inputs_labels_for_multimodal does with the -200 placeholder (ids side: ours)."""
+    """What llava_arch.prepare_inputs_labels_for_multimodal does with the -200 placeholder (ids side:
+    ours)."""
     out_ids, out_labels = [], []
     for k, t in enumerate(ids):
         out_ids += [DATA_IMG_ID] * DATA_N_IMG if t == -200 else [t]
@@ -872,10 +923,10 @@ def expand_images(ids, labels=None):
 def loss_runs(labels):
     """[(start, end)] of the contiguous runs of positions with loss."""
     runs, start = [], None
-    for k, l in enumerate(labels + [-100]):
-        if l != -100 and start is None:
+    for k, label in enumerate(labels + [-100]):
+        if label != -100 and start is None:
             start = k
-        elif l == -100 and start is not None:
+        elif label == -100 and start is not None:
             runs, start = runs + [(start, k)], None
     return runs
 
@@ -883,10 +934,11 @@ def loss_runs(labels):
 # -----------------------------------------------------------------------------
 # 1. Tokenizer
 VARIED = ["", " ", "   ", "\t", "\n", "a", "  leading spaces", "trailing spaces   ", "tabs\tin\t\tthe middle",
-          "multi\nline\n\ntext\n", " \t \n mixed whitespace", "naïve café, Ångström, façade", "Ça va? Ñandú über",
-          "这张图片的成像方式是什么?", "肺部 CT 显示 左下叶 结节", "emoji 😀🫀🩻 test", "ﬁ ligature ① Ⅻ",
-          "\u00a0nbsp\u3000ideographic space", "x-ray: 12345 67.8% (p<0.05)", "<0x0A> literal",
-          "▁ literal metaspace ▁▁", "ASSISTANT:  two spaces", "VUSER:\tQ", "Is there a mass?\n\n\n"]
+          "multi\nline\n\ntext\n", " \t \n mixed whitespace", "naïve café, Ångström, façade",
+          "Ça va? Ñandú über", "这张图片的成像方式是什么?", "肺部 CT 显示 左下叶 结节", "emoji 😀🫀🩻 test",
+          "ﬁ ligature ① Ⅻ", "\u00a0nbsp\u3000ideographic space", "x-ray: 12345 67.8% (p<0.05)",
+          "<0x0A> literal", "▁ literal metaspace ▁▁", "ASSISTANT:  two spaces", "VUSER:\tQ",
+          "Is there a mass?\n\n\n"]
 
 
 @needs_shared
@@ -898,7 +950,8 @@ def test_tokenizer_matches_sentencepiece(llama_sp, tmp_path):
     for text in texts:
         assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), repr(text)
     assert any(3 <= i < 259 for t in VARIED for i in sp.encode(t))  # byte fallback was exercised
-    assert (tok.token_to_id("<unk>"), tok.token_to_id("<s>"), tok.token_to_id("</s>")) == (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2)
+    assert ((tok.token_to_id("<unk>"), tok.token_to_id("<s>"), tok.token_to_id("</s>"))
+            == (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2))
     assert tok.encode("Is the liver normal?").ids == [1] + sp.encode("Is the liver normal?")  # BOS, no EOS
     assert tok.padding["pad_id"] == 0 and tok.padding["pad_token"] == "<unk>"  # LLaVA pads with unk
     for text in ["naïve café 😀", "Is there a mass?", "肺部 CT"]:
@@ -912,15 +965,18 @@ def test_tokenizer_matches_sentencepiece(llama_sp, tmp_path):
     tok.normalizer = None
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tok.save(str(tmp_path / "tokenizer.json"))
-    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(" x", add_special_tokens=False).ids != sp.encode(" x")
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(
+        " x", add_special_tokens=False).ids != sp.encode(" x")
     tok3 = D.load_tokenizer(tmp_path / "tokenizer.json")
     for text in texts + ["a</s> b</s>c"]:
-        assert tok3.encode(text, add_special_tokens=False).ids == tok2.encode(text, add_special_tokens=False).ids, repr(text)
+        assert (tok3.encode(text, add_special_tokens=False).ids
+                == tok2.encode(text, add_special_tokens=False).ids), repr(text)
 
 
 @needs_shared
 def test_tokenizer_nfkc_normalizer(tmp_path):
-    """sentencepiece's defaults (nmt_nfkc, remove_extra_whitespaces) convert too, via the precompiled charsmap."""
+    """sentencepiece's defaults (nmt_nfkc, remove_extra_whitespaces) convert too, via the precompiled
+    charsmap."""
     import sentencepiece as spm
     path = _train_sp(tmp_path / "tokenizer.model", _corpus()[::2])
     pieces, trainer, norm = D.read_sentencepiece(path)
@@ -930,26 +986,30 @@ def test_tokenizer_nfkc_normalizer(tmp_path):
         assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), repr(text)
 
 
-@pytest.mark.skipif(not os.environ.get("STLLAVA_LLAMA_TOKENIZER"), reason="set STLLAVA_LLAMA_TOKENIZER=<LLaMA tokenizer.model>")
+@pytest.mark.skipif(not os.environ.get("STLLAVA_LLAMA_TOKENIZER"),
+                    reason="set STLLAVA_LLAMA_TOKENIZER=<LLaMA tokenizer.model>")
 def test_real_llama_tokenizer():
-    """Optional: the real LLaMA/Vicuna tokenizer.model (32000 pieces), against sentencepiece and the authors' code."""
+    """Optional: the real LLaMA/Vicuna tokenizer.model (32000 pieces), against sentencepiece and the authors'
+    code."""
     import sentencepiece as spm
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
     path = os.environ["STLLAVA_LLAMA_TOKENIZER"]
     sp, tok = spm.SentencePieceProcessor(model_file=path), D.load_tokenizer(path)
     for text in VARIED + [D.QUESTIONER_SYSTEM, "    def f(x):\n        return x"]:
         assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), repr(text)
-    slow = SentencePieceBackend(vocab_file=path, legacy=True, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                pad_token="<unk>", special_tokens_pattern="bos")
+    slow = SentencePieceBackend(vocab_file=path, legacy=True, bos_token="<s>", eos_token="</s>",
+                                unk_token="<unk>", pad_token="<unk>", special_tokens_pattern="bos")
     ref_ids = authors_tokenizer_image_token(TURNS_PROMPT, slow)
-    assert D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID) == expand_images(ref_ids, authors_labels(TURNS_PROMPT, ref_ids, slow))
+    assert D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID) == expand_images(
+        ref_ids, authors_labels(TURNS_PROMPT, ref_ids, slow))
 
 
 def test_tokenizer_errors(tmp_path):
     import sentencepiece as spm
     f = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["is there a mass in the left lung"] * 50), model_writer=f,
-                                   model_type="unigram", vocab_size=20, minloglevel=2, num_threads=1)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["is there a mass in the left lung"] * 50),
+                                   model_writer=f, model_type="unigram", vocab_size=20, minloglevel=2,
+                                   num_threads=1)
     (tmp_path / "uni.model").write_bytes(f.getvalue())
     with pytest.raises(ValueError, match="only SentencePiece BPE"):
         D.load_tokenizer(tmp_path / "uni.model")
@@ -965,14 +1025,16 @@ def test_tokenizer_errors(tmp_path):
 
 # -----------------------------------------------------------------------------
 # 2. Templates and questioner roles
-SQ_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-             "detailed, and polite answers to the user's questions.Also, the artificial intelligence assistant is a "
-             "curious virtual user. The virtual user asks complex questions that are relevant to the content in the "
-             "image, for example, asking about background knowledge of the objects in the image, asking to discuss "
-             "about events happening in the image, etc. Again, do not ask about uncertain details.")
+SQ_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+             "gives helpful, detailed, and polite answers to the user's questions.Also, the artificial "
+             "intelligence assistant is a curious virtual user. The virtual user asks complex questions "
+             "that are relevant to the content in the image, for example, asking about background "
+             "knowledge of the objects in the image, asking to discuss about events happening in the "
+             "image, etc. Again, do not ask about uncertain details.")
 
 
-TURNS = [{"from": "human", "value": "<image>\nWhat modality is this?"}, {"from": "gpt", "value": "It is a CT scan."},
+TURNS = [{"from": "human", "value": "<image>\nWhat modality is this?"},
+         {"from": "gpt", "value": "It is a CT scan."},
          {"from": "vuser", "value": "Is there a lesion?"}, {"from": "gpt", "value": "Yes, on the left."},
          {"from": "human", "value": "How many lesions are there?"}, {"from": "gpt", "value": "One."}]
 
@@ -990,30 +1052,38 @@ def test_render_templates():
     v1_system = SQ_SYSTEM[:SQ_SYSTEM.index("Also")]
     ask = TURNS[:2] + [{"from": "human", "value": "Where?"}, {"from": "gpt", "value": None}]
     assert D.render_conversation(ask, "vicuna_v1") == (
-        v1_system + " USER: <image>\nWhat modality is this? ASSISTANT: It is a CT scan.</s>USER: Where? ASSISTANT:")
-    # LLaVA-Med v1.5 conv_mistral_instruct (LLAMA_2 style, empty system, sep ""): "[INST] q [/INST]", " a </s>"
+        v1_system + " USER: <image>\nWhat modality is this? ASSISTANT: It is a CT scan.</s>"
+                    "USER: Where? ASSISTANT:")
+    # LLaVA-Med v1.5 conv_mistral_instruct (LLAMA_2 style, empty system, sep ""):
+    # "[INST] q [/INST]", " a </s>"
     assert D.render_conversation(ask, "mistral_instruct") == (
         "[INST] <image>\nWhat modality is this? [/INST] It is a CT scan. </s>[INST] Where? [/INST]")
     assert D.render_conversation(TURNS[:2] + [{"from": "vuser", "value": None}], "vicuna_v1_sq").endswith(
         "It is a CT scan.</s>VUSER:")  # stage 2 question generation (llava/eval/visual_sq.py)
     for bad, msg in [(TURNS, "turn 2 is from 'vuser'"), (TURNS[1:], "turn 0 is from 'gpt'"),
                      ([TURNS[0], {"from": "gpt", "value": None}, TURNS[2]], "turn 1 has an empty"),
-                     ([TURNS[0], {"from": "gpt", "value": ""}], "turn 1 has an empty"), ([], "empty conversation")]:
+                     ([TURNS[0], {"from": "gpt", "value": ""}], "turn 1 has an empty"),
+                     ([], "empty conversation")]:
         with pytest.raises(ValueError, match=msg):
             D.render_conversation(bad, "vicuna_v1")
 
 
 def test_assign_questioner_roles():
     turns = [{"from": ("human", "gpt")[j % 2], "value": f"m{j}"} for j in range(8)]
-    roles = lambda ts: [t["from"] for t in ts]
+
+    def roles(ts):
+        return [t["from"] for t in ts]
     assert roles(D.assign_questioner_roles(turns, 0.0, random.Random(0))) == roles(turns)
-    assert roles(D.assign_questioner_roles(turns, 1.0, random.Random(0))) == ["human", "gpt"] + ["vuser", "gpt"] * 3
+    assert roles(D.assign_questioner_roles(turns, 1.0, random.Random(0))) == (
+        ["human", "gpt"] + ["vuser", "gpt"] * 3)
     assert roles(turns) == ["human", "gpt"] * 4  # the input is not modified
     for seed in range(20):  # the same draws as the authors' loop: random() once per human turn j > 0
         rng = random.Random(seed)
-        theirs = ["vuser" if t["from"] == "human" and j > 0 and rng.random() < 0.5 else t["from"] for j, t in enumerate(turns)]
+        theirs = ["vuser" if t["from"] == "human" and j > 0 and rng.random() < 0.5 else t["from"]
+                  for j, t in enumerate(turns)]
         assert roles(D.assign_questioner_roles(turns, 0.5, random.Random(seed))) == theirs
-    n = sum(t["from"] == "vuser" for s in range(300) for t in D.assign_questioner_roles(turns, 0.5, random.Random(s)))
+    n = sum(t["from"] == "vuser" for s in range(300)
+            for t in D.assign_questioner_roles(turns, 0.5, random.Random(s)))
     assert 0.4 < n / 900 < 0.6
 
 
@@ -1022,11 +1092,13 @@ def test_assign_questioner_roles():
 @needs_shared
 def test_encode_conversation_hand_worked(llama_sp, oracle):
     tok = D.load_tokenizer(llama_sp)
-    ids, labels, question = D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID, return_question_mask=True)
+    ids, labels, question = D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID,
+                                                  return_question_mask=True)
     ref_ids = authors_tokenizer_image_token(TURNS_PROMPT, oracle)
     assert (ids, labels) == expand_images(ref_ids, authors_labels(TURNS_PROMPT, ref_ids, oracle))
     first = ids.index(DATA_IMG_ID)
-    assert ids.count(DATA_IMG_ID) == DATA_N_IMG and ids[first:first + DATA_N_IMG] == [DATA_IMG_ID] * DATA_N_IMG
+    assert ids.count(DATA_IMG_ID) == DATA_N_IMG
+    assert ids[first:first + DATA_N_IMG] == [DATA_IMG_ID] * DATA_N_IMG
     # hand-worked loss positions: the two answers, the VUSER question and the last answer, each with its
     # "</s>" and starting at the token that holds the space before it; nothing else (BOS, system, USER
     # turns, role tags, image) has loss
@@ -1034,14 +1106,16 @@ def test_encode_conversation_hand_worked(llama_sp, oracle):
     assert [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in runs] == [
         "It is a CT scan.</s>", "Is there a lesion?</s>", "Yes, on the left.</s>", "One.</s>"]
     assert all(oracle.convert_ids_to_tokens(ids[a]).startswith("▁") and ids[b - 1] == 2 for a, b in runs)
-    assert all(l in (-100, t) for l, t in zip(labels, ids)) and ids[0] == 1 and labels[0] == -100
+    assert all(lab in (-100, t) for lab, t in zip(labels, ids)) and ids[0] == 1 and labels[0] == -100
     assert [k for k, q in enumerate(question) if q] == list(range(*runs[1]))
-    assert "▁" in oracle.convert_ids_to_tokens(ids[runs[1][1]])  # text after "</s>" gets a dummy prefix (legacy)
+    # text after "</s>" gets a dummy prefix (legacy)
+    assert "▁" in oracle.convert_ids_to_tokens(ids[runs[1][1]])
 
 
 @needs_shared
 def test_encode_matches_authors_on_real_questions(llama_sp, oracle):
-    """Multi-round conversations of real VQA-RAD questions, VUSER turns drawn at random, both Vicuna templates."""
+    """Multi-round conversations of real VQA-RAD questions, VUSER turns drawn at random, both Vicuna
+    templates."""
     tok, by_image = D.load_tokenizer(llama_sp), {}
     for r in _vqa_rad():
         by_image.setdefault(r["image_name"], []).append((r["question"], str(r["answer"])))
@@ -1049,18 +1123,21 @@ def test_encode_matches_authors_on_real_questions(llama_sp, oracle):
     for k, qa in enumerate(list(by_image.values())[:40]):
         turns = [{"from": f, "value": v} for q, a in qa[:1 + k % 4] for f, v in (("human", q), ("gpt", a))]
         turns[0]["value"] = "<image>\n" + turns[0]["value"]
-        for template, ts in [("vicuna_v1", turns), ("vicuna_v1_sq", D.assign_questioner_roles(turns, 0.5, rng))]:
+        for template, ts in [("vicuna_v1", turns),
+                             ("vicuna_v1_sq", D.assign_questioner_roles(turns, 0.5, rng))]:
             prompt = D.render_conversation(ts, template)
             ref_ids = authors_tokenizer_image_token(prompt, oracle)
             ref_labels = authors_labels(prompt, ref_ids, oracle)
-            assert any(l != -100 for l in ref_labels)  # no mismatch on the authors' side
-            assert D.encode_conversation(ts, tok, template, DATA_N_IMG, DATA_IMG_ID, name=f"rad-{k}") == expand_images(ref_ids, ref_labels)
+            assert any(lab != -100 for lab in ref_labels)  # no mismatch on the authors' side
+            assert D.encode_conversation(ts, tok, template, DATA_N_IMG, DATA_IMG_ID, name=f"rad-{k}") == (
+                expand_images(ref_ids, ref_labels))
     ask = [{"from": "human", "value": "<image>\nIs the liver normal?"}, {"from": "gpt", "value": "No."},
            {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "It is enlarged."}]
     ids, labels = D.encode_conversation(ask, tok, "mistral_instruct", DATA_N_IMG, DATA_IMG_ID)
     prompt = "[INST] <image>\nIs the liver normal? [/INST] No. </s>[INST] Why? [/INST] It is enlarged. </s>"
     assert ids == expand_images(authors_tokenizer_image_token(prompt, oracle))
-    assert [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in loss_runs(labels)] == ["No. </s>", "It is enlarged. </s>"]
+    assert [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in loss_runs(labels)] == [
+        "No. </s>", "It is enlarged. </s>"]
 
 
 @needs_shared
@@ -1071,16 +1148,21 @@ def test_encode_prompt_truncation_and_errors(llama_sp, oracle):
                                  ([TURNS[0], {"from": "gpt", "value": None}], "mistral_instruct", "[/INST]")]:
         prompt = D.render_conversation(turns, template)
         assert prompt.endswith(end)
-        assert D.encode_prompt(turns, tok, template, DATA_N_IMG, DATA_IMG_ID) == expand_images(authors_tokenizer_image_token(prompt, oracle))
+        assert D.encode_prompt(turns, tok, template, DATA_N_IMG, DATA_IMG_ID) == expand_images(
+            authors_tokenizer_image_token(prompt, oracle))
     with pytest.raises(ValueError, match="last turn must have value None"):
         D.encode_prompt(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID)
     ids, labels = D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID)
     end = ids.index(DATA_IMG_ID) + DATA_N_IMG
-    assert D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID, max_length=end + 3) == (ids[:end + 3], labels[:end + 3])
+    assert D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID,
+                                 max_length=end + 3) == (ids[:end + 3], labels[:end + 3])
     with pytest.raises(ValueError, match=f"rec-9: max_length={end - 1} would cut into the image tokens"):
-        D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID, max_length=end - 1, name="rec-9")
-    tagged = [{"from": "human", "value": "<image>\nWhat does ASSISTANT: mean?"}, {"from": "gpt", "value": "A role tag."}]
-    with pytest.raises(ValueError, match="tokenization mismatch in rec-7"):  # the authors would mask it wrongly
+        D.encode_conversation(TURNS, tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID, max_length=end - 1,
+                              name="rec-9")
+    tagged = [{"from": "human", "value": "<image>\nWhat does ASSISTANT: mean?"},
+              {"from": "gpt", "value": "A role tag."}]
+    # the authors would mask it wrongly
+    with pytest.raises(ValueError, match="tokenization mismatch in rec-7"):
         D.encode_conversation(tagged, tok, "vicuna_v1", DATA_N_IMG, DATA_IMG_ID, name="rec-7")
     with pytest.raises(ValueError, match="rec-8: a training conversation ends with a gpt answer"):
         D.encode_conversation(TURNS[:3], tok, "vicuna_v1_sq", DATA_N_IMG, DATA_IMG_ID, name="rec-8")
@@ -1107,7 +1189,8 @@ def _real_images():
     paths = sorted((SHARED / "vqa_rad" / "images").glob("*.jpg"))
     sizes = {p: Image.open(p).size for p in paths}
     pick = [next(p for p, (w, h) in sizes.items() if test(w, h)) for test in
-            (lambda w, h: w == h and w >= 512, lambda w, h: h > w * 1.2, lambda w, h: w > h * 1.2, lambda w, h: w < 300)]
+            (lambda w, h: w == h and w >= 512, lambda w, h: h > w * 1.2, lambda w, h: w > h * 1.2,
+             lambda w, h: w < 300)]
     return pick + [sorted((SHARED / "slake" / "imgs").glob("*/source.jpg"))[0]]
 
 
@@ -1116,17 +1199,21 @@ def test_preprocess_image_matches_clip(tmp_path):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     for size in (336, 48):
         clip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        ref = lambda img: torch.from_numpy(np.asarray(clip(images=img, return_tensors="np")["pixel_values"][0]))
+
+        def ref(img):
+            return torch.from_numpy(np.asarray(clip(images=img, return_tensors="np")["pixel_values"][0]))
         bg = tuple(int(x * 255) for x in clip.image_mean)
         assert bg == (122, 116, 104)
         for path in _real_images()[:5 if size == 336 else 2]:
             rgb = Image.open(path).convert("RGB")
             alpha = rgb.convert("RGBA")
             alpha.putalpha(Image.linear_gradient("L").resize(rgb.size))
-            for img in [rgb, rgb.convert("L"), rgb.convert("LA"), alpha, rgb.convert("P"), rgb.convert("CMYK")]:
+            for img in [rgb, rgb.convert("L"), rgb.convert("LA"), alpha, rgb.convert("P"),
+                        rgb.convert("CMYK")]:
                 ours = D.preprocess_image(img, size)
                 assert ours.shape == (3, size, size) and ours.dtype == torch.float32
-                theirs = ref(authors_expand2square(img.convert("RGB"), bg))  # LLaVA: .convert('RGB'), pad, CLIP
+                # LLaVA: .convert('RGB'), pad, CLIP
+                theirs = ref(authors_expand2square(img.convert("RGB"), bg))
                 assert (ours - theirs).abs().max() < 1e-5, (path.name, img.mode, size)
             assert (D.preprocess_image(rgb, size, pad_to_square=False) - ref(rgb)).abs().max() < 1e-5
     gray = Image.open(_real_images()[1]).convert("L")
@@ -1152,16 +1239,23 @@ def test_preprocess_image_errors(tmp_path):
 def test_read_conversations(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     Image.new("RGB", (20, 10), (40, 80, 120)).save(tmp_path / "images" / "a.png")
-    qa = lambda q, a="A CT.": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-    good = {"id": "r0", "image": "a.png", "conversations": qa("What is shown?\n<image>") + qa("Which side?", "Left.")}
+
+    def qa(q, a="A CT."):
+        return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    good = {"id": "r0", "image": "a.png",
+            "conversations": qa("What is shown?\n<image>") + qa("Which side?", "Left.")}
     text_only = {"id": "t", "conversations": qa("Define CT.", "Computed tomography.")}
-    bad = [({"id": "r1", "image": "missing.png", "conversations": qa("<image>\nQ?")}, "image file .*missing.png not found"),
+    bad = [({"id": "r1", "image": "missing.png", "conversations": qa("<image>\nQ?")},
+            "image file .*missing.png not found"),
            ({"id": "r2", "image": "a.png", "conversations": qa("Q?")}, "no <image> tag"),
-           ({"id": "r2b", "image": "a.png", "conversations": qa("Q?", "See <image>.")}, "needs exactly one <image> tag, in a human turn \\(found 1\\)"),
+           ({"id": "r2b", "image": "a.png", "conversations": qa("Q?", "See <image>.")},
+            "needs exactly one <image> tag, in a human turn \\(found 1\\)"),
            ({"id": "r3", "image": "a.png", "conversations": []}, "empty conversation"),
            ({"id": "r4", "image": "a.png", "conversations": qa("<image>\nQ?")[::-1]}, "turn 0 is from 'gpt'"),
-           ({"id": "r5", "image": "a.png", "conversations": qa("<image>\nQ?")[:1] * 2}, "turn 1 is from 'human'"),
-           ({"id": "r6", "image": "a.png", "conversations": qa("<image>\nQ?") + qa("Q2?")[:1]}, "conversation does not end with a gpt"),
+           ({"id": "r5", "image": "a.png", "conversations": qa("<image>\nQ?")[:1] * 2},
+            "turn 1 is from 'human'"),
+           ({"id": "r6", "image": "a.png", "conversations": qa("<image>\nQ?") + qa("Q2?")[:1]},
+            "conversation does not end with a gpt"),
            ({"id": "r7", "image": "a.png", "conversations": qa("<image>\nQ?", "")}, "turn 1 has an empty"),
            ({"id": "r8", "conversations": qa("<image>\nQ?")}, "<image> tag but no 'image' field"),
            ({"id": "r9", "image": "a.png"}, "no 'conversations' list")]
@@ -1175,7 +1269,8 @@ def test_read_conversations(tmp_path, capsys):
     assert f"skipped {len(bad)} of {len(bad) + 2} records" in capsys.readouterr().out
     assert [r["id"] for r in out] == ["r0", "t"] and out[1]["image"] is None
     assert out[0]["image"] == tmp_path / "images" / "a.png"
-    assert out[0]["conversations"][0] == {"from": "human", "value": "<image>\nWhat is shown?"}  # tag moved to front
+    # tag moved to front
+    assert out[0]["conversations"][0] == {"from": "human", "value": "<image>\nWhat is shown?"}
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(ValueError, match="broken.json: cannot read JSON"):
         D.read_conversations(tmp_path / "broken.json", tmp_path)
@@ -1185,14 +1280,17 @@ def test_collate(tmp_path):
     ex = [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6], "pixel_values": torch.zeros(3, 4, 4)},
           {"input_ids": torch.tensor([1, 7]), "labels": [-100, 7], "pixel_values": torch.ones(3, 4, 4)}]
     b = D.collate(ex)
-    assert b["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]] and b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert b["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
     assert b["pixel_values"].shape == (2, 3, 4, 4) and b["pixel_values"][1].eq(1).all()
     b = D.collate([{"input_ids": e["input_ids"]} for e in ex], padding_side="left")  # generation
-    assert b["input_ids"].tolist() == [[1, 5, 6], [0, 1, 7]] and b["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert b["input_ids"].tolist() == [[1, 5, 6], [0, 1, 7]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
     assert "labels" not in b and b["pixel_values"] is None
     Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "x.png")
-    b = D.collate([{"input_ids": [1, 2], "image": tmp_path / "x.png", "question_mask": [False, True]}], image_size=48)
+    b = D.collate([{"input_ids": [1, 2], "image": tmp_path / "x.png", "question_mask": [False, True]}],
+                  image_size=48)
     assert torch.equal(b["pixel_values"][0], D.preprocess_image(tmp_path / "x.png", 48))
     assert b["question_mask"].dtype == torch.bool
     with pytest.raises(ValueError, match="padding_side"):
@@ -1202,7 +1300,7 @@ def test_collate(tmp_path):
 # ----------------------------------------------------------------------------- data.py alignment
 # LLaVA-Med's concept-alignment instructions (its Tables 6 and 7).
 
-# --- LLaVA-Med alignment instructions ---------------------------------------------------------------------------
+# --- LLaVA-Med alignment instructions -----------------------------------------------------------------
 def _caption_record(n_words):
     caption = " ".join(f"w{i}" for i in range(n_words))
     return {"id": "pmc_1", "image": "pmc_1.jpg", "conversations": [
@@ -1211,7 +1309,8 @@ def _caption_record(n_words):
 
 def test_alignment_lists_are_the_papers():
     # LLaVA-Med App. A.2: Table 6 has 11 brief instructions (with periods), Table 7 16 detailed ones (without)
-    assert len(ALIGN_BRIEF) == 11 and len(set(ALIGN_BRIEF)) == 11 and all(q.endswith(".") for q in ALIGN_BRIEF)
+    assert len(ALIGN_BRIEF) == 11 and len(set(ALIGN_BRIEF)) == 11
+    assert all(q.endswith(".") for q in ALIGN_BRIEF)
     assert len(ALIGN_DETAILED) == 16 and len(set(ALIGN_DETAILED)) == 16
     assert not any(q.endswith(".") for q in ALIGN_DETAILED)
     assert ALIGN_BRIEF[0] == "Describe the image concisely."
@@ -1239,7 +1338,9 @@ def test_alignment_counts_whitespace_words_and_is_seeded():
     tabs = {"id": 1, "image": "a.png", "caption": "  one\ttwo\nthree " + " x" * 26}  # 29 words, odd spacing
     assert caption_to_alignment(tabs, random.Random(0))["conversations"][0]["value"][8:] in ALIGN_BRIEF
     recs = [_caption_record(n) for n in (5, 40, 29, 30)] * 5
-    draw = lambda seed: [caption_to_alignment(r, random.Random(seed + i)) for i, r in enumerate(recs)]
+
+    def draw(seed):
+        return [caption_to_alignment(r, random.Random(seed + i)) for i, r in enumerate(recs)]
     assert draw(3) == draw(3) and draw(3) != draw(4)
 
 
@@ -1267,7 +1368,8 @@ def test_deterministic_per_seed(root, tmp_path):
     assert again == all_files(root)  # same bytes, tokenizer.json and PNGs included
     other = all_files(SY.synth_data(tmp_path / "b", seed=1))
     assert other.keys() == again.keys()
-    assert other["train.json"] != again["train.json"] and other["images/synth_test_00000.png"] != again["images/synth_test_00000.png"]
+    assert other["train.json"] != again["train.json"]
+    assert other["images/synth_test_00000.png"] != again["images/synth_test_00000.png"]
 
 
 def test_cache_idempotent_and_crash_safe(tmp_path, monkeypatch):
@@ -1290,7 +1392,8 @@ def test_cache_idempotent_and_crash_safe(tmp_path, monkeypatch):
 
 
 def test_files_have_the_real_data_forms(root):
-    facts, train, caps, test = (load(root, f) for f in ("facts.json", "train.json", "captions.json", "test.json"))
+    facts, train, caps, test = (load(root, f)
+                                for f in ("facts.json", "train.json", "captions.json", "test.json"))
     names = sorted(p.name for p in (root / "images").iterdir())
     assert names == sorted(facts) and all(set(f) == FACT_KEYS for f in facts.values())
     assert sum("_train_" in n for n in names) == 800 and sum("_test_" in n for n in names) == 100
@@ -1301,20 +1404,26 @@ def test_files_have_the_real_data_forms(root):
     for r in train:  # LLaVA conversation JSON
         assert set(r) == {"id", "image", "conversations"} and "_train_" in r["image"]
         turns = r["conversations"]
-        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 3 <= len(turns) // 2 <= 4
-        assert turns[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in turns) == 1
-    assert len(caps) == 800 and all(c["conversations"][0]["value"] == "<image>\n" + SY.CAPTION_INSTRUCTION for c in caps)
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert 3 <= len(turns) // 2 <= 4
+        assert turns[0]["value"].startswith("<image>\n")
+        assert sum("<image>" in t["value"] for t in turns) == 1
+    assert len(caps) == 800
+    assert all(c["conversations"][0]["value"] == "<image>\n" + SY.CAPTION_INSTRUCTION for c in caps)
     assert len(test) == 400 and {r["qid"] for r in test} == set(range(400))
     for r in test:  # VQA-RAD's fields
         assert set(r) >= {"qid", "image_name", "question", "answer", "answer_type", "phrase_type"}
-        assert r["phrase_type"] == "test_freeform" and r["answer_type"] in ("CLOSED", "OPEN") and "_test_" in r["image_name"]
+        assert r["phrase_type"] == "test_freeform" and r["answer_type"] in ("CLOSED", "OPEN")
+        assert "_test_" in r["image_name"]
     assert Counter(r["answer_type"] for r in test) == {"CLOSED": 200, "OPEN": 200}
     assert load(root, "config.json")["image_size"] == 48
 
 
 def test_parser_reads_back_every_question_and_answer(root):
-    facts, train, caps, test = (load(root, f) for f in ("facts.json", "train.json", "captions.json", "test.json"))
-    kind_of = {"MODALITY": "modality", "ORGAN": "organ", "PRES": "lesion", "COUNT": "count", "POS": "side", "SIZE": "size"}
+    facts, train, caps, test = (load(root, f)
+                                for f in ("facts.json", "train.json", "captions.json", "test.json"))
+    kind_of = {"MODALITY": "modality", "ORGAN": "organ", "PRES": "lesion", "COUNT": "count", "POS": "side",
+               "SIZE": "size"}
     for r in test:
         f, q = facts[r["image_name"]], SY.parse_question(r["question"])
         assert q["type"] == kind_of[r["question_type"]] and q["closed"] == (r["answer_type"] == "CLOSED")
@@ -1333,27 +1442,33 @@ def test_parser_reads_back_every_question_and_answer(root):
                 stated = SY.parse_answer(gpt["value"])
                 assert stated == {k: v for k, v in f.items() if v != "none"}  # a caption states every fact
             else:
-                assert SY.parse_question(question) is not None and SY.answer_question(f, question) == gpt["value"]
+                assert SY.parse_question(question) is not None
+                assert SY.answer_question(f, question) == gpt["value"]
     for c in caps:
-        assert SY.parse_answer(c["conversations"][1]["value"]) == {k: v for k, v in facts[c["image"]].items() if v != "none"}
+        assert SY.parse_answer(c["conversations"][1]["value"]) == {
+            k: v for k, v in facts[c["image"]].items() if v != "none"}
 
 
 def test_parse_question_is_tolerant_but_strict():
-    assert SY.parse_question("  IS this an  MRI scan?\n") == {"type": "modality", "closed": True, "value": "mri"}
-    assert SY.parse_question("How many lesions are there? ") == {"type": "count", "closed": False, "value": None}
+    assert SY.parse_question("  IS this an  MRI scan?\n") == {"type": "modality", "closed": True,
+                                                               "value": "mri"}
+    assert SY.parse_question("How many lesions are there? ") == {"type": "count", "closed": False,
+                                                                  "value": None}
     assert SY.parse_question("Is the lesion count 2?")["value"] == 2
-    for bad in ["", "Is this a pet scan?", "What organ is shown", "What organ is shown? yes", "Is the lesion huge?",
-                "Can you describe the image in detail?", "What organ is is shown?", "Is this a ct scan? Is this a ct scan?"]:
+    for bad in ["", "Is this a pet scan?", "What organ is shown", "What organ is shown? yes",
+                "Is the lesion huge?", "Can you describe the image in detail?", "What organ is is shown?",
+                "Is this a ct scan? Is this a ct scan?"]:
         assert SY.parse_question(bad) is None, bad
 
 
 def test_answer_question_by_hand():
     two = {"modality": "x-ray", "organ": "abdomen", "count": 2, "side": "both", "size": "large"}
     none = {"modality": "mri", "organ": "chest", "count": 0, "side": "none", "size": "none"}
-    cases = [(two, "Is this an x-ray scan?", "yes"), (two, "Is the modality ct?", "no"), (two, "What organ is shown?",
-             "abdomen"), (two, "Is the lesion on the left side?", "yes"), (two, "Is the right side affected?", "yes"),
-             (two, "Is the lesion count 1?", "no"), (two, "How big is the lesion?", "large"), (two, "Where is the lesion?",
-             "both"), (none, "Is there a lesion?", "no"), (none, "How many lesions are there?", "0"),
+    cases = [(two, "Is this an x-ray scan?", "yes"), (two, "Is the modality ct?", "no"),
+             (two, "What organ is shown?", "abdomen"), (two, "Is the lesion on the left side?", "yes"),
+             (two, "Is the right side affected?", "yes"), (two, "Is the lesion count 1?", "no"),
+             (two, "How big is the lesion?", "large"), (two, "Where is the lesion?", "both"),
+             (none, "Is there a lesion?", "no"), (none, "How many lesions are there?", "0"),
              (none, "Is there a lesion on the left?", "no"), (none, "What size is the lesion?", "none"),
              (none, "Is the lesion small?", "no"), (none, "Does this scan show the chest?", "yes"),
              (none, "Can you describe the image in detail?", None)]
@@ -1374,7 +1489,8 @@ def test_parse_answer():
 def test_closed_questions_balanced(root):
     test = Counter(r["answer"] for r in load(root, "test.json") if r["answer_type"] == "CLOSED")
     assert test["yes"] == test["no"] == 100
-    train = Counter(t["value"] for r in load(root, "train.json") for t in r["conversations"][1::2] if t["value"] in ("yes", "no"))
+    train = Counter(t["value"] for r in load(root, "train.json") for t in r["conversations"][1::2]
+                    if t["value"] in ("yes", "no"))
     assert abs(train["yes"] - train["no"]) <= 10 and train["yes"] > 1000
 
 
@@ -1382,27 +1498,38 @@ def test_score_answer_ranks_right_over_wrong(root):
     facts = load(root, "facts.json")
     for r in load(root, "test.json"):
         f, q = facts[r["image_name"]], SY.parse_question(r["question"])
-        values = ("yes", "no") if q["closed"] else [str(v) for v in SY._VALUES[q["type"]]] + ["both"] * (q["type"] == "side")
+        values = ("yes", "no") if q["closed"] else (
+            [str(v) for v in SY._VALUES[q["type"]]] + ["both"] * (q["type"] == "side"))
         for wrong in set(values) - {r["answer"]}:
-            assert SY.score_answer(f, r["question"], r["answer"]) == 10 > SY.score_answer(f, r["question"], wrong)
+            assert (SY.score_answer(f, r["question"], r["answer"]) == 10
+                    > SY.score_answer(f, r["question"], wrong))
     f = {"modality": "ct", "organ": "brain", "count": 1, "side": "left", "size": "small"}
-    score = lambda q, a: SY.score_answer(f, q, a)
-    assert score("Is this a ct scan?", "yes") == 10 > score("Is this a ct scan?", "yes, it is a ct scan of the brain") > \
-        score("Is this a ct scan?", "yes, it is a ct scan of the chest") > score("Is this a ct scan?", "brain") > \
-        score("Is this a ct scan?", "no") > score("Is this a ct scan?", "") == 1
+
+    def score(q, a):
+        return SY.score_answer(f, q, a)
+    assert (score("Is this a ct scan?", "yes") == 10
+            > score("Is this a ct scan?", "yes, it is a ct scan of the brain")
+            > score("Is this a ct scan?", "yes, it is a ct scan of the chest")
+            > score("Is this a ct scan?", "brain")
+            > score("Is this a ct scan?", "no") > score("Is this a ct scan?", "") == 1)
     assert score("Where is the lesion?", "left") == 10 > score("Where is the lesion?", "right") == 2
-    assert score(D.DESCRIBE, SY.synth_caption(f)) == 10 > score(D.DESCRIBE, "A ct scan of the brain.") > \
-        score(D.DESCRIBE, "An mri scan of the chest.") == 1
+    assert (score(D.DESCRIBE, SY.synth_caption(f)) == 10 > score(D.DESCRIBE, "A ct scan of the brain.")
+            > score(D.DESCRIBE, "An mri scan of the chest.") == 1)
     none = {"modality": "ct", "organ": "brain", "count": 0, "side": "none", "size": "none"}
-    assert SY.score_answer(none, "Where is the lesion?", "none") == 10 > SY.score_answer(none, "Where is the lesion?", "left")
+    assert (SY.score_answer(none, "Where is the lesion?", "none") == 10
+            > SY.score_answer(none, "Where is the lesion?", "left"))
 
 
 def test_tokenizer(root):
     tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-    assert 512 <= tok.get_vocab_size() <= 1024 and tok.get_vocab_size() == load(root, "config.json")["vocab_size"]
-    assert [tok.token_to_id(t) for t in ("<unk>", "<s>", "</s>", "<image>")] == [0, 1, 2, SY.SYNTH_IMAGE_TOKEN_ID]
-    assert tok.encode("</s>", add_special_tokens=False).ids == [2] and tok.encode("yes").ids[0] == 1  # BOS like LLaMA
-    text = "USER: <image>\nIs this an mri scan? ASSISTANT: no</s>VUSER: Where is the lesion?</s> ASSISTANT: left</s>"
+    assert 512 <= tok.get_vocab_size() <= 1024
+    assert tok.get_vocab_size() == load(root, "config.json")["vocab_size"]
+    assert [tok.token_to_id(t) for t in ("<unk>", "<s>", "</s>", "<image>")] == [
+        0, 1, 2, SY.SYNTH_IMAGE_TOKEN_ID]
+    assert tok.encode("</s>", add_special_tokens=False).ids == [2]
+    assert tok.encode("yes").ids[0] == 1  # BOS like LLaMA
+    text = ("USER: <image>\nIs this an mri scan? ASSISTANT: no</s>VUSER: Where is the lesion?</s> "
+            "ASSISTANT: left</s>")
     ids = tok.encode(text, add_special_tokens=False).ids
     assert ids.count(2) == 3 and ids.count(3) == 1 and ids[ids.index(3) - 1] != 3
     texts = [t["value"] for r in load(root, "train.json") for t in r["conversations"]] + [
@@ -1410,21 +1537,25 @@ def test_tokenizer(root):
     for t in texts:
         assert tok.decode(tok.encode(t, add_special_tokens=False).ids, skip_special_tokens=False) == t
     n_words = sum(len(t.split()) for t in texts[:2000])
-    assert sum(len(tok.encode(t, add_special_tokens=False).ids) for t in texts[:2000]) < 1.5 * n_words  # compresses
-    assert len(tok.encode(D.QUESTIONER_SYSTEM, add_special_tokens=False).ids) < 1.4 * len(D.QUESTIONER_SYSTEM.split())
+    # compresses
+    assert sum(len(tok.encode(t, add_special_tokens=False).ids) for t in texts[:2000]) < 1.5 * n_words
+    assert (len(tok.encode(D.QUESTIONER_SYSTEM, add_special_tokens=False).ids)
+            < 1.4 * len(D.QUESTIONER_SYSTEM.split()))
 
 
 def test_images_show_their_facts(root):
-    """Cheap learnability check: the cues are where the generator says (full check: report in the PR)."""
+    """Cheap learnability check: the cues are where the generator says, read straight off the pixels."""
     facts = load(root, "facts.json")
     for name, f in list(facts.items())[::40]:
         a = np.asarray(Image.open(root / "images" / name), dtype=float)
         bg = {"ct": 0, "mri": 60, "x-ray": 200}[f["modality"]]
         assert abs(np.median(a[:, :2]) - bg) < 15  # the background column at the edge sets the modality look
         # lesion cores: 3x3 means above 240 (the 235 skull ring is too thin to reach that, noise averages out)
-        bright = np.lib.stride_tricks.sliding_window_view(a, (3, 3)).mean((-1, -2)) > 240  # (46, 46), centre x = j + 1
+        # (46, 46), centre x = j + 1
+        bright = np.lib.stride_tricks.sliding_window_view(a, (3, 3)).mean((-1, -2)) > 240
         left, right = bright[:, :23].sum(), bright[:, 23:].sum()
-        assert (left > 2) == (f["side"] in ("left", "both")) and (right > 2) == (f["side"] in ("right", "both"))
+        assert (left > 2) == (f["side"] in ("left", "both"))
+        assert (right > 2) == (f["side"] in ("right", "both"))
 
 
 # ----------------------------------------------------------------------------- train.py and sft.py
@@ -1460,8 +1591,9 @@ def small_data(tmp_path_factory, synth):
 
 
 def run_sft(args, nproc=1, script=HERE / "sft.py"):
-    cmd = [sys.executable, str(script)] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    cmd = [sys.executable, str(script)] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(script)]
     r = subprocess.run(cmd + args, capture_output=True, text=True, cwd=HERE, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -1477,9 +1609,10 @@ def assert_close_logs(a, b, tol=1e-5):
 
 
 def sft_args(tiny_dir, small_data, synth, out, *extra):
-    return [f"--model={tiny_dir}", f"--data={small_data}", f"--image_dir={synth / 'images'}", f"--out_dir={out}",
-            "--global_batch=8", "--micro_batch=2", "--max_steps=3", "--epochs=2", "--image_size=48", "--max_length=512",
-            "--lr=1e-2", "--vision_lr=1e-2", "--projector_lr=1e-2", "--log_every=1", "--save_every=1", *extra]
+    return [f"--model={tiny_dir}", f"--data={small_data}", f"--image_dir={synth / 'images'}",
+            f"--out_dir={out}", "--global_batch=8", "--micro_batch=2", "--max_steps=3", "--epochs=2",
+            "--image_size=48", "--max_length=512", "--lr=1e-2", "--vision_lr=1e-2", "--projector_lr=1e-2",
+            "--log_every=1", "--save_every=1", *extra]
 
 
 def read_log(out):
@@ -1492,18 +1625,21 @@ def trained(out):
 
 def test_sft_two_processes_equal_one_process_with_accumulation(tiny_dir, small_data, synth, tmp_path):
     # no dropout: its random masks would depend on which process draws them
-    # lr 1e-3: Adam divides by sqrt(v), so last-bit differences of near-zero gradients (DDP sums in another order)
-    # move a weight by up to ~lr x 1e-3; the updates themselves are ~lr, far above the 1e-5 tolerance
-    common = ["--lora_dropout=0", "--vit_lora_dropout=0", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3"]
+    # lr 1e-3: Adam divides by sqrt(v), so last-bit differences of near-zero gradients (DDP sums in another
+    # order) move a weight by up to ~lr x 1e-3; the updates themselves are ~lr, far above the 1e-5 tolerance
+    common = ["--lora_dropout=0", "--vit_lora_dropout=0", "--lr=1e-3", "--vision_lr=1e-3",
+              "--projector_lr=1e-3"]
     run_sft(sft_args(tiny_dir, small_data, synth, tmp_path / "one", *common))
     run_sft(sft_args(tiny_dir, small_data, synth, tmp_path / "two", *common), nproc=2)
     a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert len(a) == len(b) == 3 and {"answer_loss", "question_loss"} <= a[0].keys()
     assert_close_logs(a, b)
     wa, wb = trained(tmp_path / "one"), trained(tmp_path / "two")
-    assert wa.keys() == wb.keys() and any("lora_a" in k for k in wa) and any(k.startswith("projector.") for k in wa)
+    assert wa.keys() == wb.keys()
+    assert any("lora_a" in k for k in wa) and any(k.startswith("projector.") for k in wa)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
-    start = {k: v for k, v in C.from_pretrained(str(tiny_dir), dtype=torch.float32).state_dict().items() if k in wa}
+    start = {k: v for k, v in C.from_pretrained(str(tiny_dir), dtype=torch.float32).state_dict().items()
+             if k in wa}
     assert max((wa[k] - start[k]).abs().max().item() for k in start) > 1e-4  # the projector really moved
     assert (tmp_path / "one" / "final" / "adapter_model.safetensors").exists()
 
@@ -1515,12 +1651,13 @@ def test_sft_kill_and_resume_is_bit_identical(tiny_dir, small_data, synth, tmp_p
     recs = D.read_conversations(small_data, synth / "images")
 
     def run(out, stop_after=None, resume=False):
-        cfg = replace(sft.Config(), model=str(tiny_dir), out_dir=str(out), global_batch=8, micro_batch=4, max_steps=4,
-                      epochs=2, image_size=48, max_length=512, lr=1e-2, vision_lr=1e-2, projector_lr=1e-2,
-                      log_every=1, save_every=2, resume=resume)
+        cfg = replace(sft.Config(), model=str(tiny_dir), out_dir=str(out), global_batch=8, micro_batch=4,
+                      max_steps=4, epochs=2, image_size=48, max_length=512, lr=1e-2, vision_lr=1e-2,
+                      projector_lr=1e-2, log_every=1, save_every=2, resume=resume)
         torch.manual_seed(0)
         model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
-        groups = sft.setup_trainable(model, cfg)  # LoRA with dropout 0.05 / 0.2: the RNG state must resume too
+        # LoRA with dropout 0.05 / 0.2: the RNG state must resume too
+        groups = sft.setup_trainable(model, cfg)
         save = T.atomic_save
 
         def save_then_stop(obj, path):
@@ -1530,8 +1667,8 @@ def test_sft_kill_and_resume_is_bit_identical(tiny_dir, small_data, synth, tmp_p
         monkeypatch.setattr(T, "atomic_save", save_then_stop)
         if resume:  # a new process would start from fresh RNG and weights; scramble both to be sure
             torch.manual_seed(1234)
-        T.fit(cfg, model, len(recs), sft.make_sft_prepare(recs, tok, cfg, model_cfg, "cpu"), sft.sft_loss, groups,
-                str(out))
+        T.fit(cfg, model, len(recs), sft.make_sft_prepare(recs, tok, cfg, model_cfg, "cpu"), sft.sft_loss,
+              groups, str(out))
         return model
 
     full = run(tmp_path / "full")
@@ -1540,7 +1677,9 @@ def test_sft_kill_and_resume_is_bit_identical(tiny_dir, small_data, synth, tmp_p
     resumed = run(tmp_path / "cut", resume=True)
     la, lb = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
     assert [x["step"] for x in lb] == [1, 2, 3, 4]
-    strip = lambda log: [{k: v for k, v in x.items() if k != "tok_s"} for x in log]  # wall-clock speed differs
+
+    def strip(log):  # wall-clock speed differs
+        return [{k: v for k, v in x.items() if k != "tok_s"} for x in log]
     assert strip(la) == strip(lb)  # every other logged number, bit for bit
     for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
         assert torch.equal(p, q), n
@@ -1552,7 +1691,8 @@ def test_question_loss_switch_masks_labels_and_gradients(tiny_dir, synth):
     rec = D.read_conversations(synth / "train.json", synth / "images")[0]
     grads = {}
     for on in (True, False):
-        cfg = replace(sft.Config(), question_loss=on, sq_r=1.0, image_size=48, max_length=512)  # every later turn asks
+        # every later turn asks
+        cfg = replace(sft.Config(), question_loss=on, sq_r=1.0, image_size=48, max_length=512)
         b = sft.make_sft_prepare([rec], tok, cfg, model.config, "cpu")([0], 0)
         q = b["question_mask"]
         assert q.any()
@@ -1582,12 +1722,14 @@ def test_synthetic_base_is_a_model_directory_that_loads_alone(synth, tmp_path):
 
 def test_summarize_means_and_leaves_out_empty_metrics():
     # answers-only training has no question tokens: no "question_loss nan" in the log
-    sums = {"answer_loss_sum": 3.0, "answer_loss_n": 4, "question_loss_sum": 0.0, "question_loss_n": 0, "tokens": 9}
+    sums = {"answer_loss_sum": 3.0, "answer_loss_n": 4, "question_loss_sum": 0.0, "question_loss_n": 0,
+            "tokens": 9}
     assert T.summarize(sums) == {"answer_loss": 0.75}
 
 
 def test_bad_config_stops_with_clear_messages(tiny_dir, small_data, synth, tmp_path, capsys):
-    for bad, msg in (["--nonsense=1"], "unrecognized arguments: --nonsense=1"), (["--micro_batch=two"], "invalid int value"):
+    for bad, msg in ((["--nonsense=1"], "unrecognized arguments: --nonsense=1"),
+                     (["--micro_batch=two"], "invalid int value")):
         with pytest.raises(SystemExit):
             T.parse_config(sft.Config, bad)
         assert msg in capsys.readouterr().err
@@ -1595,7 +1737,8 @@ def test_bad_config_stops_with_clear_messages(tiny_dir, small_data, synth, tmp_p
     with pytest.raises(ValueError, match="global_batch 10 is not divisible by micro_batch 4 x world size 1"):
         T.fit(cfg, None, 100, None, None, [], str(tmp_path))
     with pytest.raises(ValueError, match="--train must be lora, projector or full"):
-        sft.setup_trainable(C.from_pretrained(str(tiny_dir), dtype=torch.float32), replace(sft.Config(), train="both"))
+        sft.setup_trainable(C.from_pretrained(str(tiny_dir), dtype=torch.float32),
+                            replace(sft.Config(), train="both"))
     cfg, given = T.parse_config(sft.Config, ["--no-question_loss", "--lr=0.5"])
     assert cfg.question_loss is False and cfg.lr == 0.5 and given == {"question_loss": False, "lr": 0.5}
 
@@ -1606,12 +1749,12 @@ def test_projector_only_training_changes_the_projector_and_nothing_else(tiny_dir
     model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     recs = D.read_conversations(synth / "captions.json", synth / "images")[:8]
-    cfg = replace(sft.Config(), train="projector", align_captions=True, template="vicuna_v1", question_loss=False,
-                  global_batch=4, micro_batch=4, max_steps=2, image_size=48, max_length=512, projector_lr=1e-2,
-                  out_dir=str(tmp_path))
+    cfg = replace(sft.Config(), train="projector", align_captions=True, template="vicuna_v1",
+                  question_loss=False, global_batch=4, micro_batch=4, max_steps=2, image_size=48,
+                  max_length=512, projector_lr=1e-2, out_dir=str(tmp_path))
     groups = sft.setup_trainable(model, cfg)
-    T.fit(cfg, model, len(recs), sft.make_sft_prepare(recs, tok, cfg, model.config, "cpu"), sft.sft_loss, groups,
-            str(tmp_path))
+    T.fit(cfg, model, len(recs), sft.make_sft_prepare(recs, tok, cfg, model.config, "cpu"), sft.sft_loss,
+          groups, str(tmp_path))
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {k for k in before if k.startswith("projector.")}
 
@@ -1654,7 +1797,8 @@ def test_logps_cover_answer_tokens_only(tiny_dir, synth):
         sup = (labels != -100).nonzero().flatten().tolist()
         assert sup == list(range(sup[0], sup[-1] + 1))  # one contiguous run: the answer
         assert tok.decode(labels[sup].tolist(), skip_special_tokens=False).strip() == answer + "</s>"
-        assert sup[-1] == int(b["attention_mask"][row].sum()) - 1  # ends at the last real token, not in padding
+        # ends at the last real token, not in padding
+        assert sup[-1] == int(b["attention_mask"][row].sum()) - 1
         want = sum(logits[row, t - 1, labels[t]].item() for t in sup)  # position t-1 predicts token t
         assert abs(got[row].item() - want) < 1e-4
 
@@ -1662,10 +1806,11 @@ def test_logps_cover_answer_tokens_only(tiny_dir, synth):
 def test_reference_equals_stage1_and_precomputed_and_loss_is_log2_at_start(tiny_dir, synth, tmp_path):
     tok = D.load_tokenizer(tiny_dir)
     pairs = hand_pair(tok, None, synth) * 4
-    cfg = replace(dpo.Config(), model=str(tiny_dir), out_dir=str(tmp_path), global_batch=4, micro_batch=2, max_steps=1,
-                  lr=0.0, vision_lr=0.0, projector_lr=0.0, precompute_ref=True, log_every=1)
+    cfg = replace(dpo.Config(), model=str(tiny_dir), out_dir=str(tmp_path), global_batch=4, micro_batch=2,
+                  max_steps=1, lr=0.0, vision_lr=0.0, projector_lr=0.0, precompute_ref=True, log_every=1)
     torch.manual_seed(0)
-    model = dpo.train_step(cfg, pairs, tok, synth / "images", "cpu")  # lr 0: the policy stays the stage-1 model
+    # lr 0: the policy stays the stage-1 model
+    model = dpo.train_step(cfg, pairs, tok, synth / "images", "cpu")
     stored = torch.load(tmp_path / "ref_logps.pt")["logps"]
     base = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
     b = dpo.encode_pair_batch(pairs[:2], tok, base.config, synth / "images", 48, 512, "cpu")
@@ -1729,18 +1874,19 @@ def test_dpo_steps_resume_without_losing_or_repeating_work(tiny_dir, synth, tmp_
     assert len(seen) == before  # a third run is all cache
 
 
-# ----------------------------------------------------------------------------- train.py --shard=fsdp (sft.py, dpo.py)
-# Issue 11: FSDP2 on 2 gloo processes against one unsharded process; DCP checkpoints across world sizes; the exports.
+# --------------------------------------------------------------------- train.py --shard=fsdp (sft.py, dpo.py)
+# FSDP2 on 2 gloo processes against one unsharded process; DCP checkpoints across world sizes; the exports.
 
 # as the DDP test: no dropout, lr 1e-3 (Adam amplifies last-bit differences of near-zero gradients)
-FSDP_COMMON = ["--lora_dropout=0", "--vit_lora_dropout=0", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3",
-               "--merge"]
+FSDP_COMMON = ["--lora_dropout=0", "--vit_lora_dropout=0", "--lr=1e-3", "--vision_lr=1e-3",
+               "--projector_lr=1e-3", "--merge"]
 
 
-# sft.main or dpo.main once per [script, arguments] in a JSON file: every 2-process run in one torchrun launch, since
-# starting processes and importing torch take most of the time. All runs share one process group (a default group
-# made again in the same processes can meet the first one's keys in torchrun's store and hang). A copy of every
-# step's sharded checkpoint is kept, so that a later run can resume from any of them.
+# sft.main or dpo.main once per [script, arguments] in a JSON file: every 2-process run in one torchrun
+# launch, since starting processes and importing torch take most of the time. All runs share one process
+# group (a default group made again in the same processes can meet the first one's keys in torchrun's store
+# and hang). A copy of every step's sharded checkpoint is kept, so that a later run can resume from any of
+# them.
 DRIVER = '''import importlib, json, os, shutil, sys
 sys.path.insert(0, os.getcwd())  # run_sft runs in the repository
 import torch.distributed
@@ -1770,15 +1916,21 @@ def fsdp_runs(tiny_dir, small_data, synth, tmp_path_factory):
     {lora,full}-fsdp2  two processes, --shard=fsdp
     lora-1to2          one process stopped right after its step-1 checkpoint, resumed on two
     lora-2to1          lora-fsdp2's step-1 checkpoint resumed on one process
-    DPO, 2 steps of 4 pairs: dpo-ddp1 as above; dpo-fsdp2 and dpo-fsdp2-pre (--precompute_ref) on two processes"""
+    DPO, 2 steps of 4 pairs: dpo-ddp1 as above; dpo-fsdp2 and dpo-fsdp2-pre (--precompute_ref) on two
+    processes"""
     root = tmp_path_factory.mktemp("fsdp")
-    args = lambda name, *x: sft_args(tiny_dir, small_data, synth, root / name, f"--train={name.split('-')[0]}",
-                                     *FSDP_COMMON, *x)
-    dpo_args = lambda name, *x: ["train", f"--model={tiny_dir}", f"--out_dir={root / name}", "--global_batch=4",
-                                 "--micro_batch=1", "--epochs=2", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3",
-                                 "--lora_r=4", "--lora_alpha=8", "--vit_lora_r=2", "--vit_lora_alpha=4", "--lora_dropout=0",
-                                 "--vit_lora_dropout=0", "--log_every=1", *x]
-    pairs = [dict(hand_pair(None, None, synth)[0], chosen=c) for c in ("brain", "liver", "the chest", "a lung")]
+
+    def args(name, *x):
+        return sft_args(tiny_dir, small_data, synth, root / name, f"--train={name.split('-')[0]}",
+                        *FSDP_COMMON, *x)
+
+    def dpo_args(name, *x):
+        return ["train", f"--model={tiny_dir}", f"--out_dir={root / name}", "--global_batch=4",
+                "--micro_batch=1", "--epochs=2", "--lr=1e-3", "--vision_lr=1e-3", "--projector_lr=1e-3",
+                "--lora_r=4", "--lora_alpha=8", "--vit_lora_r=2", "--vit_lora_alpha=4", "--lora_dropout=0",
+                "--vit_lora_dropout=0", "--log_every=1", *x]
+    pairs = [dict(hand_pair(None, None, synth)[0], chosen=c)
+             for c in ("brain", "liver", "the chest", "a lung")]
     for name in ("dpo-ddp1", "dpo-fsdp2", "dpo-fsdp2-pre"):
         (root / name).mkdir()
         (root / name / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -1797,7 +1949,8 @@ def fsdp_runs(tiny_dir, small_data, synth, tmp_path_factory):
     dist.destroy_process_group()  # the interrupted run left its one-process group behind
     (root / "driver.py").write_text(DRIVER)
     runs = [("sft", args("lora-fsdp2", "--shard=fsdp")), ("sft", args("full-fsdp2", "--shard=fsdp")),
-            ("sft", args("lora-1to2", "--shard=fsdp", "--resume")), ("dpo", dpo_args("dpo-fsdp2", "--shard=fsdp")),
+            ("sft", args("lora-1to2", "--shard=fsdp", "--resume")),
+            ("dpo", dpo_args("dpo-fsdp2", "--shard=fsdp")),
             ("dpo", dpo_args("dpo-fsdp2-pre", "--shard=fsdp", "--precompute_ref"))]
     (root / "runs.json").write_text(json.dumps(runs))
     run_sft([str(root / "runs.json")], nproc=2, script=root / "driver.py")
@@ -1829,25 +1982,30 @@ def assert_same_exports(a, b, tol=1e-5):
 def test_fsdp_two_processes_equal_one_process_with_accumulation(fsdp_runs, train, tiny_dir, tmp_path):
     one, two = fsdp_runs / f"{train}-ddp1", fsdp_runs / f"{train}-fsdp2"
     assert len(read_log(two)) == 3
-    assert_close_logs(read_log(one), read_log(two))  # losses and gradient norms (DTensor clipping: the full norm)
-    # the sharded checkpoint: one file per rank, holding exactly what trains (a LoRA run's frozen base stays out)
+    # losses and gradient norms (DTensor clipping: the full norm)
+    assert_close_logs(read_log(one), read_log(two))
+    # the sharded checkpoint: one file per rank, holding exactly what trains (a LoRA run's frozen base stays
+    # out)
     assert sorted(p.name for p in (two / "checkpoint").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     wa, wb = trained(one), dcp_weights(two / "checkpoint", tmp_path)
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
     start = C.from_pretrained(str(tiny_dir), dtype=torch.float32).state_dict()
-    assert max((wa[k] - start[k]).abs().max().item() for k in wa if k in start) > 1e-4  # training really moved them
+    # training really moved them
+    assert max((wa[k] - start[k]).abs().max().item() for k in wa if k in start) > 1e-4
 
 
 def test_fsdp_exports_equal_ddp_exports(fsdp_runs):
-    """Gathered on rank 0, the FSDP model writes the files the unsharded run writes: adapter, merged model, full model."""
+    """Gathered on rank 0, the FSDP model writes the files the unsharded run writes: adapter, merged model,
+    full model."""
     for train, dirs in (("lora", ("final", "merged")), ("full", ("final",))):
         for d in dirs:
             assert_same_exports(fsdp_runs / f"{train}-ddp1" / d, fsdp_runs / f"{train}-fsdp2" / d)
 
 
 def test_fsdp_checkpoint_resumes_on_another_world_size(fsdp_runs):
-    """Saved by 2 processes and resumed on 1, saved by 1 and resumed on 2: both continue as the uninterrupted run."""
+    """Saved by 2 processes and resumed on 1, saved by 1 and resumed on 2: both continue as the uninterrupted
+    run."""
     two = fsdp_runs / "lora-fsdp2"
     assert [x["step"] for x in read_log(fsdp_runs / "lora-1to2")] == [1, 2, 3]  # step 1 alone, 2 and 3 on two
     assert_close_logs(read_log(fsdp_runs / "lora-1to2"), read_log(two))
@@ -1870,8 +2028,8 @@ def test_fsdp_dpo_two_processes_equal_one_process(fsdp_runs):
 
 
 def test_fsdp_shards_frozen_weights_too_and_gathers_them_back(tiny_dir):
-    """Every weight becomes a DTensor shard, trainable or frozen (a LoRA run's base), the AdamW groups hold the new
-    ones, and gather_model gives back the plain model."""
+    """Every weight becomes a DTensor shard, trainable or frozen (a LoRA run's base), the AdamW groups hold
+    the new ones, and gather_model gives back the plain model."""
     model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
     cfg = replace(sft.Config(), shard="fsdp", lora_r=4, lora_alpha=8, vit_lora_r=2, vit_lora_alpha=4)
     groups = sft.setup_trainable(model, cfg)
@@ -1886,7 +2044,8 @@ def test_fsdp_shards_frozen_weights_too_and_gathers_them_back(tiny_dir):
     finally:
         dist.destroy_process_group()
     after = {n: (p, p.requires_grad) for n, p in plain.named_parameters()}
-    assert after.keys() == before.keys() and isinstance(plain.language_model.layers[0].mlp.up_proj, LoRALinear)
+    assert after.keys() == before.keys()
+    assert isinstance(plain.language_model.layers[0].mlp.up_proj, LoRALinear)
     for n, (p, trains) in after.items():
         assert type(p) is torch.nn.Parameter and torch.equal(p, before[n][0]) and trains == before[n][1], n
 
@@ -1920,12 +2079,14 @@ class Clock:
 
 
 class Fake:
-    """Scripted chat-completions server. script: {question: [behaviour, ...]}; a question asked more often than
-    its script is long gets "ok". Behaviours: ok, "429:<secs>", 500, malformed, noscores, slow, 401."""
+    """Scripted chat-completions server. script: {question: [behaviour, ...]}; a question asked more often
+    than its script is long gets "ok". Behaviours: ok, "429:<secs>", 500, malformed, noscores, slow, 401."""
 
     def __init__(self, script=None, clock=None, reply=None):
-        self.script, self.clock, self.reply = script or {}, clock or Clock(), reply or (lambda text: OK_REPLY)
-        self.log, self.lock = [], threading.Lock()  # (question, behaviour, virtual time, authorization, image ok)
+        self.script, self.clock, self.reply = (script or {}, clock or Clock(),
+                                               reply or (lambda text: OK_REPLY))
+        # log: (question, behaviour, virtual time, authorization, image ok)
+        self.log, self.lock = [], threading.Lock()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -1937,7 +2098,8 @@ class Fake:
                 content = body["messages"][-1]["content"]
                 text = content[0]["text"]
                 url = content[1]["image_url"]["url"] if len(content) > 1 else ""
-                image_ok = url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",")[1]) == PNG
+                image_ok = (url.startswith("data:image/png;base64,")
+                            and base64.b64decode(url.split(",")[1]) == PNG)
                 q = re.search(r"\[Question\]\n(.*?)\n", text).group(1)
                 with fake.lock:
                     n = sum(e[0] == q for e in fake.log)
@@ -1956,10 +2118,13 @@ class Fake:
                         self.send(401, echo.encode())
                     else:
                         if what == "slow":
-                            time.sleep(2.5)  # the client's timeout is 1 s: well past it, yet a loaded CI box still answers in time
+                            # the client's timeout is 1 s: well past it, yet a loaded CI box still answers in
+                            # time
+                            time.sleep(2.5)
                         reply = "I cannot judge this." if what == "noscores" else fake.reply(body)
-                        self.send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}],
-                                                   "usage": {"prompt_tokens": 100, "completion_tokens": 10}}).encode())
+                        self.send(200, json.dumps(
+                            {"choices": [{"message": {"role": "assistant", "content": reply}}],
+                             "usage": {"prompt_tokens": 100, "completion_tokens": 10}}).encode())
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up on the slow reply
 
@@ -2007,7 +2172,7 @@ def items(n, prefix="q"):
             for i in range(n)]
 
 
-# --- parsing ---------------------------------------------------------------------------------------------------
+# --- parsing -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reply, scores", [
     ("8 6\nAnswer 1 describes the wall correctly.", (8, 6)),            # the paper's format
     ("  8    6  \n\nexplanation", (8, 6)),                                # extra spaces
@@ -2041,7 +2206,7 @@ def test_parse_scores_explanation_and_verdict():
     assert judge.parse_verdict("A is better") is None
 
 
-# --- client and batch runner ------------------------------------------------------------------------------------
+# --- client and batch runner -------------------------------------------------------------------------
 SCRIPT = {  # question -> the fake's answers to its 1st, 2nd, ... request (then "ok")
     "q0": ["429:2.5", "ok"], "q1": ["500", "ok"], "q2": ["malformed", "ok"], "q3": ["noscores", "ok"],
     "q4": ["slow", "ok"], "q5": [], "q6": ["500", "500", "500"], "q7": ["noscores", "noscores"],
@@ -2065,20 +2230,22 @@ def test_scripted_failures(env, fake, workers):
         assert len(fake.calls(q)) == n <= 2 * 3              # 2 asks (one re-ask if unparseable) x max_tries
     assert all(e[4] and e[3] == f"Bearer {KEY}" for e in fake.log)  # image inline, key sent
     assert stats["new"] == 8 and stats["failed"] == 2 and stats["cached"] == 0
-    # usage comes from the 11 well-formed 200 replies: one per scored item, +1 each for q3 and q7's unparseable
-    # ones (paid too); none from 429/500, the malformed body or the reply the client timed out on
+    # usage comes from the 11 well-formed 200 replies: one per scored item, +1 each for q3 and q7's
+    # unparseable ones (paid too); none from 429/500, the malformed body or the reply the client timed out on
     assert j.client.usage == {"requests": 22, "prompt_tokens": 1100, "completion_tokens": 110}
     assert "est. cost $0.0039" in judge.summary(stats | {"items": 10}, j, 2.5, 10.0)
     if workers == 1:  # one thread: the virtual clock between a question's requests is that item's wait
-        t = lambda q: [e[2] for e in fake.calls(q)]
-        assert t("q0")[1] - t("q0")[0] == pytest.approx(2.5)                           # Retry-After honoured
+        def t(q):
+            return [e[2] for e in fake.calls(q)]
+        assert t("q0")[1] - t("q0")[0] == pytest.approx(2.5)             # Retry-After honoured
         assert t("q8")[1] - t("q8")[0] == pytest.approx(0.7)
-        w1, w2 = t("q9")[1] - t("q9")[0], t("q9")[2] - t("q9")[1]                      # exponential + jitter
+        w1, w2 = t("q9")[1] - t("q9")[0], t("q9")[2] - t("q9")[1]        # exponential + jitter
         assert 0.5 <= w1 <= 1.0 and 1.0 <= w2 <= 2.0
-        assert t("q3")[1] == t("q3")[0]                                                # a re-ask needs no wait
+        assert t("q3")[1] == t("q3")[0]                                  # a re-ask needs no wait
     else:
         assert 2.5 in fake.clock.sleeps and 0.7 in fake.clock.sleeps
-    assert len(fake.clock.sleeps) == 10  # one per retried request (q0 q1 q2 q4, 2 each for q6 q8 q9); none to re-ask
+    # one per retried request (q0 q1 q2 q4, 2 each for q6 q8 q9); none to re-ask
+    assert len(fake.clock.sleeps) == 10
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -2100,12 +2267,14 @@ def test_interrupt_and_resume(env, fake, workers):
     assert k <= first <= k + workers       # calls already in flight finish; no new ones start
     cached = len(path.read_text().splitlines())
     assert cached == first                 # every paid verdict reached the cache
-    out, stats = judge.rate_items(items(n), make_judge(fake), judge.Cache(path), image_dir=env, workers=workers)
+    out, stats = judge.rate_items(items(n), make_judge(fake), judge.Cache(path), image_dir=env,
+                                  workers=workers)
     assert len(fake.log) - first == n - cached                                  # exactly the remaining calls
     assert sorted(e[0] for e in fake.log) == sorted(f"q{i}" for i in range(n))  # no item paid twice
     assert stats["cached"] == cached and stats["new"] == n - cached
     keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
-    assert len(keys) == len(set(keys)) == n                                     # the cache holds each item once
+    # the cache holds each item once
+    assert len(keys) == len(set(keys)) == n
     assert all(r["scores"] == [8, 6] for r in out)
     judge.rate_items(items(n), make_judge(fake), judge.Cache(path), image_dir=env)
     assert len(fake.log) == n                                                   # a third run is free
@@ -2130,7 +2299,8 @@ def test_key_never_leaks(env, fake, caplog, capsys, monkeypatch):
             "--timeout", "1.0", "--max_tries", "3", "--workers", "2"]
     real = judge.ChatClient
     assert KEY not in repr(real(fake.url, api_key_env="JUDGE_TEST_KEY"))
-    monkeypatch.setattr(judge, "ChatClient", lambda *a, **kw: real(*a, sleep=fake.clock.sleep, **kw))  # no real waits
+    # no real waits
+    monkeypatch.setattr(judge, "ChatClient", lambda *a, **kw: real(*a, sleep=fake.clock.sleep, **kw))
     judge.main(argv)
     out = [json.loads(line) for line in (env / "out.jsonl").read_text().splitlines()]
     assert "HTTP 401" in out[0]["error"] and "***" in out[0]["error"]          # the echoed key was scrubbed
@@ -2171,8 +2341,9 @@ def test_winrate_cli(env, fake, capsys):
                                    "answer_type": "CLOSED"}]
     (env / "test.json").write_text(json.dumps(test))
     for name, good in (("a.jsonl", range(6)), ("b.jsonl", range(6, 9))):
-        (env / name).write_text("".join(json.dumps({"question_id": str(i), "text": "right" if i in good else "wrong"})
-                                        + "\n" for i in range(9)))
+        (env / name).write_text("".join(
+            json.dumps({"question_id": str(i), "text": "right" if i in good else "wrong"}) + "\n"
+            for i in range(9)))
     judge.main(["winrate", str(env / "a.jsonl"), str(env / "b.jsonl"), "--questions", str(env / "test.json"),
                 "--image_dir", str(env), "--base_url", fake.url, "--api_key_env", "JUDGE_TEST_KEY",
                 "--cache", str(env / "c.jsonl")])
@@ -2191,14 +2362,17 @@ def test_bootstrap_is_seeded_and_brackets_the_mean():
 
 def test_relative_score(env, fake):
     fake.reply = lambda body: "8 6\nAssistant 1 is more complete."
-    s_ref, s_ans, expl = make_judge(fake).relative(env / "img.png", "q0", "the reference", "the answer", "a caption")
+    s_ref, s_ans, expl = make_judge(fake).relative(env / "img.png", "q0", "the reference", "the answer",
+                                                   "a caption")
     assert (s_ref, s_ans) == (8, 6) and expl.startswith("Assistant 1")
     assert fake.log[0][4]
 
 
 def test_oracle_judge_offline(env):
     facts = {"img.png": {"organ": "liver"}}
-    score = lambda f, q, a: 10.0 if f["organ"] in a else 2.0
+
+    def score(f, q, a):
+        return 10.0 if f["organ"] in a else 2.0
     o = judge.OracleJudge(score, facts)
     assert o.rate_pair(env / "img.png", "organ?", "the liver", "the brain")[:2] == (10.0, 2.0)
     assert o.win("img.png", "organ?", "liver", "brain", "liver") == "B"
@@ -2207,8 +2381,10 @@ def test_oracle_judge_offline(env):
 
 
 def test_duplicate_items_are_judged_once(env, fake):
-    out, stats = judge.rate_items(items(2) + items(2), make_judge(fake), judge.Cache(env / "c.jsonl"), image_dir=env)
-    assert len(fake.log) == 2 and stats["units"] == 2 and len(out) == 4 and all("scores" in r for r in out)
+    out, stats = judge.rate_items(items(2) + items(2), make_judge(fake), judge.Cache(env / "c.jsonl"),
+                                  image_dir=env)
+    assert len(fake.log) == 2 and stats["units"] == 2
+    assert len(out) == 4 and all("scores" in r for r in out)
     assert len((env / "c.jsonl").read_text().splitlines()) == 2
 
 
@@ -2221,19 +2397,20 @@ def test_cli_oracle_path(env, monkeypatch, capsys):
     (env / "facts.json").write_text(json.dumps({"img.png": {"organ": "liver"}}))
     its = [{"image": "img.png", "question": "organ?", "answers": ["brain", "liver"]}]
     (env / "in.jsonl").write_text(json.dumps(its[0]) + "\n")
-    judge.main(["rate", str(env / "in.jsonl"), "--out", str(env / "out.jsonl"), "--judge", "oracle", "--cache", ""])
+    judge.main(["rate", str(env / "in.jsonl"), "--out", str(env / "out.jsonl"), "--judge", "oracle",
+                "--cache", ""])
     assert json.loads((env / "out.jsonl").read_text())["scores"] == [3.0, 9.0]
     assert "new 1, failed 0" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- selector.py
-# Issue 9: LLaVA-Med's concept-alignment instructions and BioMed-VITAL's learned data selector (judge.py select).
-#
-#     pytest -x -q test_select.py
+# BioMed-VITAL's learned data selector (mao1207/BioMed-VITAL @ f6ccf75, filter/train_clip_filter.py and
+# filter/filter.py).
 
-# --- BioMed-VITAL's selector: loss, k-means, per-cluster top K% ------------------------------------------------------
+# --- BioMed-VITAL's selector: loss, k-means, per-cluster top K% --------------------------------------
 def _eq3(f_i, f_j, s_i, s_j, w):
-    """Eq. 3 written out per pair: z from Eq. 2 (R_i >= R_j -> (1, 0), so a tie counts for x_i), σ over the pair."""
+    """Eq. 3 written out per pair: z from Eq. 2 (R_i >= R_j -> (1, 0), so a tie counts for x_i), σ over the
+    pair."""
     total = 0.0
     for a, b, ra, rb, wk in zip(f_i, f_j, s_i, s_j, w):
         z_i, z_j = (1, 0) if ra >= rb else (0, 1)
@@ -2244,12 +2421,15 @@ def _eq3(f_i, f_j, s_i, s_j, w):
 
 def test_pairwise_loss_is_eq3_with_the_tie_rule():
     g = torch.Generator().manual_seed(0)
-    f_i, f_j = torch.randn(50, generator=g, dtype=torch.float64) * 3, torch.randn(50, generator=g, dtype=torch.float64)
-    s_i, s_j = torch.randint(0, 4, (50,), generator=g).double(), torch.randint(0, 4, (50,), generator=g).double()
+    f_i, f_j = (torch.randn(50, generator=g, dtype=torch.float64) * 3,
+                torch.randn(50, generator=g, dtype=torch.float64))
+    s_i, s_j = (torch.randint(0, 4, (50,), generator=g).double(),
+                torch.randint(0, 4, (50,), generator=g).double())
     assert (s_i == s_j).sum() >= 5  # the tie rule is exercised
     w = torch.where(torch.arange(50) % 7 == 0, 400.0, 1.0).double()  # human pairs weigh w, model pairs 1
     got = SEL.pairwise_loss(f_i, f_j, s_i, s_j, w)
-    assert got.item() == pytest.approx(_eq3(f_i.tolist(), f_j.tolist(), s_i.tolist(), s_j.tolist(), w.tolist()), rel=1e-12)
+    assert got.item() == pytest.approx(
+        _eq3(f_i.tolist(), f_j.tolist(), s_i.tolist(), s_j.tolist(), w.tolist()), rel=1e-12)
     # a second oracle: weighted binary cross-entropy on the rating difference, labels z_i = [s_i >= s_j]
     bce = F.binary_cross_entropy_with_logits(f_i - f_j, (s_i >= s_j).double(), weight=w)
     assert got.item() == pytest.approx(bce.item(), rel=1e-12)
@@ -2258,7 +2438,8 @@ def test_pairwise_loss_is_eq3_with_the_tie_rule():
 
 
 def test_tie_counts_for_the_first_sample():
-    one = lambda *v: torch.tensor(v, dtype=torch.float64)
+    def one(*v):
+        return torch.tensor(v, dtype=torch.float64)
     tie_first_higher = SEL.pairwise_loss(one(2.0), one(0.0), one(5.0), one(5.0), 1.0)
     tie_first_lower = SEL.pairwise_loss(one(0.0), one(2.0), one(5.0), one(5.0), 1.0)
     assert tie_first_higher.item() == pytest.approx(-math.log(1 / (1 + math.exp(-2))))
@@ -2270,8 +2451,8 @@ def test_tie_counts_for_the_first_sample():
 
 @pytest.mark.parametrize("w, human_wins", [(400.0, True), (1.0, False)])
 def test_w_weighs_the_human_pairs(w, human_wins):
-    # 4 human pairs prefer sample a, 40 model pairs prefer b: w = 400 lets the few human pairs win (as the paper's
-    # "balance" needs), w = 1 lets the many model pairs win
+    # 4 human pairs prefer sample a, 40 model pairs prefer b: w = 400 lets the few human pairs win (as the
+    # paper's "balance" needs), w = 1 lets the many model pairs win
     a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     human = torch.tensor([True] * 4 + [False] * 40)
     x_i, x_j = a.repeat(44, 1), b.repeat(44, 1)
@@ -2306,8 +2487,8 @@ def test_kmeans_recovers_planted_clusters(seed):
 
 
 def test_kmeans_plus_plus_seeding_spreads_the_centres():
-    # blobs 1000x further apart than their spread: D^2 sampling puts the k initial centres in k different blobs
-    # (almost surely), where uniform seeding would do so for 5 equal blobs only 5!/5^5 = 4% of the time
+    # blobs 1000x further apart than their spread: D^2 sampling puts the k initial centres in k different
+    # blobs (almost surely), where uniform seeding would do so for 5 equal blobs only 5!/5^5 = 4% of the time
     x, truth, _ = _blobs([30] * 5, spread=1000.0)
     for seed in range(5):
         _, init = SEL.kmeans(x, 5, iters=0, seed=seed, n_init=1)  # iters=0: the seeding itself
@@ -2346,27 +2527,31 @@ def test_select_top_rounding_is_exact_for_float_products():
 
 
 def test_pair_accuracy_and_auc():
-    t = lambda *v: torch.tensor(v, dtype=torch.float64)
-    assert SEL.pair_accuracy(t(1, 0, 3), t(0, 1, 3), t(2, 2, 1), t(1, 1, 1)) == 0.5  # the tied pair is left out
+    def t(*v):
+        return torch.tensor(v, dtype=torch.float64)
+    # the tied pair is left out
+    assert SEL.pair_accuracy(t(1, 0, 3), t(0, 1, 3), t(2, 2, 1), t(1, 1, 1)) == 0.5
     assert SEL.auc(t(3, 2, 1, 0), torch.tensor([True, True, False, False])) == 1.0
     assert SEL.auc(t(1, 1), torch.tensor([True, False])) == 0.5
 
 
-# --- the trained selector on synthetic data with known corruption -------------------------------------------------
+# --- the trained selector on synthetic data with known corruption ------------------------------------
 @pytest.fixture(scope="module")
 def selection_setup(tmp_path_factory):
     """A frozen *random-init* tiny model (no training needed) and the synthetic describe-the-image samples
-    (captions.json: "<image>\\nDescribe the image concisely." -> caption), 30% of them corrupted into a coherent
-    caption of another image (modality, organ and lesion count all wrong)."""
+    (captions.json: "<image>\\nDescribe the image concisely." -> caption), 30% of them corrupted into a
+    coherent caption of another image (modality, organ and lesion count all wrong)."""
     from data import load_tokenizer
     from model import CONFIGS, Llava
     torch.manual_seed(0)
     S = SY
     tok = load_tokenizer(S.synth_data() / "tokenizer.json")
     cfg = CONFIGS["tiny"]
-    model = Llava(replace(cfg, text=replace(cfg.text, vocab_size=tok.get_vocab_size()), image_token_id=S.SYNTH_IMAGE_TOKEN_ID))
+    model = Llava(replace(cfg, text=replace(cfg.text, vocab_size=tok.get_vocab_size()),
+                          image_token_id=S.SYNTH_IMAGE_TOKEN_ID))
     data, pairs_path, image_dir = SEL.synthetic_selection_data(tmp_path_factory.mktemp("select"), corrupt=0.3,
-                                                             n_model=2000, n_human=10, source="captions.json")
+                                                               n_model=2000, n_human=10,
+                                                               source="captions.json")
     records, pairs = json.loads(data.read_text()), SEL.read_pairs(pairs_path)
     items, ij, rows = SEL.index_samples(pairs, records)
     with torch.no_grad():
@@ -2380,8 +2565,9 @@ def selection_setup(tmp_path_factory):
 def _train_and_auc(d, feats):
     s = torch.tensor([p["scores"] for p in d["pairs"]])
     human = torch.tensor([p["source"] == "human" for p in d["pairs"]])
-    head = SEL.train_selector(feats[d["ij"][:, 0]], feats[d["ij"][:, 1]], s[:, 0], s[:, 1], human, w=400.0, epochs=6,
-                            lr=1e-4, batch=64, seed=0)  # the paper's settings
+    # the paper's settings
+    head = SEL.train_selector(feats[d["ij"][:, 0]], feats[d["ij"][:, 1]], s[:, 0], s[:, 1], human, w=400.0,
+                              epochs=6, lr=1e-4, batch=64, seed=0)
     with torch.no_grad():
         scores = head(feats[d["rows"]])
     return SEL.auc(scores[d["unseen"]], ~d["bad"][d["unseen"]])
@@ -2401,11 +2587,11 @@ def test_synthetic_selection_data_is_as_documented(selection_setup):
 
 
 def test_selector_ranks_clean_over_corrupted(selection_setup):
-    """What this shows: trained with Eq. 3 on oracle/"clinician" pairs, the MLP over *frozen random* tiny-model
-    features ranks clean over corrupted samples of images it never saw in a pair with AUC >= 0.9. The control
-    (each sample's image features swapped for another sample's) drops to chance, so the ranking comes from
-    image-text consistency, not from a text-only tell. It does not show that a trained model's features are
-    better (see the issue-9 experiment notes for conversation-level runs)."""
+    """What this shows: trained with Eq. 3 on oracle/"clinician" pairs, the MLP over *frozen random*
+    tiny-model features ranks clean over corrupted samples of images it never saw in a pair with AUC >= 0.9.
+    The control (each sample's image features swapped for another sample's) drops to chance, so the ranking
+    comes from image-text consistency, not from a text-only tell. It does not show that a trained model's
+    features are better, nor how the selector does on conversation-level samples."""
     d = selection_setup
     assert _train_and_auc(d, d["feats"]) >= 0.9
     g = torch.Generator().manual_seed(1)
@@ -2421,7 +2607,8 @@ def test_selector_ranks_clean_over_corrupted(selection_setup):
 
 need_data = pytest.mark.skipif(not (SHARED / "slake" / "test.json").exists() or
                                not (SHARED / "vqa_rad" / "VQA_RAD_Dataset_Public.json").exists(),
-                               reason=f"real VQA-RAD/SLAKE test sets not found at {SHARED} (see shared/data/README.md)")
+                               reason=f"real VQA-RAD/SLAKE test sets not found at {SHARED} "
+                                      "(see shared/data/README.md)")
 
 
 def last_json(capsys):
@@ -2435,15 +2622,19 @@ def write_answers(path, pairs):
             f.write(json.dumps({"question_id": qid, "text": text}) + "\n")
 
 
-# --- metric rules, by hand ------------------------------------------------------------------------------------
+# --- metric rules, by hand ---------------------------------------------------------------------------
 @pytest.mark.parametrize("raw, expected", [
-    ("3.5 cm. x-ray (ct)", "3.5 cm x ray ct"),  # " (" has a space -> "(" removed; ")" and "-" -> space; "cm." loses its dot
-    ("x-ray - ct", "xray ct"),         # one spaced "-" in the ORIGINAL string makes every "-" vanish: "x-ray" -> "xray"
-    ("ct(mr/(", "ct mr"),              # "/" -> space puts " (" in the EDITED string only; the test reads the original,
-                                       # so "(" still becomes a space (testing the edited string would give "ctmr")
+    # " (" has a space -> "(" removed; ")" and "-" -> space; "cm." loses its dot
+    ("3.5 cm. x-ray (ct)", "3.5 cm x ray ct"),
+    # one spaced "-" in the ORIGINAL string makes every "-" vanish: "x-ray" -> "xray"
+    ("x-ray - ct", "xray ct"),
+    # "/" -> space puts " (" in the EDITED string only; the test reads the original,
+    # so "(" still becomes a space (testing the edited string would give "ctmr")
+    ("ct(mr/(", "ct mr"),
     ("1,000 x-ray", "1000 xray"),      # a digit,digit anywhere: every punctuation mark is removed, not spaced
     ("left/right", "left right"),      # no space next to "/": it becomes a space
-    ("Is it? Yes!", "is it yes"),      # "? " has a space -> "?" removed; "!" has none -> a space, stripped by split
+    # "? " has a space -> "?" removed; "!" has none -> a space, stripped by split
+    ("Is it? Yes!", "is it yes"),
     ("the left lung", "left lung"),    # articles dropped
     ("a an the", ""),                  # only articles -> empty string
     ("Two lesions", "2 lesions"),      # number words -> digits (after lower-casing)
@@ -2485,8 +2676,10 @@ def test_f1score(pred, gt, tp, fp, fn):
 
 def test_empty_prediction_scores_zero():
     s = E.score_item("", "yes")
-    assert (s["closed"], s["closed_run_eval"], s["closed_strict"], s["f1"], s["recall"], s["em_score"]) == (0,) * 6
-    assert E.calculate_f1score("lung", "the") == (0.0, 0.0, 0.0)  # a gt that normalises to nothing scores 0 too
+    assert (s["closed"], s["closed_run_eval"], s["closed_strict"], s["f1"], s["recall"],
+            s["em_score"]) == (0,) * 6
+    # a gt that normalises to nothing scores 0 too
+    assert E.calculate_f1score("lung", "the") == (0.0, 0.0, 0.0)
 
 
 def test_exact_match_score():
@@ -2502,7 +2695,8 @@ def test_exact_match_score():
     ("Yes, it is.", "yes", 1, 1, 1),
     ("No, there is no mass.", "yes", 0, 0, 0),  # "yes" nowhere
     ("There is no mass", "no", 1, 1, 0),  # official hit; strict wants the answer to lead with it
-    ("liver", "liver", 1, 0, 1),     # run_eval.py also needs "yes"/"no" somewhere: a non-yes/no closed answer fails
+    # run_eval.py also needs "yes"/"no" somewhere: a non-yes/no closed answer fails
+    ("liver", "liver", 1, 0, 1),
     ("the liver or the heart", "liver", 1, 0, 1),  # whole word for non-yes/no gt in the strict rule
     ("livers", "liver", 1, 0, 0),    # substring hit, not a whole word
     ("", "no", 0, 0, 0),
@@ -2512,7 +2706,7 @@ def test_closed_rules(pred, gt, official, run_eval, strict):
     assert (s["closed"], s["closed_run_eval"], s["closed_strict"]) == (official, run_eval, strict)
 
 
-# --- loaders on the real data ---------------------------------------------------------------------------------
+# --- loaders on the real data ------------------------------------------------------------------------
 @need_data
 @pytest.mark.parametrize("name, n, n_closed, n_open, n_images", [
     ("vqa_rad", 451, 272, 179, 203), ("slake", 1061, 416, 645, 96)])
@@ -2533,9 +2727,9 @@ def test_real_test_splits(name, n, n_closed, n_open, n_images):
 def test_missing_data_says_what_to_download(tmp_path):
     with pytest.raises(E.DataError, match="Download SLAKE.*imgs"):
         E.load_dataset("slake", tmp_path / "nope")
-    (tmp_path / "test.json").write_text(json.dumps([{"qid": 1, "img_name": "xmlab1/source.jpg", "question": "q",
-                                                     "answer": "yes", "q_lang": "en", "answer_type": "CLOSED",
-                                                     "modality": "CT"}]))
+    (tmp_path / "test.json").write_text(json.dumps([{"qid": 1, "img_name": "xmlab1/source.jpg",
+                                                     "question": "q", "answer": "yes", "q_lang": "en",
+                                                     "answer_type": "CLOSED", "modality": "CT"}]))
     with pytest.raises(E.DataError, match="1 image"):
         E.load_dataset("slake", tmp_path)
     assert len(E.load_dataset("slake", tmp_path, check_images=False)) == 1  # --pred needs no images
@@ -2544,7 +2738,8 @@ def test_missing_data_says_what_to_download(tmp_path):
 def test_pathvqa_and_synth_loaders(tmp_path):
     (tmp_path / "images" / "test").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "test" / "p0.jpg")
-    recs = [{"image_path": "images\\test\\p0.jpg", "question": "is it?", "answer": "yes", "answer_type": "CLOSED"},
+    recs = [{"image_path": "images\\test\\p0.jpg", "question": "is it?", "answer": "yes",
+             "answer_type": "CLOSED"},
             {"image_path": "images\\test\\p0.jpg", "question": "what?", "answer": "a cell"}]  # no answer_type
     (tmp_path / "test.json").write_text(json.dumps(recs))
     ex = E.load_dataset("pathvqa", tmp_path)
@@ -2559,26 +2754,31 @@ def test_pathvqa_and_synth_loaders(tmp_path):
 @need_data
 def test_llava_med_converted_format_matches_official(tmp_path):
     ex = E.load_dataset("slake", SHARED / "slake")[:30]
-    conv = [{"id": e["qid"], "image": str(e["image"].relative_to(SHARED / "slake" / "imgs")), "answer_type": e["answer_type"],
-             "conversations": [{"from": "human", "value": e["question"] + "\n<image>"}, {"from": "gpt", "value": e["answer"]}]}
+    conv = [{"id": e["qid"], "image": str(e["image"].relative_to(SHARED / "slake" / "imgs")),
+             "answer_type": e["answer_type"],
+             "conversations": [{"from": "human", "value": e["question"] + "\n<image>"},
+                               {"from": "gpt", "value": e["answer"]}]}
             for e in ex]
     (tmp_path / "test.json").write_text(json.dumps(conv))
     (tmp_path / "imgs").symlink_to(SHARED / "slake" / "imgs")
     got = E.load_dataset("slake", tmp_path)
-    key = lambda e: (e["qid"], e["question"], e["answer"], e["answer_type"], e["image"].name)
+
+    def key(e):
+        return (e["qid"], e["question"], e["answer"], e["answer_type"], e["image"].name)
     assert [key(e) for e in got] == [key(e) for e in ex]
 
 
-# --- scoring files ----------------------------------------------------------------------------------------------
+# --- scoring files -----------------------------------------------------------------------------------
 @need_data
 @pytest.mark.parametrize("name", ["vqa_rad", "slake"])
 def test_ground_truth_scores_100(name, tmp_path, capsys):
     ex = E.load_dataset(name, SHARED / name, check_images=False)
     write_answers(tmp_path / "gt.jsonl", [(e["qid"], e["answer"]) for e in ex])
-    res = E.main([name, "--pred", str(tmp_path / "gt.jsonl"), "--data", str(SHARED / name), "--bootstrap", "50",
-                  "--json", str(tmp_path / "r.json")])
+    res = E.main([name, "--pred", str(tmp_path / "gt.jsonl"), "--data", str(SHARED / name),
+                  "--bootstrap", "50", "--json", str(tmp_path / "r.json")])
     assert last_json(capsys) == json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(res))
-    for k in ("closed_accuracy", "closed_accuracy_strict", "open_recall", "open_f1", "open_precision", "exact_match"):
+    for k in ("closed_accuracy", "closed_accuracy_strict", "open_recall", "open_f1", "open_precision",
+              "exact_match"):
         assert res[k] == 100.0, k
     assert (res["n_closed"], res["n_open"], res["n_missing"]) == ({"vqa_rad": 272, "slake": 416}[name],
                                                                   {"vqa_rad": 179, "slake": 645}[name], 0)
@@ -2614,17 +2814,19 @@ def test_compare_is_paired(tmp_path, capsys):
     write_answers(tmp_path / "no.jsonl", [(e["qid"], "no") for e in ex])
     data = ["--data", str(SHARED / "vqa_rad"), "--bootstrap", "200"]
     same = E.main(["vqa_rad", "--compare", str(tmp_path / "no.jsonl"), str(tmp_path / "no.jsonl")] + data)
-    assert same["closed_accuracy"]["diff"] == 0 and same["closed_accuracy"]["ci"] == [0.0, 0.0]  # paired: no noise
+    assert same["closed_accuracy"]["diff"] == 0
+    assert same["closed_accuracy"]["ci"] == [0.0, 0.0]  # paired: no noise
     res = E.main(["vqa_rad", "--compare", str(tmp_path / "no.jsonl"), str(tmp_path / "gt.jsonl")] + data)
     closed = [e for e in ex if e["answer_type"] == "CLOSED"]
     always_no = 100 * sum(E.normalize_word(e["answer"].lower()) in "no" for e in closed) / len(closed)
     d = res["closed_accuracy"]
-    assert d["a"] == pytest.approx(always_no, abs=1e-3) and d["diff"] == pytest.approx(100 - always_no, abs=1e-3)
+    assert d["a"] == pytest.approx(always_no, abs=1e-3)
+    assert d["diff"] == pytest.approx(100 - always_no, abs=1e-3)
     assert d["ci"][0] < d["diff"] < d["ci"][1]
     assert "closed_accuracy" in last_json(capsys)
 
 
-# --- end to end: a tiny random model answers 20 real SLAKE questions -----------------------------------------
+# --- end to end: a tiny random model answers 20 real SLAKE questions ---------------------------------
 @need_data
 def test_tiny_model_end_to_end(tmp_path, capsys):
     torch = pytest.importorskip("torch")
@@ -2632,11 +2834,13 @@ def test_tiny_model_end_to_end(tmp_path, capsys):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from data import VICUNA_SYSTEM
     ex = E.load_dataset("slake", SHARED / "slake")[:20]
-    tok = Tokenizer(models.BPE())  # byte-level BPE with LLaMA's special-token layout, "<image>" = 3 as in "tiny"
+    # byte-level BPE with LLaMA's special-token layout, "<image>" = 3 as in "tiny"
+    tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator([VICUNA_SYSTEM] + [e["question"] + " " + e["answer"] for e in ex], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<image>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [VICUNA_SYSTEM] + [e["question"] + " " + e["answer"] for e in ex],
+        trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<image>"],
+                            show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     cfg = copy.deepcopy(M.CONFIGS["tiny"])
     cfg.text.vocab_size, cfg.image_token_id = tok.get_vocab_size(), tok.token_to_id("<image>")
     torch.manual_seed(0)
@@ -2652,14 +2856,17 @@ def test_tiny_model_end_to_end(tmp_path, capsys):
     assert all(isinstance(r["text"], str) and r["prompt"] == e["question"] for r, e in zip(rows, ex))
     assert res["n"] == 20 and res["n_missing"] == 0 and res["n_closed"] + res["n_open"] == 20
     capsys.readouterr()
-    scored = E.main(["slake", "--pred", str(out), "--data", str(SHARED / "slake"), "--limit", "20", "--bootstrap", "0"])
+    scored = E.main(["slake", "--pred", str(out), "--data", str(SHARED / "slake"), "--limit", "20",
+                     "--bootstrap", "0"])
     assert scored == res and last_json(capsys) == json.loads(json.dumps(res))
-    # resumable: a run killed mid-write leaves a torn line; the rerun drops it and answers only what is missing
+    # resumable: a run killed mid-write leaves a torn line; the rerun drops it and answers only what is
+    # missing
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:17]) + lines[17][:15])
     E.main(run)
     assert out.read_text().splitlines(keepends=True)[:17] == lines[:17]
-    assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == [e["qid"] for e in ex]
+    assert ([json.loads(line)["question_id"] for line in out.read_text().splitlines()]
+            == [e["qid"] for e in ex])
 
 
 # ----------------------------------------------------------------------------- bench.py
@@ -2673,14 +2880,18 @@ def tiny_pair():
 
 
 def test_bench_tiny_quick_writes_both_sides(tmp_path):
-    """The command from the README runs and its JSON holds both sides, ratios, hardware, versions, settings."""
+    """The command from the README runs and its JSON holds both sides, ratios, hardware, versions,
+    settings."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--shape", "tiny", "--repeats", "1", "--warmup", "0", "--quick", "--threads", "1", "--out", str(out)]
-    r = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "bench.py", "--shape", "tiny", "--repeats", "1", "--warmup", "0", "--quick",
+           "--threads", "1", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert {"hardware", "versions", "settings", "formulas", "parity", "table", "raw"} <= set(rep)
-    assert rep["versions"]["torch"] == torch.__version__ and rep["versions"]["peft"] and rep["versions"]["transformers"]
+    assert rep["versions"]["torch"] == torch.__version__
+    assert rep["versions"]["peft"] and rep["versions"]["transformers"]
     assert rep["parity"]["weights_equal"] and rep["parity"]["logits_rel_max_diff"] < 1e-4
     assert "6*N_llm" in rep["formulas"]["mfu"] and rep["settings"]["sampling"] == bench.SAMPLING
     rows = {(row["section"].split()[0], row["metric"]): row for row in rep["table"]}
@@ -2689,10 +2900,12 @@ def test_bench_tiny_quick_writes_both_sides(tmp_path):
     for key in [("sft", "tokens/s"), ("sft", "step ms"), ("dpo", "step ms"), ("vision+projector", "images/s"),
                 ("sample", "new tokens/s")]:
         row = rows[key]
-        assert row["ours"] > 0 and row["theirs"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["theirs"])
+        assert row["ours"] > 0 and row["theirs"] > 0
+        assert row["ratio"] == pytest.approx(row["ours"] / row["theirs"])
     sampled = {k for k in rep["raw"] if k.startswith("sample_")}
     assert sampled == {"sample_b16_unmerged", "sample_b16_merged"}
-    assert all(len(side["times"]) == 1 for side in rep["raw"]["sft"].values())  # --repeats 1: one timed call per side
+    # --repeats 1: one timed call per side
+    assert all(len(side["times"]) == 1 for side in rep["raw"]["sft"].values())
 
 
 def test_parity_check_catches_a_different_weight(tiny_pair):
@@ -2716,7 +2929,8 @@ def test_parity_check_catches_a_different_weight(tiny_pair):
 
 
 def test_bench_times_the_jobs_own_losses():
-    """bench.py keeps no copies: its objectives call dpo.dpo_loss and train.token_nll, the functions training runs."""
+    """bench.py keeps no copies: its objectives call dpo.dpo_loss and train.token_nll, the functions training
+    runs."""
     assert bench.dpo_loss is dpo.dpo_loss
     assert bench.token_nll is T.token_nll
     x = torch.tensor([-3.0, -7.0])
@@ -2735,13 +2949,16 @@ def test_sequences_and_flops_count_image_tokens(tiny_pair):
     pairs = bench.pair_batch(cfg, 2, 20, "cpu", torch.float32, seed=0)
     assert torch.equal(pairs["pixel_values"][:2], pairs["pixel_values"][2:])
     flops, formula = bench.train_flops(ours, 3, cfg.image_seq_length + 20)
-    n_llm = sum(p.numel() for n, p in ours.named_parameters() if n.startswith(("language_model.layers.", "lm_head.")))
-    assert flops > 6 * n_llm * 3 * (cfg.image_seq_length + 20) and f"N_llm={n_llm:,}" in formula
+    n_llm = sum(p.numel() for n, p in ours.named_parameters()
+                if n.startswith(("language_model.layers.", "lm_head.")))
+    assert flops > 6 * n_llm * 3 * (cfg.image_seq_length + 20)
+    assert f"N_llm={n_llm:,}" in formula
 
 
 @pytest.mark.parametrize("shape", ["7b", "mistral7b"])
 def test_gpu_shapes_map_onto_transformers_on_meta(shape):
-    """The 7B configs that only a GPU runs: same tensor names and shapes on both sides (built on meta: no memory)."""
+    """The 7B configs that only a GPU runs: same tensor names and shapes on both sides (built on meta: no
+    memory)."""
     from transformers import LlavaForConditionalGeneration
     cfg = bench.SHAPES[shape]["config"]
     with torch.device("meta"):
@@ -2758,7 +2975,8 @@ def test_gpu_shapes_map_onto_transformers_on_meta(shape):
 # ----------------------------------------------------------------------------- README and layout
 
 def test_readme_line_counts_are_current():
-    """The README's file table states each file's line count; a stale number fails here, not in a reader's head."""
+    """The README's file table states each file's line count; a stale number fails here, not in a reader's
+    head."""
     root = Path(__file__).resolve().parent
     rows = re.findall(r"^\| `(\w+\.py)` \| (\d+) \|", (root / "README.md").read_text(), re.M)
     assert len(rows) >= 8
@@ -2783,8 +3001,8 @@ def project_imports(name):
 
 
 def test_imports_point_one_way():
-    """Jobs stand on blocks: no block imports a job, model.py imports nothing of ours, no job imports a training
-    job (bench, the tool, takes dpo's loss to time it), and judge.py runs without torch."""
+    """Jobs stand on blocks: no block imports a job, model.py imports nothing of ours, no job imports a
+    training job (bench, the tool, takes dpo's loss to time it), and judge.py runs without torch."""
     assert project_imports("model") == set()
     for block in BLOCKS:
         assert not project_imports(block) & set(JOBS + ("bench",)), f"{block}.py imports a job"

@@ -6,6 +6,8 @@ parameter groups, the schedule, atomic and sharded checkpoints, FSDP2 and loggin
 - setup_distributed: RANK / WORLD_SIZE / LOCAL_RANK read from torchrun's environment; DDP or FSDP2.
 - param_groups: the authors' three AdamW groups (LLM, vision tower, projector; `llava_trainer.py`
   create_optimizer), and cosine_lr_factor, transformers' cosine schedule with linear warmup.
+- checkpoints: atomic_save (one file, DDP), save_sharded / load_sharded (torch.distributed.checkpoint, FSDP2);
+  shard_model and gather_model put a Llava into FSDP2 units and back.
 - fit: gradient accumulation over a global batch dealt round-robin to the ranks, one mean loss over the whole
   global batch, gradient clipping, exact resume (weights, optimizer, RNG states, data position = step).
 
@@ -43,7 +45,8 @@ def parse_config(cls, argv=None):
     p = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0])
     for f in fields(cls):
         if f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=f"default {f.default}")
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None,
+                           help=f"default {f.default}")
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(f"--{f.name}", type=typ, default=None, help=f"default {f.default!r}")
@@ -55,18 +58,19 @@ def parse_config(cls, argv=None):
 def setup_distributed(shard="ddp"):
     """Rank, world size and device from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
-    `shard="fsdp"` starts a process group even for a single process (FSDP's device mesh and the sharded checkpoints
-    need one); without torchrun it lives in an in-memory store.
+    `shard="fsdp"` starts a process group even for a single process (FSDP's device mesh and the sharded
+    checkpoints need one); without torchrun it lives in an in-memory store.
     """
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if (world > 1 or shard == "fsdp") and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if shard == "fsdp":
-            # --cpu_offload leaves the gradient shards in CPU memory, and the clipping norm is summed over them: gloo
-            # carries CPU tensors, NCCL the rest
+            # --cpu_offload leaves the gradient shards in CPU memory, and the clipping norm is summed over
+            # them: gloo carries CPU tensors, NCCL the rest
             backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
             store = None if "MASTER_ADDR" in os.environ else dist.HashStore()
             dist.init_process_group(backend, store=store, rank=rank, world_size=world)
@@ -84,19 +88,22 @@ def print0(*args, **kwargs):
 
 
 def param_groups(model, cfg):
-    """AdamW groups of the trainable weights: LLM (cfg.lr), vision tower (cfg.vision_lr), projector (cfg.projector_lr),
-    as the authors' create_optimizer (llava_trainer.py) splits them."""
+    """AdamW groups of the trainable weights: LLM (cfg.lr), vision tower (cfg.vision_lr), projector
+    (cfg.projector_lr), as the authors' create_optimizer (llava_trainer.py) splits them."""
     # the vision blocks after the feature layer (and the post-layernorm) never run in LLaVA: freeze them so
     # that no trainable weight goes without a gradient (DDP would wait for it forever)
     v = model.config.vision
     n_run = v.num_layers + 1 + v.feature_layer if v.feature_layer < 0 else v.feature_layer
     for n, p in model.vision_tower.named_parameters():
-        if n.startswith("post_layernorm.") or (n.startswith("encoder.layers.") and int(n.split(".")[2]) >= n_run):
+        unused_block = n.startswith("encoder.layers.") and int(n.split(".")[2]) >= n_run
+        if n.startswith("post_layernorm.") or unused_block:
             p.requires_grad_(False)
     groups = {"llm": [], "vision": [], "projector": []}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            groups["vision" if n.startswith("vision_tower.") else "projector" if n.startswith("projector.") else "llm"].append(p)
+            group = ("vision" if n.startswith("vision_tower.") else
+                     "projector" if n.startswith("projector.") else "llm")
+            groups[group].append(p)
     lrs = {"llm": cfg.lr, "vision": cfg.vision_lr, "projector": cfg.projector_lr}
     print0(param_report(model))
     return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
@@ -105,13 +112,15 @@ def param_groups(model, cfg):
 def cosine_lr_factor(step, total, warmup):
     """Linear warmup to 1, then cosine decay to 0 (transformers' get_cosine_schedule_with_warmup)."""
     if step < warmup:
-        return (step + 1) / warmup  # HF uses step/warmup, which makes step 0 a no-op; this starts moving at once
+        # HF uses step/warmup, which makes step 0 a no-op; this starts moving at once
+        return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def token_nll(logits, labels):
-    """Next-token cross-entropy of every position: logits (B, T, V), labels (B, T) -> (B, T - 1), where position
-    t predicts token t + 1 and a label of -100 gives 0. Without materialising a full fp32 log-softmax."""
+    """Next-token cross-entropy of every position: logits (B, T, V), labels (B, T) -> (B, T - 1), where
+    position t predicts token t + 1 and a label of -100 gives 0. Without materialising a full fp32
+    log-softmax."""
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
                           reduction="none")
     return nll.view(labels.shape[0], labels.shape[1] - 1)
@@ -145,12 +154,13 @@ def set_rng_state(s):
 
 def shard_model(model, cfg, device, groups):
     """`--shard=fsdp`: shard `model` in place with FSDP2 and return the AdamW `groups` over its new parameters
-    (FSDP2 replaces each weight by a DTensor Parameter holding this rank's shard). `--shard=ddp`: `groups` as given.
+    (FSDP2 replaces each weight by a DTensor Parameter holding this rank's shard). `--shard=ddp`: `groups` as
+    given.
 
-    One FSDP unit per decoder block, one for the vision tower, and the root for the rest: a unit's full weights
-    exist only while it runs forward or backward (all-gathered, then freed), and its gradients are reduce-scattered
-    to their shards. Frozen weights (a LoRA run's base) are sharded too: FSDP2 keeps trainable and frozen DTensors
-    side by side in one unit.
+    One FSDP unit per decoder block, one for the vision tower, and the root for the rest: a unit's full
+    weights exist only while it runs forward or backward (all-gathered, then freed), and its gradients are
+    reduce-scattered to their shards. Frozen weights (a LoRA run's base) are sharded too: FSDP2 keeps
+    trainable and frozen DTensors side by side in one unit.
     """
     if cfg.shard not in ("ddp", "fsdp"):
         raise ValueError(f"--shard must be ddp or fsdp, not {cfg.shard!r}")
@@ -158,20 +168,24 @@ def shard_model(model, cfg, device, groups):
         if cfg.cpu_offload:
             raise ValueError("--cpu_offload needs --shard=fsdp")
         return groups
-    # imported here, as in the other FSDP helpers: they bring in DTensor, a second of imports only fsdp runs need
+    # imported here, as in the other FSDP helpers: they bring in DTensor, a second of imports that only
+    # fsdp runs need
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     device = torch.device(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # GPU: bf16 weights in forward and backward, gradients reduced in fp32, AdamW updating fp32 shards.
     # CPU: fp32 throughout, so that a sharded run equals an unsharded one
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else \
-        MixedPrecisionPolicy()
-    # pinned host memory speeds the copies to the GPU; without a GPU there is none to pin (and offloading does nothing)
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    # pinned host memory speeds the copies to the GPU; without a GPU there is none to pin (and offloading
+    # does nothing)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
-    # the tower returns x[:, 1:], a view that FSDP2 warns about; nothing writes to it in place (Llava.embed copies
-    # the features into a clone of the token embeddings)
+    # the tower returns x[:, 1:], a view that FSDP2 warns about; nothing writes to it in place (Llava.embed
+    # copies the features into a clone of the token embeddings)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     name = {id(p): n for n, p in model.named_parameters()}
     for block in model.language_model.layers:
@@ -183,16 +197,19 @@ def shard_model(model, cfg, device, groups):
 
 
 def gather_model(model):
-    """A trained FSDP model as a plain Llava (LoRA layers included) in rank 0's CPU memory, for the exports and the
-    evaluation after training; None on the other ranks. Every rank must call it: the weights are all-gathered."""
+    """A trained FSDP model as a plain Llava (LoRA layers included) in rank 0's CPU memory, for the exports
+    and the evaluation after training; None on the other ranks. Every rank must call it: the weights are
+    all-gathered."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
     with torch.device("meta"):  # the module tree without memory; the gathered tensors are assigned into it
         plain = Llava(model.config)
-        # the same layers with the same specs: each full name, escaped, is a pattern that matches only itself
-        add_lora(plain, {re.escape(n): LoRASpec(m.r, m.alpha, m.dropout_p) for n, m in lora_layers(model).items()})
+        # the same layers with the same specs: each full name, escaped, is a pattern that matches only
+        # itself
+        specs = {re.escape(n): LoRASpec(m.r, m.alpha, m.dropout_p) for n, m in lora_layers(model).items()}
+        add_lora(plain, specs)
     plain.load_state_dict(state, assign=True)
     if model.config.text.tie_word_embeddings:  # assign gave the two names two tensors
         plain.lm_head.weight = plain.language_model.embed_tokens.weight
@@ -204,32 +221,37 @@ def gather_model(model):
 
 
 def save_sharded(model, opt, path, meta, rank):
-    """FSDP checkpoint (torch.distributed.checkpoint): every rank writes its shards of what trains and of the optimizer
-    state, with the metadata that lets any number of ranks read them back. Written to `path`.tmp, then rank 0 swaps
-    the directory in, so a crash never leaves a half-written `path`. On several nodes, out_dir must be shared."""
+    """FSDP checkpoint (torch.distributed.checkpoint): every rank writes its shards of what trains and of the
+    optimizer state, with the metadata that lets any number of ranks read them back. Written to `path`.tmp,
+    then rank 0 swaps the directory in, so a crash never leaves a half-written `path`. On several nodes,
+    out_dir must be shared."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    tmp, old = path + ".tmp", path + ".old"
+    tmp = path + ".tmp"
+    old = path + ".old"
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)  # a killed save's leftovers
     dist.barrier()
     model_state, optim_state = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)  # returns once all ranks wrote
+    # returns once all ranks wrote
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     if rank == 0:
         torch.save(meta, os.path.join(tmp, "meta.pt"))
         if os.path.exists(path):
-            os.replace(path, old)  # a directory cannot be replaced in one rename; load_sharded falls back on .old
+            # a directory cannot be replaced in one rename; load_sharded falls back on .old
+            os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 
 def load_sharded(model, opt, path, rank):
-    """Resume from `save_sharded`'s directory, whatever world size wrote it (each rank reads the parts of the saved
-    shards that overlap its own); returns the step, or 0 if there is no checkpoint."""
+    """Resume from `save_sharded`'s directory, whatever world size wrote it (each rank reads the parts of the
+    saved shards that overlap its own); returns the step, or 0 if there is no checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-    if not os.path.exists(path) and os.path.exists(path + ".old"):  # killed between save_sharded's two renames
+    # killed between save_sharded's two renames
+    if not os.path.exists(path) and os.path.exists(path + ".old"):
         path += ".old"
     if not os.path.exists(path):
         return 0
@@ -252,7 +274,9 @@ class Logger:
     """Rank-0 progress lines with tokens/s and ETA, and the same numbers as JSONL in the output directory."""
 
     def __init__(self, out_dir, total_steps, start_step):
-        self.total, self.start, self.t0 = total_steps, start_step, time.time()
+        self.total = total_steps
+        self.start = start_step
+        self.t0 = time.time()
         self.path = os.path.join(out_dir, "log.jsonl")
 
     def log(self, step, **m):
@@ -260,8 +284,8 @@ class Logger:
             return
         done = step + 1 - self.start
         eta = (time.time() - self.t0) / done * (self.total - step - 1)
-        print(f"step {step + 1}/{self.total} " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                         for k, v in m.items()) + f" eta {eta / 60:.1f}m", flush=True)
+        metrics = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
+        print(f"step {step + 1}/{self.total} {metrics} eta {eta / 60:.1f}m", flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step + 1, **m}) + "\n")
 
@@ -269,7 +293,8 @@ class Logger:
 def summarize(sums):
     """Metric sums -> means: '<name>_sum' / '<name>_n' pairs become '<name>' (left out where n is 0, e.g. the
     question loss when no token is a question)."""
-    return {k[:-4]: v / sums[k[:-4] + "_n"] for k, v in sums.items() if k.endswith("_sum") and sums.get(k[:-4] + "_n")}
+    return {k[:-4]: v / sums[k[:-4] + "_n"] for k, v in sums.items()
+            if k.endswith("_sum") and sums.get(k[:-4] + "_n")}
 
 
 def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, rank=0, device="cpu"):
@@ -282,14 +307,15 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
     batch first, so the loss is one mean over the global batch however it is split across processes.
     `micro_loss(model, batch)` returns (summed loss, {metric: summed value}).
 
-    Under `--shard=fsdp` the model comes sharded (`shard_model`), checkpoints are sharded DCP directories that any
-    world size resumes, and the return value is the trained model gathered on rank 0 (`gather_model`; None elsewhere).
+    Under `--shard=fsdp` the model comes sharded (`shard_model`), checkpoints are sharded DCP directories that
+    any world size resumes, and the return value is the trained model gathered on rank 0 (`gather_model`;
+    None elsewhere).
     """
     fsdp = cfg.shard == "fsdp"
     micro_per_step = cfg.global_batch // cfg.micro_batch
     if cfg.global_batch % (cfg.micro_batch * world):
-        raise ValueError(f"global_batch {cfg.global_batch} is not divisible by micro_batch {cfg.micro_batch} x "
-                         f"world size {world}")
+        raise ValueError(f"global_batch {cfg.global_batch} is not divisible by micro_batch {cfg.micro_batch} "
+                         f"x world size {world}")
     steps_per_epoch = n_examples // cfg.global_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{n_examples} examples are fewer than one global batch of {cfg.global_batch}")
@@ -299,17 +325,21 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
     warmup = math.ceil(cfg.warmup_ratio * total)
     # fused kernels on GPU, multi-tensor ops on CPU (where --cpu_offload keeps the weights AdamW updates)
     cuda = torch.device(device).type == "cuda" and not cfg.cpu_offload
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=cuda, foreach=not cuda)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=cuda,
+                            foreach=not cuda)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     ddp = model
     if world > 1 and not fsdp:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        device_ids = [device] if device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     os.makedirs(out_dir, exist_ok=True)
-    ckpt_path, step = os.path.join(out_dir, "checkpoint" if fsdp else "checkpoint.pt"), 0
+    ckpt_path = os.path.join(out_dir, "checkpoint" if fsdp else "checkpoint.pt")
+    step = 0
     other = os.path.join(out_dir, "checkpoint.pt" if fsdp else "checkpoint")
     if cfg.resume and not os.path.exists(ckpt_path) and os.path.exists(other):
-        raise ValueError(f"--resume: {other} was written with --shard={'ddp' if fsdp else 'fsdp'}; resume with that")
+        raise ValueError(f"--resume: {other} was written with --shard={'ddp' if fsdp else 'fsdp'}; "
+                         "resume with that")
     if cfg.resume and fsdp:
         step = load_sharded(model, opt, ckpt_path, rank)
     elif cfg.resume and os.path.exists(ckpt_path):
@@ -324,13 +354,16 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
         print0(f"resumed from {ckpt_path} at step {step}")
     logger = Logger(out_dir, total, step)
     model.train()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    if torch.device(device).type == "cuda":
+        amp = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        amp = torch.autocast("cpu", enabled=False)
     while step < total:
         epoch, pos = divmod(step, steps_per_epoch)
         order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         idx = order[pos * cfg.global_batch:(pos + 1) * cfg.global_batch]
-        chunks = [idx[i * cfg.micro_batch:(i + 1) * cfg.micro_batch] for i in range(micro_per_step)][rank::world]
+        micro = [idx[i * cfg.micro_batch:(i + 1) * cfg.micro_batch] for i in range(micro_per_step)]
+        chunks = micro[rank::world]  # dealt round-robin to the ranks
         batches = [prepare(c, epoch) for c in chunks]
         count = torch.tensor(float(sum(b["count"] for b in batches)), device=device)
         if world > 1:
@@ -338,20 +371,23 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
         factor = cosine_lr_factor(step, total, warmup)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
-        t0, sums = time.time(), {}
+        t0 = time.time()
+        sums = {}
         for j, b in enumerate(batches):
-            # DDP all-reduces gradients on every backward unless told not to: sync only on the last micro batch.
-            # FSDP reduce-scatters on every backward: skipping that would hold full unsharded gradients until the
-            # last micro batch, the memory that sharding saves
+            # DDP all-reduces gradients on every backward unless told not to: sync only on the last micro
+            # batch. FSDP reduce-scatters on every backward: skipping that would hold full unsharded
+            # gradients until the last micro batch, the memory that sharding saves
             if not fsdp:
                 ddp.require_backward_grad_sync = j == len(batches) - 1
             with amp:
                 loss_sum, metrics = micro_loss(ddp, b)
-            # DDP and FSDP average gradients over ranks; the world factor turns that average back into the global sum
+            # DDP and FSDP average gradients over ranks; the world factor turns that average back into the
+            # global sum
             (loss_sum * world / count).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        # with FSDP the gradients are DTensor shards: the norm is a DTensor whose value is the full model's norm
+        # with FSDP the gradients are DTensor shards: the norm is a DTensor whose value is the norm of the
+        # full model
         norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
