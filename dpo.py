@@ -66,9 +66,12 @@ class Config:
     base_url: str = "https://api.openai.com/v1"
     judge_model: str = "gpt-4o"
     api_key_env: str = "OPENAI_API_KEY"
-    workers: int = 4
+    workers: int = 4  # concurrent requests
+    timeout: float = 60.0  # seconds for a whole request
+    max_tries: int = 6  # HTTP tries per call
+    retry_failed: bool = False  # ask again for verdicts that failed in an earlier run
     swap: bool = False
-    price_in: float = 2.5
+    price_in: float = 2.5  # USD per million tokens, gpt-4o's list price: set them for another server
     price_out: float = 10.0
     # DPO (base_dpo_trainer.py, dpo_finetune.sh)
     beta: float = 0.1  # the trainer's default; train_dpo.py does not pass one
@@ -214,18 +217,25 @@ def make_judge(cfg, synth=None):
         return J.OracleJudge(S.score_answer, facts)
     if cfg.judge != "gpt":
         raise ValueError(f"--judge must be gpt or oracle, not {cfg.judge!r}")
-    return J.GPTJudge(J.ChatClient(cfg.base_url, cfg.judge_model, cfg.api_key_env))
+    ledger = J.Ledger(os.path.join(cfg.out_dir, "judge_spend.jsonl"), cfg.price_in, cfg.price_out)
+    if note := J.price_note(cfg.base_url, cfg.price_in, cfg.price_out):
+        print0(note)
+    return J.GPTJudge(J.ChatClient(cfg.base_url, cfg.judge_model, cfg.api_key_env, cfg.timeout, cfg.max_tries,
+                                   ledger=ledger))
 
 
 def judge_step(cfg, rows, image_dir, judge, pairs_path):
     """Rate every (question, answers) row; write preference pairs. Ties and failures are dropped and
-    counted."""
+    counted; a refused key, or every item failing, stops the run."""
     cache = J.Cache(os.path.join(cfg.out_dir, "judge_cache.jsonl"))
+    items = [{"image": r["image"], "question": r["question"], "answers": r["answers"]} for r in rows]
     try:
-        items = [{"image": r["image"], "question": r["question"], "answers": r["answers"]} for r in rows]
-        rated, stats = J.rate_items(items, judge, cache, cfg.swap, str(image_dir), cfg.workers)
-    finally:
-        cache.close()
+        rated, stats = J.rate_items(items, judge, cache, cfg.swap, str(image_dir), cfg.workers,
+                                    retry_failed=cfg.retry_failed, report=print0)
+    except J.Fatal as e:  # a refused key: one line, the whole run
+        raise SystemExit(f"judge: stopped: {e}")
+    if items and stats["failed_items"] == len(items):
+        raise SystemExit(f"judge: every one of {len(items)} verdicts failed, e.g. {rated[0]['error']}")
     pairs = []
     ties = 0
     failed = 0

@@ -1,53 +1,48 @@
-"""The expert judge of STLLaVA-Med's stage 2, over plain HTTP: cached, resumable, retried, honest about cost.
+"""The expert judge of STLLaVA-Med's stage 2 over plain HTTP: cached, resumable, retried, honest about cost.
 
 - Stage 2 (paper App. B.2, Fig. 5): GPT-4o sees the image, a self-asked question and two sampled answers and
   rates each 1-10; the higher-rated answer becomes DPO's chosen, the lower its rejected. The authors release
-  no judge code (STLLaVA-Med has no OpenAI call), so the prompt is the paper's and the rest is ours.
-- Also BioMed-VITAL's pairwise win-rate judge (App. E Fig. 10, eval/win_rate.py, [[A]]/[[B]]/[[C]]) and
-  LLaVA-Med's relative score (llava/eval/eval_multimodal_chat_gpt_score.py + summarize_gpt_review.py), over
-  the same client. BioMed-VITAL's learned data selector (§3.2) is selector.py (`python selector.py`).
-- Any OpenAI-compatible /chat/completions server works (OpenAI, vLLM, Ollama, a test fake); `requests` only.
-  The key is read from $OPENAI_API_KEY (or --api_key_env NAME) and scrubbed from every error and log line.
-- Thousands of paid calls: bounded thread concurrency, exponential backoff with jitter on 429/5xx/timeouts/
-  connection errors honouring Retry-After, and a JSONL cache written (and fsync'd) per verdict, keyed by a
-  hash of everything the verdict depends on, so a killed run resumes and never pays for a verdict twice.
-- OracleJudge has the same interface and scores answers against the synthetic image's known facts, so the
-  whole stage 2 runs offline on the synthetic default.
+  no judge code, so the prompt is the paper's and the rest is ours. Also BioMed-VITAL's win-rate judge (App. E
+  Fig. 10, eval/win_rate.py) and LLaVA-Med's relative score (llava/eval/eval_multimodal_chat_gpt_score.py).
+- Any OpenAI-compatible server, through chat.py's client: the key ($OPENAI_API_KEY or --api_key_env)
+  stripped and scrubbed from every error and log, a refused key stopping the run, a bad request failing its
+  item, backoff on 429/5xx and every transport failure, --timeout bounding a whole request, and a ledger
+  (judge_spend.jsonl beside the cache) summing each paid reply's tokens and cost over all runs.
+- Parsing that is right or refuses: labelled scores map by their labels, in any order; bare numbers only in
+  the paper's "8 6" first-line shape; negative, out-of-range or ambiguous replies are asked once more, then
+  recorded as the item's failure.
+- A JSONL cache fsync'd per verdict, keyed by a hash of all it depends on: a killed run resumes and never
+  pays twice; failures keep their reason (--retry_failed asks again). OracleJudge scores offline against
+  the synthetic data's facts.
 
     python judge.py rate pairs.jsonl --out rated.jsonl --swap       # {"image","question","answers":[a1,a2]}
     python judge.py rate pairs.jsonl --out rated.jsonl --judge oracle
     python judge.py winrate A.jsonl B.jsonl --questions test.json   # two models' answer files (evaluate.py)
 """
 import argparse
-import base64
-import email.utils
 import hashlib
-import io
 import json
 import logging
 import os
-import random
 import re
 import sys
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from datetime import datetime, timezone
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
-import requests
 
 import evaluate as E
+from chat import ChatClient, ChatError, Fatal, JsonlLog, Ledger, image_bytes, scrub
 
 log = logging.getLogger("judge")
 
 # --- prompts ------------------------------------------------------------------------------------------------
 
 # STLLaVA-Med paper Fig. 5 (arXiv 2406.19973, App. B.2), verbatim including the leading space after
-# [System]\n. The image is attached after the text, as the figure shows. It asks for no explanation; one
-# often follows.
+# [System]\n. The image follows the text, as the figure shows. It asks for no explanation; one often follows.
 PAIR_PROMPT = (
     "[Question]\n{question}\n\n[Answer 1]\n{answer_1}\n\n[End Answer 1]\n\n[Answer 2]\n{answer_2}\n\n"
     "[End Answer 2]\n\n[System]\n We would like to request your feedback on the quality of two answers in "
@@ -75,9 +70,8 @@ WINRATE_PROMPT = (
     "[Context]\n[Question]\n{question}\n\n[Ground Truth]\n{reference}\n\n[Assistant A]\n{answer_a}\n\n"
     "[End of Assistant 1]\n\n[Assistant B]\n{answer_b}\n\n[End of Assistant 2]\n\n")
 
-# LLaVA-Med eval_multimodal_chat_gpt_score.py: Assistant 1 = the reference (GPT-4) answer, Assistant 2 = the
-# model; the judge saw a caption instead of the image. The reported number is mean(score_2 / score_1) * 100.
-# sic: the leading ' is in the authors' system prompt
+# LLaVA-Med eval_multimodal_chat_gpt_score.py: Assistant 1 = the reference (GPT-4) answer, Assistant 2 =
+# the model; the judge saw a caption, not the image; reported: mean(score_2 / score_1) * 100. The ' is sic.
 RELATIVE_SYSTEM = "'You are a helpful and precise assistant for checking the quality of the answer."
 RELATIVE_PROMPT = (
     "[Context]\n{context}\n\n[Question]\n{question}\n\n[Assistant 1]\n{reference}\n\n"
@@ -96,37 +90,62 @@ PROMPTS = {"pair": PAIR_PROMPT, "win": WINRATE_SYSTEM + WINRATE_PROMPT,
 
 # --- parsing ------------------------------------------------------------------------------------------------
 
-_LABEL = re.compile(r"\b(?:answer|assistant|response)\s*[12ab]\b", re.I)  # its digit is a name, not a score
-_OUT_OF = re.compile(r"\s*(?:/|out\s+of)\s*10\b", re.I)                  # "8/10", "8 out of 10"
-_FILLER = re.compile(r"\b(?:overall|final|scores?|ratings?|and|for|vs\.?|respectively)\b"
-                     r"|[*_#`:,;=()\[\]|>-]|(?<!\d)\.|\.(?!\d)", re.I)
-_NUMBERS = re.compile(r"\s*(?:\d+(?:\.\d+)?\s+)*\d+(?:\.\d+)?\s*")
+_NUM = r"(-?\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*10\b)?"  # signed, so that "-4" is refused, not read as 4
+_NAME = r"(?:answer|assistant|response|score)\s*([12ab])\b"  # "Answer 1", "Assistant B", "Score 2"
+_LABELLED = [  # (pattern, group of the label, group of the score)
+    (re.compile(_NAME + r"(?:[\s:=*_]|-(?!\d))*" + _NUM, re.I), 1, 2),                       # Answer 1: 8
+    (re.compile(_NUM + r"\s+(?:points?\s+)?(?:for|to)\s+(?:the\s+)?" + _NAME, re.I), 2, 1),  # 8 for Answer 1
+    (re.compile(r"(?:^|(?<=[\s,;]))([12])[.)]\s+" + _NUM), 1, 2)]                            # 1) 8, 1. 8
+_OUT_OF = re.compile(r"\s*(?:/|out\s+of)\s*10\b", re.I)                                    # 8/10, 8 out of 10
+_FILLER = re.compile(r"\b(?:overall|final|scores?|ratings?|and|for|vs\.?|respectively|here|are|my|the)\b"
+                     r"|[*_#`:,;=()\[\]|>]|-(?!\d)|(?<!\d)\.|\.(?!\d)", re.I)
+_NUMBERS = re.compile(r"\s*(?:-?\d+(?:\.\d+)?\s+)*-?\d+(?:\.\d+)?\s*")
+
+
+def _labelled(line):
+    """[(label 0 or 1, score)] from a line that begins with labelled scores, [] from any other, None when
+    the reading is ambiguous (two readings overlap, or a stray number sits beside the scores)."""
+    found = sorted((m.start(), m.end(), m.group(lab).lower() not in "1a", float(m.group(num)))
+                   for rx, lab, num in _LABELLED for m in rx.finditer(line))
+    if not found or _FILLER.sub(" ", line[:found[0][0]]).strip():
+        return []
+    gaps = zip([e for _, e, *_ in found], [s for s, *_ in found[1:]] + [len(line)])
+    if any(e > s or re.search(r"\d", line[e:s]) for e, s in gaps):
+        return None
+    return [(int(lab), v) for _, _, lab, v in found]
 
 
 def parse_scores(reply):
-    """(score_1, score_2, explanation) from a judge reply, or None. The scores line holds two numbers in
-    [0, 10] once labels ("Answer 1:"), "/10", "Scores:", markdown and punctuation are dropped; they may also
-    sit on two consecutive lines ("Answer 1: 8" / "Answer 2: 6"). At most two lines of preamble are skipped,
-    so a number in an explanation is never read as a score. LLaVA's parse_score only splits line 1 on a
-    space."""
-    nums = []
-    lines = reply.strip().splitlines()
-    skipped = 0
+    """(score_1, score_2, explanation) from a judge reply, or None unless the reading is unambiguous:
+    labelled scores ("Answer 2: 6", "8 for Answer 1", "Score 1: 8", "1) 8") by their labels in any order, bare
+    numbers only as the paper's "8 6" ("8/10 6/10", "Scores: 8, 6"); on one or two lines, in [0, 10], after at
+    most two lines of preamble. A label twice, labels and bare numbers mixed or a later disagreeing labelled
+    score are refused. (LLaVA's parse_score only splits line 1 on a space.)"""
+    lines = reply.replace("\u2212", "-").strip().splitlines()
+    got, nums, skipped = {}, [], 0
     for i, line in enumerate(lines):
-        rest = _FILLER.sub(" ", _OUT_OF.sub("", _LABEL.sub(" ", line)))
+        pairs = _labelled(line)
+        if pairs is None or (pairs and nums) or any(got.setdefault(lab, v) != v for lab, v in pairs or []):
+            return None
+        rest = "" if pairs else _FILLER.sub(" ", _OUT_OF.sub("", line))
+        if len(got) == 2:
+            break
         if not rest.strip():
             continue
-        if _NUMBERS.fullmatch(rest):
+        if _NUMBERS.fullmatch(rest) and not got:
             nums += [float(x) for x in rest.split()]
             if len(nums) >= 2:
                 break
-        elif nums or skipped == 2:
+        elif nums or got or skipped == 2:
             return None
         else:
             skipped += 1
-    if len(nums) != 2 or not all(0 <= x <= 10 for x in nums):
+    scores = [got.get(0), got.get(1)] if got else nums
+    if len(scores) != 2 or None in scores or not all(0 <= x <= 10 for x in scores):
         return None
-    return nums[0], nums[1], "\n".join(lines[i + 1:]).strip()
+    if any(v != scores[lab] for line in lines[i + 1:] for lab, v in _labelled(line) or []):
+        return None  # the explanation gives another score
+    return scores[0], scores[1], "\n".join(lines[i + 1:]).strip()
 
 
 def parse_verdict(reply):
@@ -134,128 +153,6 @@ def parse_verdict(reply):
     eval/win_rate.py, ChatEvaluation.eval, parsed two scores instead, so nearly every reply was a tie.)"""
     m = re.search(r"\[\[\s*([ABC])\s*\]\]", reply)
     return m.group(1) if m else None
-
-# --- client -------------------------------------------------------------------------------------------------
-
-class JudgeError(Exception):
-    """A verdict that could not be had: the item is recorded as failed, the batch goes on."""
-
-
-_SECRETS = set()  # every key a client has read; scrubbed from error text before it is stored or logged
-
-
-def scrub(text):
-    for s in _SECRETS:
-        text = text.replace(s, "***")
-    return text
-
-
-def image_bytes(image):
-    """Raw bytes of an image given as a path, bytes or a PIL image (encoded as PNG)."""
-    if isinstance(image, bytes):
-        return image
-    if hasattr(image, "save"):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        return buf.getvalue()
-    return Path(image).read_bytes()
-
-
-def _retry_after(value):
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date), or None."""
-    try:
-        return max(0.0, float(value))
-    except (TypeError, ValueError):
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-    except (TypeError, ValueError):
-        return None
-
-
-class ChatClient:
-    """OpenAI-compatible chat completions with retries. chat() makes at most max_tries HTTP requests; it
-    waits Retry-After when the server sends one, else backoff * 2**(try-1) (capped) times a jitter in
-    [0.5, 1] so that many threads do not retry in lockstep. 4xx other than 429 (bad key, bad request) fail
-    at once."""
-
-    def __init__(self, base_url="https://api.openai.com/v1", model="gpt-4o", api_key_env="OPENAI_API_KEY",
-                 timeout=60.0, max_tries=6, temperature=0.0, max_tokens=1024, backoff=1.0, max_backoff=60.0,
-                 sleep=time.sleep, seed=0):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.timeout = timeout
-        self.max_tries = max_tries
-        self.sampling = {"temperature": temperature, "max_tokens": max_tokens}  # part of the cache key
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.sleep = sleep
-        self.rng = random.Random(seed)
-        # from the environment only: never a flag, so never in shell history
-        key = os.environ.get(api_key_env)
-        if key:
-            _SECRETS.add(key)
-        else:
-            log.warning("no API key in $%s; sending none", api_key_env)
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self.usage = Counter()  # requests, prompt_tokens, completion_tokens of this process's calls
-
-    def __repr__(self):  # no headers: the key must not reach a log through repr()
-        return f"ChatClient(url={self.url!r}, model={self.model!r}, sampling={self.sampling})"
-
-    def chat(self, text, image=None, system=None):
-        """The reply text to one user turn (text, then the image inline as a base64 data URL)."""
-        content = [{"type": "text", "text": text}]
-        if image is not None:
-            data = image_bytes(image)
-            mime = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"  # by magic bytes; PNG otherwise
-            url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
-            content.append({"type": "image_url", "image_url": {"url": url}})
-        system_turn = [{"role": "system", "content": system}] if system else []
-        messages = system_turn + [{"role": "user", "content": content}]
-        payload = {"model": self.model, "messages": messages, **self.sampling}
-        for attempt in range(1, self.max_tries + 1):
-            reply, why, retry_after = self._try(payload)
-            if reply is not None:
-                return reply
-            if attempt < self.max_tries:  # the server knows best when it will take us again
-                backoff = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
-                backoff *= self.rng.uniform(0.5, 1.0)  # jitter
-                wait = backoff if retry_after is None else retry_after
-                log.info("try %d/%d failed (%s); retrying in %.2fs", attempt, self.max_tries, why, wait)
-                self.sleep(wait)
-        raise JudgeError(f"gave up after {self.max_tries} tries: {why}")
-
-    def _try(self, payload):
-        """One request: (reply, None, None), or (None, why, Retry-After seconds or None) if worth retrying."""
-        # a requests.Session per thread: sessions are not thread-safe
-        if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-        with self._lock:
-            self.usage["requests"] += 1  # every request counts: a timed-out one may still be billed
-        try:
-            r = self._local.session.post(self.url, json=payload, headers=self._headers, timeout=self.timeout)
-        except (requests.Timeout, requests.ConnectionError) as e:
-            return None, type(e).__name__, None  # not str(e): it can quote the request
-        if r.status_code == 429 or r.status_code >= 500:
-            return None, f"HTTP {r.status_code}", _retry_after(r.headers.get("Retry-After"))
-        if r.status_code != 200:  # bad key, bad request: retrying will not help
-            raise JudgeError(scrub(f"HTTP {r.status_code}: {r.text[:300]}"))  # servers echo bad keys
-        try:
-            body = r.json()
-            reply = body["choices"][0]["message"]["content"]
-            usage = {k: int((body.get("usage") or {}).get(k) or 0)
-                     for k in ("prompt_tokens", "completion_tokens")}
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            reply = None
-        if not isinstance(reply, str):  # also a null content (a refusal)
-            return None, "malformed body", None
-        with self._lock:
-            self.usage.update(usage)
-        return reply, None, None
 
 # --- judges -------------------------------------------------------------------------------------------------
 
@@ -265,8 +162,7 @@ def _hash(*parts):
 
 class GPTJudge:
     """The paper's GPT-4o judge (any model behind a ChatClient). An unparseable reply is asked again once,
-    then raises JudgeError, which the batch runner records as that item's failure. So one verdict costs at
-    most 2 * max_tries requests (twice that with --swap)."""
+    then raises ChatError (the item's failure): a verdict costs at most 2 * max_tries requests (swap: x2)."""
 
     def __init__(self, client):
         self.client = client
@@ -284,7 +180,7 @@ class GPTJudge:
             reply = self.client.chat(text, image, system)
             if (parsed := parse(reply)) is not None:
                 return parsed
-        raise JudgeError(f"unparseable reply: {reply[:200]!r}")
+        raise ChatError(f"unparseable reply: {reply[:200]!r}")
 
     def rate_pair(self, image, question, answer_1, answer_2):
         """(score_1, score_2, explanation) for two answers, the paper's Fig. 5 prompt."""
@@ -298,21 +194,18 @@ class GPTJudge:
         return self._ask(parse_verdict, text, image, WINRATE_SYSTEM)
 
     def relative(self, image, question, reference, answer, context=""):
-        """(reference score, answer score, explanation): LLaVA-Med's relative score, which reports
-        mean(answer / reference) * 100. For LLaVA-Med's text-only judge pass image=None and as context its
-        block "Figure Caption:\n{label}: {caption}\n\nFigure Context:\n\t- {mention}"."""
+        """(reference score, answer score, explanation) for LLaVA-Med's relative score. Its text-only judge:
+        image=None, context "Figure Caption:\n{label}: {caption}\n\nFigure Context:\n\t- {mention}"."""
         text = RELATIVE_PROMPT.format(context=context, question=question, reference=reference, answer=answer)
         return self._ask(parse_scores, text, image, RELATIVE_SYSTEM)
 
 
 class OracleJudge:
-    """GPTJudge's interface, scored by score_fn(facts, question, answer) -> [1, 10] against the synthetic
-    image's known facts ({image file name: facts}, the synthetic facts.json). Offline and free. The cache key
-    has no version of score_fn: use a fresh cache file when the synthetic data's scoring changes."""
+    """GPTJudge's interface, scored offline by score_fn(facts, question, answer) -> [1, 10] against the
+    synthetic facts ({image name: facts}). The key has no version of score_fn: new scoring, new cache file."""
 
     def __init__(self, score_fn, facts):
-        self.score_fn = score_fn
-        self.facts = facts
+        self.score_fn, self.facts = score_fn, facts
 
     def key(self, kind, image, *texts):  # the facts, not just the name: every synthetic seed reuses names
         return _hash("oracle", kind, self.facts.get(Path(image).name), texts)
@@ -333,92 +226,84 @@ class OracleJudge:
 
 # --- batch runner -------------------------------------------------------------------------------------------
 
-class Cache:
-    """Append-only JSONL of {"key", "verdict"}: one line per verdict, flushed and fsync'd as it lands, so a
-    kill loses at most the line being written (skipped on reload). Failures are not cached: a rerun retries
-    them."""
+class Cache(JsonlLog):
+    """The verdict cache: a line {"key", "verdict"} per verdict (a later line for a key wins; a failure is
+    {"error": reason}), written by the worker the moment it is had, so a paid verdict survives a kill."""
 
     def __init__(self, path):
-        self.path = Path(path)
-        self.lock = threading.Lock()
-        self.data = {}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.path.read_text() if self.path.exists() else ""
-        for line in text.splitlines():
-            try:
-                rec = json.loads(line)
-                self.data[rec["key"]] = rec["verdict"]
-            except (ValueError, KeyError, TypeError):
-                log.warning("skipping a damaged cache line in %s", self.path)
-        self.f = open(self.path, "a")
-        if text and not text.endswith("\n"):
-            self.f.write("\n")  # end the line a kill cut short, or the next verdict would be glued onto it
-
-    def get(self, key):
-        return self.data.get(key)
+        super().__init__(path)
+        self.data = {r["key"]: r["verdict"] for r in self.records if "key" in r and "verdict" in r}
 
     def put(self, key, verdict):
-        with self.lock:
-            self.f.write(json.dumps({"key": key, "verdict": verdict}) + "\n")
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.data[key] = verdict
-
-    def close(self):
-        self.f.close()
+        self.append({"key": key, "verdict": verdict}, keep=False)  # verdicts live in self.data
+        self.data[key] = verdict
 
 
-def run_batch(units, work, cache=None, workers=4, on_result=None, progress_every=10.0):
-    """Compute work(unit) -> verdict (a JSON dict) for each (key, unit), `workers` threads at a time, reusing
-    cached verdicts and deduplicating keys. A failing unit yields {"error": ...}; an exception from on_result
-    (or a KeyboardInterrupt) stops the batch: calls in flight finish and are cached, no new ones start.
-    Returns ({key: verdict}, Counter(units, cached, new, failed))."""
-    results = {}
-    todo = {}
+def price_note(base_url, price_in, price_out):
+    """A warning when the cost estimate's prices may not be this server's, else None."""
+    if (host := urlparse(base_url).hostname) != "api.openai.com":
+        return (f"note: {host} is not OpenAI's server; costs are estimated at ${price_in:g} / ${price_out:g}"
+                " per million prompt / completion tokens (set --price_in / --price_out, 0 for a local model)")
+
+
+def run_batch(units, work, cache=None, workers=4, on_result=None, progress_every=10.0, retry_failed=False,
+              report=None, spend=None):
+    """work(unit) -> verdict (a JSON dict) for each (key, unit), `workers` threads at a time, reusing cached
+    verdicts (failures too, unless retry_failed), deduplicating keys. A failing unit yields {"error": ...};
+    Fatal, an exception from on_result or a KeyboardInterrupt stops the batch: calls in flight finish and are
+    cached, no new ones start. Every progress_every s, report (log.info) gets done / total, failures, rate,
+    ETA, spend(). Returns ({key: verdict}, Counter(units, cached, new, failed, kept_failures))."""
+    results, todo = {}, {}
     for key, unit in units:  # dicts: a key repeated (a duplicate item) is judged once
-        hit = cache.get(key) if cache else None
-        if hit is not None:
+        hit = cache.data.get(key) if cache else None
+        if hit is not None and not (retry_failed and "error" in hit):
             results[key] = hit
         else:
             todo[key] = unit
-    stats = Counter(units=len(results) + len(todo), cached=len(results))
+    stats = Counter(units=len(results) + len(todo), cached=len(results),
+                    kept_failures=sum("error" in v for v in results.values()))
 
     def job(key, unit):
         try:
             verdict = work(unit)
-        except Exception as e:  # one bad item (bad key, unparseable, gave up) never crashes the batch
-            return key, {"error": scrub(f"{type(e).__name__}: {e}")}
+        except Fatal:
+            raise
+        except Exception as e:  # one bad item (bad request, unparseable, gave up) never crashes the batch
+            verdict = {"error": scrub(f"{type(e).__name__}: {e}")}
         if cache:
             cache.put(key, verdict)  # in the worker, at once: a paid verdict survives whatever happens next
         return key, verdict
 
     pool = ThreadPoolExecutor(workers)
-    t0 = time.monotonic()
-    last = time.monotonic()
+    t0 = last = time.monotonic()
+    pending = {pool.submit(job, k, u) for k, u in todo.items()}
     try:
-        for done, fut in enumerate(as_completed([pool.submit(job, k, u) for k, u in todo.items()]), 1):
-            key, verdict = fut.result()
-            results[key] = verdict
-            stats["failed" if "error" in verdict else "new"] += 1
-            if "error" in verdict:
-                log.warning("failed: %s", verdict["error"])
-            if time.monotonic() - last >= progress_every or done == len(todo):
+        while pending:  # wakes at least every progress_every seconds, so a stalled run still reports
+            finished, pending = wait(pending, max(0.0, last + progress_every - time.monotonic()),
+                                     return_when=FIRST_COMPLETED)
+            for key, verdict in (f.result() for f in finished):
+                results[key] = verdict
+                stats["failed" if "error" in verdict else "new"] += 1
+                if "error" in verdict:
+                    log.warning("failed: %s", verdict["error"])
+                if on_result:
+                    on_result(key, verdict)
+            if time.monotonic() - last >= progress_every or not pending:
                 last = time.monotonic()
-                rate = done / max(time.monotonic() - t0, 1e-9)
-                log.info("%d/%d verdicts, %.2f/s, ETA %.0fs", done, len(todo), rate,
-                         (len(todo) - done) / rate)
-            if on_result:
-                on_result(key, verdict)
+                rate = (len(todo) - len(pending)) / max(last - t0, 1e-9)
+                eta = f"{len(pending) / rate:.0f}s" if rate else "?"
+                so_far = spend() if spend else ""
+                (report or log.info)(f"{len(results)}/{stats['units']} done ({stats['cached']} cached), "
+                                     f"{stats['failed']} failed, {rate:.2f}/s, ETA {eta}{so_far}")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return results, stats
 
 
-def _in_orders(judge, kind, rows, swap, image_dir, cache, workers, on_result=None):
-    """judge.<kind>(image, *texts, x, y) for rows (image, texts, x, y), also as (y, x) when swap: one cached
-    unit per order. Returns (per row, its verdicts in order [, swapped]; stats)."""
-    units = []
-    keys = []
+def _in_orders(judge, kind, rows, swap, image_dir, cache, workers, on_result=None, **batch):
+    """judge.<kind>(image, *texts, x, y) for rows (image, texts, x, y), also as (y, x) when swap: a cached
+    unit per order; batch: run_batch's keywords. Returns (per row its verdicts [, swapped], stats)."""
+    units, keys = [], []
     call = {"pair": judge.rate_pair, "win": judge.win}[kind]
     for image, texts, x, y in rows:
         image = Path(image_dir) / image
@@ -430,16 +315,17 @@ def _in_orders(judge, kind, rows, swap, image_dir, cache, workers, on_result=Non
         r = call(*unit)
         return {"verdict": r} if kind == "win" else {"scores": [r[0], r[1]], "explanation": r[2]}
 
-    results, stats = run_batch(units, work, cache, workers, on_result)
+    spend = getattr(getattr(judge, "client", None), "spent", None)
+    results, stats = run_batch(units, work, cache, workers, on_result, spend=spend, **batch)
     return [[results[k] for k in ks] for ks in keys], stats
 
 
-def rate_items(items, judge, cache=None, swap=False, image_dir=".", workers=4, on_result=None):
+def rate_items(items, judge, cache=None, swap=False, image_dir=".", workers=4, on_result=None, **batch):
     """Rate every item {"image", "question", "answers": [a1, a2]} (image relative to image_dir). Returns
     (items + "scores" [s1, s2] + "explanation", or + "error"; stats). With swap, each item is also rated with
     the answers in the other order, the scores averaged and "orders_disagree" set when the winner flips."""
     rows = [(it["image"], (it["question"],), *it["answers"][:2]) for it in items]
-    verdicts, stats = _in_orders(judge, "pair", rows, swap, image_dir, cache, workers, on_result)
+    verdicts, stats = _in_orders(judge, "pair", rows, swap, image_dir, cache, workers, on_result, **batch)
     out = []
     for it, vs in zip(items, verdicts):
         if errors := [v["error"] for v in vs if "error" in v]:
@@ -453,31 +339,34 @@ def rate_items(items, judge, cache=None, swap=False, image_dir=".", workers=4, o
                        orders_disagree=bool(np.sign(s1 - s2) != np.sign(t1 - t2)))
             stats["disagree"] += rec["orders_disagree"]
         out.append(rec)
-    stats["items"] = len(items)
-    stats["failed_items"] = sum("error" in r for r in out)
+    stats.update(items=len(items), failed_items=sum("error" in r for r in out))
     return out, stats
 
 
-def win_items(pairs, judge, cache=None, swap=True, image_dir=".", workers=4):
+def win_items(pairs, judge, cache=None, swap=True, image_dir=".", workers=4, **batch):
     """Outcome of model A against B for each {"image", "question", "reference", "a", "b"}: 1 win, 0.5 tie,
     0 loss; with swap, the mean over both presentation orders (position bias cancels). None if it failed."""
     rows = [(p["image"], (p["question"], p["reference"]), p["a"], p["b"]) for p in pairs]
-    verdicts, stats = _in_orders(judge, "win", rows, swap, image_dir, cache, workers)
+    verdicts, stats = _in_orders(judge, "win", rows, swap, image_dir, cache, workers, **batch)
     points = [{"A": 1.0, "B": 0.0, "C": 0.5}, {"A": 0.0, "B": 1.0, "C": 0.5}]  # A's points, per order shown
     outcomes = [None if any("error" in v for v in vs) else
                 float(np.mean([pt[v["verdict"]] for pt, v in zip(points, vs)])) for vs in verdicts]
-    stats["items"] = len(pairs)
-    stats["failed_items"] = outcomes.count(None)
+    stats.update(items=len(pairs), failed_items=outcomes.count(None))
     return outcomes, stats
 
 
 def summary(stats, judge, price_in, price_out):
-    """One line: items, cached, new verdicts, failures, requests, tokens and this run's estimated cost."""
+    """One line: items, cached, new verdicts, failures, requests, tokens, this run's cost, the ledger's."""
     u = getattr(getattr(judge, "client", None), "usage", Counter())
+    ledger = getattr(getattr(judge, "client", None), "ledger", None)
     cost = u["prompt_tokens"] / 1e6 * price_in + u["completion_tokens"] / 1e6 * price_out
     s = (f"items {stats['items']}: cached {stats['cached']}, new {stats['new']}, "
          f"failed {stats['failed']} verdicts; {u['requests']} requests, "
          f"{u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, est. cost ${cost:.4f}")
+    if ledger:
+        s += f"; ${ledger.cost():.4f} spent in all runs ({ledger.path})"
+    if stats["kept_failures"]:
+        s += f"; {stats['kept_failures']} failures kept from earlier runs (--retry_failed asks again)"
     if "disagree" in stats:
         s += (f"; swapped orders disagree on {stats['disagree']}/"
               f"{stats['items'] - stats['failed_items']} items")
@@ -493,13 +382,24 @@ def _oracle(facts_path=None):
     return OracleJudge(score_answer, json.loads(path.read_text()))
 
 
-def _rows_by_id(path):
-    """{str id: record} from a JSONL file or a JSON list (qid, question_id or id, as evaluate.py and VQA-RAD
-    use)."""
-    text = Path(path).read_text()
-    is_list = text.lstrip().startswith("[")
-    rows = json.loads(text) if is_list else [json.loads(x) for x in text.splitlines() if x.strip()]
-    return {str(_pick(r, "qid", "question_id", "id")): r for r in rows}
+def read_records(path, need=()):
+    """The records of a JSONL file or a JSON list, each an object with the fields `need`; else the run stops
+    with one line (file, line, what is wrong), before anything is paid for."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SystemExit(f"judge: cannot read {path}: {e.strerror or e}")
+    out = []
+    for n, line in [(1, text)] if text.lstrip().startswith("[") else enumerate(text.splitlines(), 1):
+        try:
+            rs = json.loads(line) if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"judge: {path}, line {n + e.lineno - 1}: not JSON ({e.msg})")
+        for r in rs if isinstance(rs, list) else [rs]:
+            if not (isinstance(r, dict) and set(need) <= r.keys()):
+                raise SystemExit(f"judge: {path}, line {n}: a record needs {', '.join(need) or 'an object'}")
+            out.append(r)
+    return out
 
 
 def _pick(rec, *names):
@@ -527,28 +427,25 @@ def main(argv=None):
     rate.add_argument("--swap", action="store_true", help="also rate in the other order and average")
     winrate.add_argument("a", help='model A\'s answers, JSONL of {"question_id", "text"} (evaluate.py\'s)')
     winrate.add_argument("b", help="model B's answers, the same format")
-    winrate.add_argument("--questions", required=True,
-                         help="the test set: JSON(L) of {qid, image|image_name, "
-                              "question, answer, answer_type} (e.g. the synthetic test.json)")
-    winrate.add_argument("--no-swap", dest="swap", action="store_false",
-                         help="one order only (position bias stays)")
+    winrate.add_argument("--questions", required=True, help="the test set: JSON(L) of {qid, image|image_name,"
+                         " question, answer, answer_type} (e.g. the synthetic test.json)")
+    winrate.add_argument("--no-swap", dest="swap", action="store_false", help="one order only (biased)")
     winrate.add_argument("--include_closed", action="store_true", help="BioMed-VITAL skips closed questions")
     winrate.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples")
     winrate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     for s in (rate, winrate):
-        s.add_argument("--judge", choices=["gpt", "oracle"], default="gpt",
-                       help="oracle: synthetic facts, offline")
+        s.add_argument("--judge", choices=["gpt", "oracle"], default="gpt", help="oracle: synthetic, offline")
         s.add_argument("--facts", default=None, help="oracle facts.json (default: the synthetic data's)")
         s.add_argument("--image_dir", default=".", help="image paths are relative to this")
-        s.add_argument("--cache", default="judge_cache.jsonl",
-                       help="verdict cache; keys hash all inputs, so one "
-                            "file can serve every run ('' = none)")
+        s.add_argument("--cache", default="judge_cache.jsonl", help="verdict cache (the spend ledger beside"
+                       " it); keys hash all inputs, so one file can serve every run ('' = none)")
         s.add_argument("--base_url", default="https://api.openai.com/v1", help="any OpenAI-compatible server")
         s.add_argument("--model", default="gpt-4o")
         s.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the key")
         s.add_argument("--workers", type=int, default=4, help="concurrent requests")
-        s.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+        s.add_argument("--timeout", type=float, default=60.0, help="seconds for a whole request")
         s.add_argument("--max_tries", type=int, default=6, help="HTTP tries per call")
+        s.add_argument("--retry_failed", action="store_true", help="ask again where it failed before")
         s.add_argument("--temperature", type=float, default=0.0)
         s.add_argument("--max_tokens", type=int, default=1024)
         # gpt-4o list price (2024-08-06 snapshot), USD per million tokens: check the current price list.
@@ -556,33 +453,44 @@ def main(argv=None):
         s.add_argument("--price_out", type=float, default=10.0, help="USD per million completion tokens")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    if args.judge == "oracle":
-        judge = _oracle(args.facts)
+    if args.cmd == "rate":  # everything that can be checked is checked before the first paid call
+        items = read_records(args.input, ("image", "question", "answers"))
+        if not items or not all(isinstance(it["answers"], list) and len(it["answers"]) > 1 for it in items):
+            raise SystemExit(f'judge: {args.input}: no items, or "answers" not a list of two')
+        if not os.access(folder := Path(args.out).absolute().parent, os.W_OK):
+            raise SystemExit(f"judge: cannot write {args.out}: {folder} is not a writable folder")
     else:
-        judge = GPTJudge(ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_tries,
-                                    args.temperature, args.max_tokens))
+        a, b, qs = ({str(_pick(r, "qid", "question_id", "id")): r for r in read_records(f)}  # evaluate.py's
+                    for f in (args.a, args.b, args.questions))
+        if not (pairs := winrate_pairs(a, b, qs, args.include_closed)):
+            raise SystemExit("judge: no question answered by both models")
     cache = Cache(args.cache) if args.cache else None
+    judge = _oracle(args.facts) if args.judge == "oracle" else GPTJudge(ChatClient(
+        args.base_url, args.model, args.api_key_env, args.timeout, args.max_tries, args.temperature,
+        args.max_tokens, ledger=cache and Ledger(cache.path.with_name("judge_spend.jsonl"), args.price_in,
+                                                 args.price_out)))
+    if args.judge != "oracle" and (note := price_note(args.base_url, args.price_in, args.price_out)):
+        log.warning(note)
     try:
         if args.cmd == "rate":
-            items = [json.loads(x) for x in Path(args.input).read_text().splitlines() if x.strip()]
-            out, stats = rate_items(items, judge, cache, args.swap, args.image_dir, args.workers)
-            Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in out))
+            out, stats = rate_items(items, judge, cache, args.swap, args.image_dir, args.workers,
+                                    retry_failed=args.retry_failed)
+            Path(args.out + ".tmp").write_text("".join(json.dumps(r) + "\n" for r in out))
+            os.replace(args.out + ".tmp", args.out)
         else:
-            pairs = winrate_pairs(_rows_by_id(args.a), _rows_by_id(args.b), _rows_by_id(args.questions),
-                                  args.include_closed)
-            outcomes, stats = win_items(pairs, judge, cache, args.swap, args.image_dir, args.workers)
-            ok = [o for o in outcomes if o is not None]
-            if ok:
-                # in percent, or None for n_boot 0
-                ci = E.bootstrap(np.asarray(ok, dtype=float), args.n_boot, args.seed)
+            outcomes, stats = win_items(pairs, judge, cache, args.swap, args.image_dir, args.workers,
+                                        retry_failed=args.retry_failed)
+            if ok := [o for o in outcomes if o is not None]:
+                ci = E.bootstrap(np.asarray(ok, dtype=float), args.n_boot, args.seed)  # percent, or None
                 interval = f"95% bootstrap CI {ci[0] / 100:.3f}-{ci[1] / 100:.3f}; " if ci else ""
-                print(f"win rate of A over B: {np.mean(ok):.3f} ({interval}ties count half) on "
-                      f"{len(ok)} questions: {sum(o > 0.5 for o in ok)} wins, "
-                      f"{sum(o == 0.5 for o in ok)} ties, {sum(o < 0.5 for o in ok)} losses")
-        print(summary(stats, judge, args.price_in, args.price_out))
-    finally:
-        if cache:
-            cache.close()
+                print(f"win rate of A over B: {np.mean(ok):.3f} ({interval}ties count half) on {len(ok)} "
+                      f"questions: {sum(o > 0.5 for o in ok)} wins, {sum(o == 0.5 for o in ok)} ties, "
+                      f"{sum(o < 0.5 for o in ok)} losses")
+    except Fatal as e:  # one line, the whole run: every further call would be refused the same way
+        raise SystemExit(f"judge: stopped: {e}")
+    print(summary(stats, judge, args.price_in, args.price_out))
+    if stats["failed_items"] == stats["items"]:
+        raise SystemExit(f"judge: every item failed ({stats['items']}); the reasons are in the output")
 
 
 if __name__ == "__main__":

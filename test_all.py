@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import peft
 import pytest
+import requests
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -2080,13 +2081,19 @@ class Clock:
 
 class Fake:
     """Scripted chat-completions server. script: {question: [behaviour, ...]}; a question asked more often
-    than its script is long gets "ok". Behaviours: ok, "429:<secs>", 500, malformed, noscores, slow, 401."""
+    than its script is long gets "ok". Behaviours: ok, "429:<secs>", "429" (no Retry-After), 500, 503,
+    malformed, nonjson, nochoices, noscores, "say:<reply>", slow (replies after the client's deadline), hang
+    (closes after it, unanswered), cut (a body cut short), reset (closes at once), trickle (the body in pieces
+    over 3 s), badgzip, 400 and 401 (both echo the key), 403. billed: (question, prompt, completion tokens,
+    reply) of each complete 200 with usage, as the provider would bill it."""
 
     def __init__(self, script=None, clock=None, reply=None):
         self.script, self.clock, self.reply = (script or {}, clock or Clock(),
                                                reply or (lambda text: OK_REPLY))
         # log: (question, behaviour, virtual time, authorization, image ok)
-        self.log, self.lock = [], threading.Lock()
+        self.log, self.billed, self.lock = [], [], threading.Lock()
+        self.usage = lambda q, n: (100, 10)  # the tokens of question q's n-th request
+        self.hang = 1.5  # seconds a hang lasts: past the client's deadline
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -2107,34 +2114,64 @@ class Fake:
                     what = steps[n] if n < len(steps) else "ok"
                     fake.log.append((q, what, fake.clock.now, self.headers.get("Authorization"), image_ok))
                 try:
-                    if what.startswith("429"):
-                        self.send(429, b'{"error": "rate limited"}', {"Retry-After": what.split(":")[1]})
-                    elif what == "500":
-                        self.send(500, b"oops")
-                    elif what == "malformed":
-                        self.send(200, b'{"choices": [')
-                    elif what == "401":
-                        echo = f'{{"error": "Incorrect API key provided: {self.headers["Authorization"]}"}}'
-                        self.send(401, echo.encode())
-                    else:
-                        if what == "slow":
-                            # the client's timeout is 1 s: well past it, yet a loaded CI box still answers in
-                            # time
-                            time.sleep(2.5)
-                        reply = "I cannot judge this." if what == "noscores" else fake.reply(body)
-                        self.send(200, json.dumps(
-                            {"choices": [{"message": {"role": "assistant", "content": reply}}],
-                             "usage": {"prompt_tokens": 100, "completion_tokens": 10}}).encode())
+                    self.answer(what, q, n, body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up on the slow reply
 
-            def send(self, code, data, headers={}):
+            def answer(self, what, q, n, body):
+                echo = f'{{"error": "Incorrect API key provided: {self.headers["Authorization"]}"}}'.encode()
+                if what.startswith("429"):
+                    self.send(429, b'{"error": "rate limited"}',
+                              {"Retry-After": what.split(":")[1]} if ":" in what else {})
+                elif what in ("500", "503"):
+                    self.send(int(what), b"oops")
+                elif what in ("malformed", "nonjson", "nochoices"):
+                    self.send(200, {"malformed": b'{"choices": [', "nonjson": b"<html>busy</html>",
+                                    "nochoices": b'{"object": "error"}'}[what])
+                elif what in ("400", "401", "403"):
+                    self.send(int(what), echo)
+                elif what in ("hang", "reset"):
+                    time.sleep(fake.hang if what == "hang" else 0)
+                    self.close_connection = True
+                elif what == "cut":  # says 100 bytes more than it sends, then closes
+                    self.send(200, self.completion(OK_REPLY, None)[:40], length=140)
+                    self.close_connection = True
+                elif what == "badgzip":
+                    self.send(200, self.completion(OK_REPLY, None), {"Content-Encoding": "gzip"})
+                else:
+                    if what == "slow":
+                        # the client's timeout is 1 s: well past it, yet a loaded CI box still answers in
+                        # time
+                        time.sleep(2.5)
+                    reply = ("I cannot judge this." if what == "noscores" else what[4:] if what[:4] == "say:"
+                             else fake.reply(body))
+                    data = self.completion(reply, fake.usage(q, n))
+                    if what == "trickle":  # each piece well within the timeout, the whole well past it
+                        self.send(200, b"", length=len(data))
+                        for i in range(0, len(data), len(data) // 10 + 1):
+                            time.sleep(0.3)
+                            self.wfile.write(data[i:i + len(data) // 10 + 1])
+                            self.wfile.flush()
+                    else:
+                        self.send(200, data)
+                    if what != "slow":
+                        with fake.lock:
+                            fake.billed.append((q, *fake.usage(q, n), reply))
+
+            def completion(self, reply, usage):
+                body = {"choices": [{"message": {"role": "assistant", "content": reply}}]}
+                if usage:
+                    body["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1]}
+                return json.dumps(body).encode()
+
+            def send(self, code, data, headers={}, length=None):
                 self.send_response(code)
                 for k, v in {"Content-Type": "application/json", **headers}.items():
                     self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", str(len(data) if length is None else length))
                 self.end_headers()
                 self.wfile.write(data)
+                self.wfile.flush()
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -2193,6 +2230,30 @@ def items(n, prefix="q"):
     ("8 6 7\nexpl", None),                                                # three numbers: ambiguous
     ("11 3", None),                                                       # off the scale
     ("The image shows\n2 lesions in\nthe liver\n3 4", None),              # numbers in prose are not scores
+    # labelled scores map by their labels, in any order
+    ("Score 1: 8\nScore 2: 6", (8, 6)),
+    ("1. 8\n2. 6", (8, 6)),
+    ("1) 8\n2) 6\nAnswer 1 names the organ.", (8, 6)),
+    ("Answer 2: 6\nAnswer 1: 8", (8, 6)),
+    ("6 for Answer 2 and 8 for Answer 1", (8, 6)),
+    ("8 for Answer 1, 6 for Answer 2", (8, 6)),
+    ("Assistant 2: 3, Assistant 1: 9", (9, 3)),
+    ("**Answer 2:** 6/10\n**Answer 1:** 8/10\n\nAnswer 1 sees 2 lesions.", (8, 6)),
+    ("Answer A: 7\nAnswer B: 2", (7, 2)),
+    ("Scores: 1) 8, 2) 6", (8, 6)),
+    # refusals: negative, out of range, one number, ambiguous
+    ("-4 9", None),
+    ("8 -4", None),
+    ("Answer 1: -4\nAnswer 2: 9", None),
+    ("Answer 1: 12\nAnswer 2: 6", None),
+    ("8", None),
+    ("Answer 1: 8", None),
+    ("Answer 1: 8\nAnswer 1: 6", None),                                 # a label twice
+    ("Answer 1: 8\nAnswer 2: 6\nAnswer 2: 7", None),                     # contradicted further on
+    ("Answer 1: 8, 6\nAnswer 2: 5", None),                               # a stray number
+    ("8 6\n", (8, 6)),
+    ("1. 8", None),
+    ("Answer 1: 8\n7\nAnswer 2: 6", None),                               # labelled and bare mixed
 ])
 def test_parse_scores(reply, scores):
     got = judge.parse_scores(reply)
@@ -2291,7 +2352,7 @@ def test_cache_survives_a_cut_line(env, fake):
 
 
 def test_key_never_leaks(env, fake, caplog, capsys, monkeypatch):
-    fake.script = {"q0": ["401"], "q1": ["429:1", "ok"], "q2": ["slow", "500", "ok"]}
+    fake.script = {"q0": ["400"], "q1": ["429:1", "ok"], "q2": ["slow", "500", "ok"]}
     (env / "in.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items(4)))
     caplog.set_level(logging.DEBUG)
     argv = ["rate", str(env / "in.jsonl"), "--out", str(env / "out.jsonl"), "--image_dir", str(env),
@@ -2303,7 +2364,7 @@ def test_key_never_leaks(env, fake, caplog, capsys, monkeypatch):
     monkeypatch.setattr(judge, "ChatClient", lambda *a, **kw: real(*a, sleep=fake.clock.sleep, **kw))
     judge.main(argv)
     out = [json.loads(line) for line in (env / "out.jsonl").read_text().splitlines()]
-    assert "HTTP 401" in out[0]["error"] and "***" in out[0]["error"]          # the echoed key was scrubbed
+    assert "HTTP 400" in out[0]["error"] and "***" in out[0]["error"]          # the echoed key was scrubbed
     assert [("error" in r) for r in out] == [True, False, False, False]
     assert fake.calls("q0")[0][3] == f"Bearer {KEY}"                          # and it was really sent
     written = "".join(p.read_text(errors="replace") for p in env.rglob("*") if p.is_file())
@@ -2401,6 +2462,239 @@ def test_cli_oracle_path(env, monkeypatch, capsys):
                 "--cache", ""])
     assert json.loads((env / "out.jsonl").read_text())["scores"] == [3.0, 9.0]
     assert "new 1, failed 0" in capsys.readouterr().out
+
+
+# --- a hostile server ---------------------------------------------------------------------------------
+def rate_argv(env, fake, its, *extra):
+    (env / "in.jsonl").write_text("".join(json.dumps(it) + "\n" for it in its))
+    return ["rate", str(env / "in.jsonl"), "--out", str(env / "out.jsonl"), "--image_dir", str(env),
+            "--cache", str(env / "cache.jsonl"), "--base_url", fake.url, "--api_key_env", "JUDGE_TEST_KEY",
+            "--timeout", "1.0", "--max_tries", "3", "--workers", "2", *extra]
+
+
+@pytest.fixture
+def no_waits(fake, monkeypatch):
+    real = judge.ChatClient
+    monkeypatch.setattr(judge, "ChatClient", lambda *a, **kw: real(*a, sleep=fake.clock.sleep, **kw))
+
+
+def test_every_transport_failure_is_retried(env, fake):
+    fake.script = {f"q{i}": [s, "ok"] for i, s in enumerate(["cut", "hang", "429", "nonjson", "nochoices",
+                                                             "reset", "badgzip", "503"])}
+    out, stats = judge.rate_items(items(8), make_judge(fake, max_tries=2), None, image_dir=env, workers=4)
+    assert [r.get("scores") for r in out] == [[8, 6]] * 8, out
+    assert all(len(fake.calls(f"q{i}")) == 2 for i in range(8))
+
+
+@pytest.mark.parametrize("name", ["SSLError", "ChunkedEncodingError", "ContentDecodingError", "ProxyError"])
+def test_tls_and_protocol_errors_are_retried(env, fake, name):
+    exc = getattr(requests.exceptions, name)
+
+    class Flaky(requests.Session):  # fails once, then is a real session
+        n = 0
+
+        def post(self, *a, **kw):
+            Flaky.n += 1
+            if Flaky.n == 1:
+                raise exc("boom")
+            return super().post(*a, **kw)
+    c = make_judge(fake).client
+    c._local.session = Flaky()
+    assert c.chat("[Question]\nq0\n") == OK_REPLY and Flaky.n == 2 and len(fake.log) == 1
+
+
+def test_a_bad_request_fails_its_item_without_retry(env, fake):
+    fake.script = {"q0": ["400"]}
+    out, _ = judge.rate_items(items(2), make_judge(fake), None, image_dir=env)
+    assert "HTTP 400" in out[0]["error"] and len(fake.calls("q0")) == 1 and out[1]["scores"] == [8, 6]
+
+
+@pytest.mark.parametrize("code", ["401", "403"])
+def test_a_refused_key_stops_the_run(env, fake, no_waits, code, capsys):
+    fake.script = {f"q{i}": [code] for i in range(12)}
+    with pytest.raises(SystemExit) as e:
+        judge.main(rate_argv(env, fake, items(12)))
+    msg = str(e.value.code)
+    assert f"HTTP {code}" in msg and "$JUDGE_TEST_KEY" in msg and "\n" not in msg and KEY not in msg
+    assert len(fake.log) <= 2                      # the calls in flight (2 workers), no more
+    assert not (env / "out.jsonl").exists()
+
+
+def test_a_malformed_key_stops_the_run_unsent(env, fake, monkeypatch, capsys):
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-abc\ndef-0123456789")
+    with pytest.raises(SystemExit) as e:
+        judge.main(rate_argv(env, fake, items(3)))
+    assert "malformed" in str(e.value.code) and "$JUDGE_TEST_KEY" in str(e.value.code)
+    assert "0123456789" not in str(e.value.code) + "".join(capsys.readouterr()) and not fake.log
+
+
+def test_timeout_is_a_deadline_for_the_whole_reply(env, fake):
+    fake.script = {"q0": ["trickle"]}  # ten pieces 0.3 s apart: each read within 1 s, the reply in 3 s
+    t = time.monotonic()
+    out, _ = judge.rate_items(items(1), make_judge(fake, max_tries=1), None, image_dir=env)
+    assert "error" in out[0] and time.monotonic() - t < 2.5
+
+
+def test_a_key_with_whitespace_never_leaks(env, fake, monkeypatch, caplog, capsys):
+    monkeypatch.setenv("JUDGE_TEST_KEY", f"  {KEY}\n")  # as read from a secret file
+    caplog.set_level(logging.DEBUG)
+    fake.script = {"q0": ["401"]}
+    with pytest.raises(SystemExit) as e:
+        judge.main(rate_argv(env, fake, items(3), "--workers", "1"))
+    assert fake.log[0][3] == f"Bearer {KEY}"                                   # stripped, and sent
+    written = "".join(p.read_text(errors="replace") for p in env.rglob("*") if p.is_file())
+    captured = capsys.readouterr()
+    assert KEY not in written + caplog.text + captured.out + captured.err + str(e.value.code)
+    # requests' InvalidHeader quotes a key with its newline escaped: scrubbed in that form too
+    assert KEY not in judge.scrub(repr({"Authorization": f"Bearer   {KEY}\n"}))
+    assert KEY not in repr(judge.ChatClient(fake.url, api_key_env="JUDGE_TEST_KEY"))
+
+
+def test_bad_input_stops_before_any_call(env, fake, capsys):
+    good = json.dumps(items(1)[0])
+    cases = [("missing.jsonl", None, "missing.jsonl"),
+             ("broken.jsonl", good + "\n\n" + '{"image": "img.png", "question": "q1",\n',
+              "broken.jsonl, line 3"),
+             ("noanswers.jsonl", good + "\n" + json.dumps({"image": "img.png", "question": "q"}),
+              "noanswers.jsonl, line 2"),
+             ("empty.jsonl", "\n", "no items")]
+    for name, text, want in cases:
+        if text is not None:
+            (env / name).write_text(text)
+        with pytest.raises(SystemExit) as e:
+            judge.main(["rate", str(env / name), "--out", str(env / "out.jsonl"), "--base_url", fake.url,
+                        "--api_key_env", "JUDGE_TEST_KEY", "--cache", ""])
+        assert want in str(e.value.code) and "\n" not in str(e.value.code)
+    (env / "in.jsonl").write_text(good + "\n")
+    with pytest.raises(SystemExit) as e:  # the output folder is checked before any call
+        judge.main(["rate", str(env / "in.jsonl"), "--out", str(env / "nowhere" / "out.jsonl"),
+                    "--base_url", fake.url, "--api_key_env", "JUDGE_TEST_KEY", "--cache", ""])
+    assert "nowhere" in str(e.value.code) and not fake.log
+
+
+def test_failures_are_kept_and_reasked_only_on_request(env, fake, no_waits, capsys):
+    fake.script = {"q0": ["noscores", "noscores"], "q1": ["400"]}
+    argv = rate_argv(env, fake, items(3))
+    judge.main(argv)
+    out = [json.loads(x) for x in (env / "out.jsonl").read_text().splitlines()]
+    assert "unparseable" in out[0]["error"] and "I cannot judge" in out[0]["error"]   # the reason, the reply
+    assert "HTTP 400" in out[1]["error"] and out[2]["scores"] == [8, 6]
+    n = len(fake.log)
+    judge.main(argv)
+    assert len(fake.log) == n and "error" in json.loads((env / "out.jsonl").read_text().splitlines()[0])
+    judge.main(argv + ["--retry_failed"])
+    assert len(fake.log) == n + 2
+    assert all("scores" in json.loads(x) for x in (env / "out.jsonl").read_text().splitlines())
+    fake.script = {"z0": ["400"], "z1": ["400"]}
+    with pytest.raises(SystemExit) as e:  # every item failed: a non-zero exit
+        judge.main(rate_argv(env, fake, items(2, "z")))
+    assert "every item failed" in str(e.value.code)
+
+
+def test_spend_ledger_and_progress(env, fake, no_waits, caplog, capsys):
+    caplog.set_level(logging.INFO)
+    fake.usage = lambda q, n: (1000 + int(q[1:]), 100)
+    judge.main(rate_argv(env, fake, items(3)) + ["--price_in", "1", "--price_out", "2"])
+    judge.main(rate_argv(env, fake, items(5)) + ["--price_in", "1", "--price_out", "2"])
+    rows = [json.loads(x) for x in (env / "judge_spend.jsonl").read_text().splitlines()]
+    assert len(rows) == len(fake.billed) == 5                               # each paid reply once
+    assert sum(r["prompt_tokens"] for r in rows) == sum(b[1] for b in fake.billed) == 5010
+    assert sum(r["cost"] for r in rows) == pytest.approx((5010 * 1 + 500 * 2) / 1e6)
+    out = capsys.readouterr().out
+    assert "$0.0060" in out                                                  # the ledger's total so far
+    assert re.search(r"5/5 done \(3 cached\), 0 failed, .*/s, ETA .*\$0\.0060", caplog.text)
+    assert "not OpenAI" in caplog.text                                       # a price note for 127.0.0.1
+
+
+def test_progress_line_at_a_steady_interval(caplog):
+    caplog.set_level(logging.INFO)
+    judge.run_batch([(i, i) for i in range(3)], lambda u: time.sleep(0.35) or {"scores": [u, u]},
+                    workers=1, progress_every=0.1)
+    assert len(re.findall(r"done \(0 cached\), 0 failed", caplog.text)) >= 6   # also while nothing finishes
+
+
+def test_dpo_judge_step_passes_the_settings_through(env, fake, no_waits, tmp_path, capsys):
+    fake.script = {"q1": ["hang", "ok"]}
+    cfg = replace(dpo.Config(), base_url=fake.url, api_key_env="JUDGE_TEST_KEY", timeout=1.0, max_tries=2,
+                  workers=3, out_dir=str(tmp_path), price_in=0.0)
+    j = dpo.make_judge(cfg)
+    assert (j.client.timeout, j.client.max_tries) == (1.0, 2)
+    rows = [{"image": "img.png", "question": f"q{i}", "answers": ["a", "b"]} for i in range(3)]
+    pairs = dpo.judge_step(cfg, rows, env, j, str(tmp_path / "pairs.jsonl"))
+    assert len(pairs) == 3 and (tmp_path / "judge_spend.jsonl").exists()
+    assert "3/3 done" in capsys.readouterr().out
+
+
+CHAOS = ["429:0.2", "429", "500", "503", "hang", "cut", "reset", "nonjson", "nochoices", "malformed",
+         "say:I cannot judge this.", "say:8", "say:12 5", "say:-3 7"]
+SHAPES = ["{a} {b}\nsee {q}", "Answer 2: {b}\nAnswer 1: {a}\nsee {q}",
+          "{b} for Answer 2 and {a} for Answer 1", "Score 1: {a}\nScore 2: {b}", "1) {a}\n2) {b}",
+          "**Answer 1:** {a}/10\n**Answer 2:** {b}/10"]
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_chaotic_server(env, fake, workers):
+    rng, meant, hangs = random.Random(20), {}, 0
+    for i in range(30):
+        q = f"c{i}"
+        meant[q] = [rng.randint(1, 10), rng.randint(1, 10)]
+        steps = [rng.choice(CHAOS) for _ in range(rng.choice([0, 0, 1, 2, 3, 4, 5]))]
+        for k, s in enumerate(steps):  # a hang costs the deadline in wall time: two per run
+            hangs += s == "hang"
+            steps[k] = "500" if s == "hang" and hangs > 2 else s
+        fake.script[q] = steps + ["say:" + rng.choice(SHAPES).format(a=meant[q][0], b=meant[q][1], q=q)]
+    fake.usage, fake.hang = (lambda q, n: (50 + 7 * int(q[1:]) + n, 5 + n)), 2.0
+    ledger = judge.Ledger(env / "spend.jsonl", 2.5, 10.0)
+    # a deadline generous for a loopback reply (a missed good reply would be paid twice), short of a hang
+    j = judge.GPTJudge(judge.ChatClient(fake.url, "gpt-4o", "JUDGE_TEST_KEY", timeout=1.5, max_tries=3,
+                                        sleep=fake.clock.sleep, ledger=ledger))
+    out, stats = judge.rate_items(items(30, "c"), j, judge.Cache(env / "c.jsonl"), image_dir=env,
+                                  workers=workers)
+    good = Counter(b[0] for b in fake.billed if b[3] == fake.script[b[0]][-1][4:])
+    for r in out:
+        q = r["question"]
+        assert r.get("scores") == meant[q] or "error" in r, r  # the verdict meant, or an explicit failure
+        assert good[q] == ("scores" in r)                       # exactly one successful paid reply if judged
+    assert 10 <= sum("scores" in r for r in out) < 30
+    rows = [json.loads(x) for x in (env / "spend.jsonl").read_text().splitlines()]
+    assert len(rows) == len(fake.billed)
+    assert [sum(r[k] for r in rows) for k in ("prompt_tokens", "completion_tokens")] == \
+        [sum(b[1] for b in fake.billed), sum(b[2] for b in fake.billed)]
+
+
+def test_sigkill_and_rerun(env, fake):
+    def reply(body):
+        q = re.search(r"\[Question\]\n(.*?)\n", body["messages"][-1]["content"][0]["text"]).group(1)
+        time.sleep(0.02)
+        return f"{int(q[1:]) % 10 + 1} {int(q[1:]) // 3 % 10 + 1}\nabout {q}"
+    fake.reply = reply
+    n = 24
+    argv = rate_argv(env, fake, items(n))
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "judge.py"), *argv]
+    lines = {"cache": env / "cache.jsonl", "ledger": env / "judge_spend.jsonl"}
+    rng, marks = random.Random(0), []
+    for _ in range(3):
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        at = len(fake.log) + rng.randint(1, 6)  # killed after a random number of requests, at a random time
+        t = time.monotonic()
+        while len(fake.log) < at and p.poll() is None and time.monotonic() - t < 30:
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.03))
+        p.kill()
+        p.wait()
+        cached = {json.loads(x)["verdict"]["explanation"][6:]
+                  for x in lines["cache"].read_text().splitlines()}
+        marks.append((len(fake.log), cached))
+    assert subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+    for mark, cached in marks:  # what the cache held at a kill was never asked again
+        assert not {e[0] for e in fake.log[mark:]} & cached
+    for path in lines.values():  # both parse line by line
+        assert all(json.loads(x) for x in path.read_text().splitlines())
+    ledger = [json.loads(x) for x in lines["ledger"].read_text().splitlines()]
+    assert n <= len(ledger) <= len(fake.billed) and sum(e[0] == "q0" for e in fake.log) >= 1
+    killed_out = (env / "out.jsonl").read_text()
+    judge.main(argv[:7] + [str(env / "fresh.jsonl")] + argv[8:])  # an uninterrupted run, a fresh cache
+    assert (env / "out.jsonl").read_text() == killed_out
 
 
 # ----------------------------------------------------------------------------- selector.py
@@ -2984,7 +3278,7 @@ def test_readme_line_counts_are_current():
         assert len((root / name).read_text().splitlines()) == int(n), f"README says {name} has {n} lines"
 
 
-BLOCKS = ("model", "checkpoint", "lora", "data", "train", "synth")
+BLOCKS = ("model", "checkpoint", "lora", "data", "train", "synth", "chat")
 JOBS = ("sft", "dpo", "judge", "selector", "evaluate")
 
 
