@@ -46,6 +46,7 @@ _SECRETS = set()  # every key a client has read; scrubbed from error text before
 
 
 def scrub(text):
+    """`text` with every key a client has read replaced by ***."""
     for s in _SECRETS:  # as is, and as repr() and JSON quote it (requests' InvalidHeader escapes a "\n")
         for form in (s, repr(s)[1:-1], json.dumps(s)[1:-1]):
             text = text.replace(form, "***")
@@ -55,7 +56,8 @@ def scrub(text):
 def image_bytes(image):
     """Raw bytes of an image given as a path, bytes or a PIL image (encoded as PNG)."""
     if hasattr(image, "save"):
-        image.save(buf := io.BytesIO(), format="PNG")
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
         return buf.getvalue()
     return image if isinstance(image, bytes) else Path(image).read_bytes()
 
@@ -97,11 +99,14 @@ class ChatClient:
         # From the environment only: never a flag, so never in shell history. Stripped: a key read from a
         # secret file often ends in a newline, which requests rejects with an error quoting the key.
         self.key_env = api_key_env
-        key = os.environ.get(api_key_env) or ""
-        _SECRETS.update(s for s in (key, key.strip()) if s.strip())
-        if not key.strip():
+        raw = os.environ.get(api_key_env) or ""
+        key = raw.strip()
+        self._headers = {}
+        if key:
+            _SECRETS.update((raw, key))  # both: an error may quote the key as it was read
+            self._headers = {"Authorization": f"Bearer {key}"}
+        else:
             log.warning("no API key in $%s; sending none", api_key_env)
-        self._headers = {"Authorization": f"Bearer {key.strip()}"} if key.strip() else {}
         self._local = threading.local()
         self._lock = threading.Lock()
         self.usage = Counter()  # this process's requests and tokens
@@ -112,7 +117,8 @@ class ChatClient:
     def __repr__(self):  # no headers: the key must not reach a log through repr()
         return f"ChatClient(url={self.url!r}, model={self.model!r}, sampling={self.sampling})"
 
-    def spent(self):  # for the progress line: this run's requests, and the ledger's cost over all runs
+    def spent(self):
+        """For the progress line: this run's requests, and the ledger's cost over all runs."""
         ledger = f", ${self.ledger.cost():.4f} spent in all runs" if self.ledger else ""
         return f", {self.usage['requests']} requests{ledger}"
 
@@ -133,9 +139,12 @@ class ChatClient:
             reply, why, retry_after = self._try(payload)
             if reply is not None:
                 return reply
-            if attempt < self.max_tries:  # the server knows best when it will take us again
+            if attempt < self.max_tries:
                 backoff = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
-                wait = backoff * self.rng.uniform(0.5, 1.0) if retry_after is None else retry_after  # jitter
+                if retry_after is None:
+                    wait = backoff * self.rng.uniform(0.5, 1.0)  # jitter: threads do not retry in lockstep
+                else:
+                    wait = retry_after  # the server knows best when it will take us again
                 log.info("try %d/%d failed (%s); retrying in %.2fs", attempt, self.max_tries, why, wait)
                 self.sleep(wait)
         raise ChatError(f"gave up after {self.max_tries} tries: {why}")
@@ -173,8 +182,8 @@ class ChatClient:
             raise ChatError(f"HTTP {r.status_code}: {said}")
         try:
             body = json.loads(data)
-            usage = {k: int((body.get("usage") or {}).get(k) or 0)
-                     for k in ("prompt_tokens", "completion_tokens")}
+            counts = body.get("usage") or {}  # a server may send none, or nulls
+            usage = {k: int(counts.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
             choices = body["choices"]
             with self._lock:  # a reply with choices is paid, whatever they hold
                 self.usage.update(usage)
@@ -183,7 +192,9 @@ class ChatClient:
             reply = choices[0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             reply = None
-        return (reply, None, None) if isinstance(reply, str) else (None, "malformed body", None)  # or refused
+        if not isinstance(reply, str):  # a malformed body, or a refusal (content null)
+            return None, "malformed body", None
+        return reply, None, None
 
 
 class JsonlLog:
@@ -224,8 +235,10 @@ class Ledger(JsonlLog):
         self.price_out = price_out
 
     def add(self, model, usage):
+        """Record one paid reply's {"prompt_tokens", "completion_tokens"} and its cost."""
         cost = (usage["prompt_tokens"] * self.price_in + usage["completion_tokens"] * self.price_out) / 1e6
         self.append({"model": model, **usage, "cost": cost})
 
     def cost(self):
+        """USD spent over every run recorded in the file."""
         return sum(r.get("cost", 0) for r in self.records)

@@ -90,28 +90,41 @@ PROMPTS = {"pair": PAIR_PROMPT, "win": WINRATE_SYSTEM + WINRATE_PROMPT,
 
 # --- parsing ------------------------------------------------------------------------------------------------
 
-_NUM = r"(-?\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*10\b)?"  # signed, so that "-4" is refused, not read as 4
+# A score: signed, so that "-4" is refused rather than read as 4, optionally followed by "/10" or "out of 10".
+_NUM = r"(-?\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*10\b)?"
 _NAME = r"(?:answer|assistant|response|score)\s*([12ab])\b"  # "Answer 1", "Assistant B", "Score 2"
 _LABELLED = [  # (pattern, group of the label, group of the score)
+    # a name, then any run of spaces, ":", "=", markdown "*" or "_" and dashes that are not a minus sign
     (re.compile(_NAME + r"(?:[\s:=*_]|-(?!\d))*" + _NUM, re.I), 1, 2),                       # Answer 1: 8
+    # a score, then "for"/"to" (after an optional "points"), then a name
     (re.compile(_NUM + r"\s+(?:points?\s+)?(?:for|to)\s+(?:the\s+)?" + _NAME, re.I), 2, 1),  # 8 for Answer 1
+    # a list item's number as the label: at the start, or after a space, "," or ";"
     (re.compile(r"(?:^|(?<=[\s,;]))([12])[.)]\s+" + _NUM), 1, 2)]                            # 1) 8, 1. 8
 _OUT_OF = re.compile(r"\s*(?:/|out\s+of)\s*10\b", re.I)                                    # 8/10, 8 out of 10
+# What may surround bare scores ("Scores: 8, 6", "**8 6**", "8 and 6."): filler words, markdown and
+# punctuation, a "-" that is not a minus sign and a "." that is not a decimal point. Replaced by a space.
 _FILLER = re.compile(r"\b(?:overall|final|scores?|ratings?|and|for|vs\.?|respectively|here|are|my|the)\b"
                      r"|[*_#`:,;=()\[\]|>]|-(?!\d)|(?<!\d)\.|\.(?!\d)", re.I)
+# A line of nothing but numbers (signed, maybe decimal) separated by whitespace: "8 6", "7.5 6.0".
 _NUMBERS = re.compile(r"\s*(?:-?\d+(?:\.\d+)?\s+)*-?\d+(?:\.\d+)?\s*")
 
 
 def _labelled(line):
     """[(label 0 or 1, score)] from a line that begins with labelled scores, [] from any other, None when
     the reading is ambiguous (two readings overlap, or a stray number sits beside the scores)."""
-    found = sorted((m.start(), m.end(), m.group(lab).lower() not in "1a", float(m.group(num)))
-                   for rx, lab, num in _LABELLED for m in rx.finditer(line))
-    if not found or _FILLER.sub(" ", line[:found[0][0]]).strip():
+    found = []  # (start, end, label, score) of every match of every pattern, sorted by where it sits
+    for rx, lab, num in _LABELLED:
+        for m in rx.finditer(line):
+            second = m.group(lab).lower() not in "1a"  # False: answer 1 (or A), True: answer 2 (or B)
+            found.append((m.start(), m.end(), second, float(m.group(num))))
+    found.sort()
+    if not found or _FILLER.sub(" ", line[:found[0][0]]).strip():  # no scores, or words before them
         return []
-    gaps = zip([e for _, e, *_ in found], [s for s, *_ in found[1:]] + [len(line)])
-    if any(e > s or re.search(r"\d", line[e:s]) for e, s in gaps):
-        return None
+    ends = [e for _, e, *_ in found]
+    next_starts = [s for s, *_ in found[1:]] + [len(line)]
+    for e, s in zip(ends, next_starts):
+        if e > s or re.search(r"\d", line[e:s]):  # two readings overlap, or a number sits between
+            return None
     return [(int(lab), v) for _, _, lab, v in found]
 
 
@@ -121,13 +134,18 @@ def parse_scores(reply):
     numbers only as the paper's "8 6" ("8/10 6/10", "Scores: 8, 6"); on one or two lines, in [0, 10], after at
     most two lines of preamble. A label twice, labels and bare numbers mixed or a later disagreeing labelled
     score are refused. (LLaVA's parse_score only splits line 1 on a space.)"""
-    lines = reply.replace("\u2212", "-").strip().splitlines()
-    got, nums, skipped = {}, [], 0
+    lines = reply.replace("\u2212", "-").strip().splitlines()  # a Unicode minus is a minus too
+    got = {}  # labelled scores: {0 or 1: score}
+    nums = []  # bare scores, in order
+    skipped = 0  # lines of preamble
     for i, line in enumerate(lines):
         pairs = _labelled(line)
-        if pairs is None or (pairs and nums) or any(got.setdefault(lab, v) != v for lab, v in pairs or []):
+        if pairs is None or (pairs and nums):  # ambiguous, or labelled scores after bare ones
             return None
-        rest = "" if pairs else _FILLER.sub(" ", _OUT_OF.sub("", line))
+        for lab, v in pairs:
+            if got.setdefault(lab, v) != v:  # a label twice, with another score
+                return None
+        rest = "" if pairs else _FILLER.sub(" ", _OUT_OF.sub("", line))  # what bare scores would leave
         if len(got) == 2:
             break
         if not rest.strip():
@@ -143,9 +161,12 @@ def parse_scores(reply):
     scores = [got.get(0), got.get(1)] if got else nums
     if len(scores) != 2 or None in scores or not all(0 <= x <= 10 for x in scores):
         return None
-    if any(v != scores[lab] for line in lines[i + 1:] for lab, v in _labelled(line) or []):
-        return None  # the explanation gives another score
-    return scores[0], scores[1], "\n".join(lines[i + 1:]).strip()
+    explanation = lines[i + 1:]
+    for line in explanation:
+        for lab, v in _labelled(line) or []:
+            if v != scores[lab]:
+                return None  # the explanation gives another score
+    return scores[0], scores[1], "\n".join(explanation).strip()
 
 
 def parse_verdict(reply):
@@ -178,7 +199,8 @@ class GPTJudge:
     def _ask(self, parse, text, image, system=None):
         for _ in range(2):
             reply = self.client.chat(text, image, system)
-            if (parsed := parse(reply)) is not None:
+            parsed = parse(reply)
+            if parsed is not None:
                 return parsed
         raise ChatError(f"unparseable reply: {reply[:200]!r}")
 
@@ -205,7 +227,8 @@ class OracleJudge:
     synthetic facts ({image name: facts}). The key has no version of score_fn: new scoring, new cache file."""
 
     def __init__(self, score_fn, facts):
-        self.score_fn, self.facts = score_fn, facts
+        self.score_fn = score_fn
+        self.facts = facts
 
     def key(self, kind, image, *texts):  # the facts, not just the name: every synthetic seed reuses names
         return _hash("oracle", kind, self.facts.get(Path(image).name), texts)
@@ -214,12 +237,18 @@ class OracleJudge:
         return float(self.score_fn(self.facts[Path(image).name], question, answer))
 
     def rate_pair(self, image, question, answer_1, answer_2):
-        s1, s2 = self._score(image, question, answer_1), self._score(image, question, answer_2)
+        s1 = self._score(image, question, answer_1)
+        s2 = self._score(image, question, answer_2)
         return s1, s2, "oracle: scored against the image's known facts"
 
     def win(self, image, question, reference, answer_a, answer_b):
-        sa, sb = self._score(image, question, answer_a), self._score(image, question, answer_b)
-        return "A" if sa > sb else "B" if sb > sa else "C"
+        sa = self._score(image, question, answer_a)
+        sb = self._score(image, question, answer_b)
+        if sa > sb:
+            return "A"
+        if sb > sa:
+            return "B"
+        return "C"
 
     def relative(self, image, question, reference, answer, context=""):
         return self._score(image, question, reference), self._score(image, question, answer), "oracle"
@@ -241,7 +270,8 @@ class Cache(JsonlLog):
 
 def price_note(base_url, price_in, price_out):
     """A warning when the cost estimate's prices may not be this server's, else None."""
-    if (host := urlparse(base_url).hostname) != "api.openai.com":
+    host = urlparse(base_url).hostname
+    if host != "api.openai.com":
         return (f"note: {host} is not OpenAI's server; costs are estimated at ${price_in:g} / ${price_out:g}"
                 " per million prompt / completion tokens (set --price_in / --price_out, 0 for a local model)")
 
@@ -253,7 +283,8 @@ def run_batch(units, work, cache=None, workers=4, on_result=None, progress_every
     Fatal, an exception from on_result or a KeyboardInterrupt stops the batch: calls in flight finish and are
     cached, no new ones start. Every progress_every s, report (log.info) gets done / total, failures, rate,
     ETA, spend(). Returns ({key: verdict}, Counter(units, cached, new, failed, kept_failures))."""
-    results, todo = {}, {}
+    results = {}  # key -> verdict, cached or new
+    todo = {}  # key -> unit still to judge
     for key, unit in units:  # dicts: a key repeated (a duplicate item) is judged once
         hit = cache.data.get(key) if cache else None
         if hit is not None and not (retry_failed and "error" in hit):
@@ -281,11 +312,14 @@ def run_batch(units, work, cache=None, workers=4, on_result=None, progress_every
         while pending:  # wakes at least every progress_every seconds, so a stalled run still reports
             finished, pending = wait(pending, max(0.0, last + progress_every - time.monotonic()),
                                      return_when=FIRST_COMPLETED)
-            for key, verdict in (f.result() for f in finished):
+            for f in finished:
+                key, verdict = f.result()
                 results[key] = verdict
-                stats["failed" if "error" in verdict else "new"] += 1
                 if "error" in verdict:
+                    stats["failed"] += 1
                     log.warning("failed: %s", verdict["error"])
+                else:
+                    stats["new"] += 1
                 if on_result:
                     on_result(key, verdict)
             if time.monotonic() - last >= progress_every or not pending:
@@ -293,8 +327,9 @@ def run_batch(units, work, cache=None, workers=4, on_result=None, progress_every
                 rate = (len(todo) - len(pending)) / max(last - t0, 1e-9)
                 eta = f"{len(pending) / rate:.0f}s" if rate else "?"
                 so_far = spend() if spend else ""
-                (report or log.info)(f"{len(results)}/{stats['units']} done ({stats['cached']} cached), "
-                                     f"{stats['failed']} failed, {rate:.2f}/s, ETA {eta}{so_far}")
+                say = report or log.info
+                say(f"{len(results)}/{stats['units']} done ({stats['cached']} cached), "
+                    f"{stats['failed']} failed, {rate:.2f}/s, ETA {eta}{so_far}")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return results, stats
@@ -303,19 +338,24 @@ def run_batch(units, work, cache=None, workers=4, on_result=None, progress_every
 def _in_orders(judge, kind, rows, swap, image_dir, cache, workers, on_result=None, **batch):
     """judge.<kind>(image, *texts, x, y) for rows (image, texts, x, y), also as (y, x) when swap: a cached
     unit per order; batch: run_batch's keywords. Returns (per row its verdicts [, swapped], stats)."""
-    units, keys = [], []
+    units = []  # (key, the call's arguments), one per row and order
+    keys = []  # per row, its keys in order
     call = {"pair": judge.rate_pair, "win": judge.win}[kind]
     for image, texts, x, y in rows:
         image = Path(image_dir) / image
         orders = [(x, y), (y, x)] if swap else [(x, y)]
-        keys.append([judge.key(kind, image, *texts, *o) for o in orders])
-        units += [(k, (image, *texts, *o)) for k, o in zip(keys[-1], orders)]
+        row_keys = [judge.key(kind, image, *texts, *o) for o in orders]
+        keys.append(row_keys)
+        units += [(k, (image, *texts, *o)) for k, o in zip(row_keys, orders)]
 
     def work(unit):
         r = call(*unit)
-        return {"verdict": r} if kind == "win" else {"scores": [r[0], r[1]], "explanation": r[2]}
+        if kind == "win":
+            return {"verdict": r}
+        return {"scores": [r[0], r[1]], "explanation": r[2]}
 
-    spend = getattr(getattr(judge, "client", None), "spent", None)
+    client = getattr(judge, "client", None)  # OracleJudge has none
+    spend = getattr(client, "spent", None)
     results, stats = run_batch(units, work, cache, workers, on_result, spend=spend, **batch)
     return [[results[k] for k in ks] for ks in keys], stats
 
@@ -328,7 +368,8 @@ def rate_items(items, judge, cache=None, swap=False, image_dir=".", workers=4, o
     verdicts, stats = _in_orders(judge, "pair", rows, swap, image_dir, cache, workers, on_result, **batch)
     out = []
     for it, vs in zip(items, verdicts):
-        if errors := [v["error"] for v in vs if "error" in v]:
+        errors = [v["error"] for v in vs if "error" in v]
+        if errors:
             out.append({**it, "error": errors[0]})
             continue
         s1, s2 = vs[0]["scores"]
@@ -349,16 +390,21 @@ def win_items(pairs, judge, cache=None, swap=True, image_dir=".", workers=4, **b
     rows = [(p["image"], (p["question"], p["reference"]), p["a"], p["b"]) for p in pairs]
     verdicts, stats = _in_orders(judge, "win", rows, swap, image_dir, cache, workers, **batch)
     points = [{"A": 1.0, "B": 0.0, "C": 0.5}, {"A": 0.0, "B": 1.0, "C": 0.5}]  # A's points, per order shown
-    outcomes = [None if any("error" in v for v in vs) else
-                float(np.mean([pt[v["verdict"]] for pt, v in zip(points, vs)])) for vs in verdicts]
+    outcomes = []
+    for vs in verdicts:
+        if any("error" in v for v in vs):
+            outcomes.append(None)
+        else:
+            outcomes.append(float(np.mean([pt[v["verdict"]] for pt, v in zip(points, vs)])))
     stats.update(items=len(pairs), failed_items=outcomes.count(None))
     return outcomes, stats
 
 
 def summary(stats, judge, price_in, price_out):
     """One line: items, cached, new verdicts, failures, requests, tokens, this run's cost, the ledger's."""
-    u = getattr(getattr(judge, "client", None), "usage", Counter())
-    ledger = getattr(getattr(judge, "client", None), "ledger", None)
+    client = getattr(judge, "client", None)  # OracleJudge has none
+    u = getattr(client, "usage", Counter())
+    ledger = getattr(client, "ledger", None)
     cost = u["prompt_tokens"] / 1e6 * price_in + u["completion_tokens"] / 1e6 * price_out
     s = (f"items {stats['items']}: cached {stats['cached']}, new {stats['new']}, "
          f"failed {stats['failed']} verdicts; {u['requests']} requests, "
@@ -389,13 +435,19 @@ def read_records(path, need=()):
         text = Path(path).read_text()
     except OSError as e:
         raise SystemExit(f"judge: cannot read {path}: {e.strerror or e}")
+    if text.lstrip().startswith("["):  # a JSON list: the whole text is one value, starting on line 1
+        numbered = [(1, text)]
+    else:
+        numbered = enumerate(text.splitlines(), 1)
     out = []
-    for n, line in [(1, text)] if text.lstrip().startswith("[") else enumerate(text.splitlines(), 1):
+    for n, line in numbered:
         try:
             rs = json.loads(line) if line.strip() else []
         except json.JSONDecodeError as e:
             raise SystemExit(f"judge: {path}, line {n + e.lineno - 1}: not JSON ({e.msg})")
-        for r in rs if isinstance(rs, list) else [rs]:
+        if not isinstance(rs, list):
+            rs = [rs]
+        for r in rs:
             if not (isinstance(r, dict) and set(need) <= r.keys()):
                 raise SystemExit(f"judge: {path}, line {n}: a record needs {', '.join(need) or 'an object'}")
             out.append(r)
@@ -410,14 +462,26 @@ def winrate_pairs(a, b, questions, include_closed=False):
     """Pairs for win_items from two answer files ({id: {"text"|"pred"}}, evaluate.py's format) and the test
     set's questions ({id: {"image"|"image_name", "question", "answer"|"gt", "answer_type"}}). Closed questions
     are skipped by default, as BioMed-VITAL does (a yes/no answer leaves the judge little to weigh)."""
-    return [{"image": _pick(m, "image", "image_name"), "question": m["question"],
-             "reference": _pick(m, "gt", "answer"),
-             "a": _pick(a[q], "text", "pred", "prediction"), "b": _pick(b[q], "text", "pred", "prediction")}
-            for q, m in questions.items()
-            if q in a and q in b and (include_closed or str(m.get("answer_type", "")).upper() != "CLOSED")]
+    pairs = []
+    for q, m in questions.items():
+        if q not in a or q not in b:
+            continue
+        if not include_closed and str(m.get("answer_type", "")).upper() == "CLOSED":
+            continue
+        pairs.append({"image": _pick(m, "image", "image_name"), "question": m["question"],
+                      "reference": _pick(m, "gt", "answer"),
+                      "a": _pick(a[q], "text", "pred", "prediction"),
+                      "b": _pick(b[q], "text", "pred", "prediction")})
+    return pairs
+
+
+def _by_id(path):
+    """The records of an answer file or the test set, keyed by their id (evaluate.py's qid/question_id)."""
+    return {str(_pick(r, "qid", "question_id", "id")): r for r in read_records(path)}
 
 
 def main(argv=None):
+    """The command line: `rate` two answers per item, or the `winrate` of model A over model B."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     rate = sub.add_parser("rate", help="rate two answers per item")
@@ -457,20 +521,29 @@ def main(argv=None):
         items = read_records(args.input, ("image", "question", "answers"))
         if not items or not all(isinstance(it["answers"], list) and len(it["answers"]) > 1 for it in items):
             raise SystemExit(f'judge: {args.input}: no items, or "answers" not a list of two')
-        if not os.access(folder := Path(args.out).absolute().parent, os.W_OK):
+        folder = Path(args.out).absolute().parent
+        if not os.access(folder, os.W_OK):
             raise SystemExit(f"judge: cannot write {args.out}: {folder} is not a writable folder")
     else:
-        a, b, qs = ({str(_pick(r, "qid", "question_id", "id")): r for r in read_records(f)}  # evaluate.py's
-                    for f in (args.a, args.b, args.questions))
-        if not (pairs := winrate_pairs(a, b, qs, args.include_closed)):
+        a = _by_id(args.a)
+        b = _by_id(args.b)
+        qs = _by_id(args.questions)
+        pairs = winrate_pairs(a, b, qs, args.include_closed)
+        if not pairs:
             raise SystemExit("judge: no question answered by both models")
     cache = Cache(args.cache) if args.cache else None
-    judge = _oracle(args.facts) if args.judge == "oracle" else GPTJudge(ChatClient(
-        args.base_url, args.model, args.api_key_env, args.timeout, args.max_tries, args.temperature,
-        args.max_tokens, ledger=cache and Ledger(cache.path.with_name("judge_spend.jsonl"), args.price_in,
-                                                 args.price_out)))
-    if args.judge != "oracle" and (note := price_note(args.base_url, args.price_in, args.price_out)):
-        log.warning(note)
+    if args.judge == "oracle":
+        judge = _oracle(args.facts)
+    else:
+        ledger = None
+        if cache:
+            ledger = Ledger(cache.path.with_name("judge_spend.jsonl"), args.price_in, args.price_out)
+        client = ChatClient(args.base_url, args.model, args.api_key_env, args.timeout, args.max_tries,
+                            args.temperature, args.max_tokens, ledger=ledger)
+        judge = GPTJudge(client)
+        note = price_note(args.base_url, args.price_in, args.price_out)
+        if note:
+            log.warning(note)
     try:
         if args.cmd == "rate":
             out, stats = rate_items(items, judge, cache, args.swap, args.image_dir, args.workers,
@@ -480,7 +553,8 @@ def main(argv=None):
         else:
             outcomes, stats = win_items(pairs, judge, cache, args.swap, args.image_dir, args.workers,
                                         retry_failed=args.retry_failed)
-            if ok := [o for o in outcomes if o is not None]:
+            ok = [o for o in outcomes if o is not None]
+            if ok:
                 ci = E.bootstrap(np.asarray(ok, dtype=float), args.n_boot, args.seed)  # percent, or None
                 interval = f"95% bootstrap CI {ci[0] / 100:.3f}-{ci[1] / 100:.3f}; " if ci else ""
                 print(f"win rate of A over B: {np.mean(ok):.3f} ({interval}ties count half) on {len(ok)} "
