@@ -7,6 +7,8 @@ SQ-LLaVA's `cluster` projector), read into and written from model.py's `Llava`.
   checkpoint or beside it (`vision_path`); built on the meta device so the weights exist once. Nothing is
   downloaded.
 - save_pretrained: either layout, sharded above 5 GiB with an index; the llava-hf one loads in transformers.
+- The conversation template travels with the model: config.json's "conv_template" (ours; LLaVA passes
+  `--conv-mode` by hand instead, `llava/eval/model_vqa.py`), read back by `template_of`.
 
 References: transformers `modeling_llava.py` (key names, `_checkpoint_conversion_mapping`),
 LLaVA `llava/model/builder.py` and `llava/model/llava_arch.py` (the original layout),
@@ -139,6 +141,21 @@ def config_from_json(c, vision_path=None):
                        cluster_iters=c.get("mm_cluster_iters", 2))
 
 
+def default_template(model_type):
+    """The answering template of a decoder family: LLaVA-Med v1.5 (Mistral) prompts with
+    conv_mistral_instruct, LLaVA-1.5 / Vicuna with conv_vicuna_v1 (LLaVA `llava/conversation.py`)."""
+    return "mistral_instruct" if "mistral" in model_type else "vicuna_v1"
+
+
+def template_of(path):
+    """The conversation template a model directory was saved with (config.json "conv_template"), else the
+    default of its decoder family (a checkpoint written elsewhere)."""
+    c = _read_json(os.path.join(path, "config.json"))
+    if c.get("conv_template"):
+        return c["conv_template"]
+    return default_template(c.get("text_config", c).get("model_type", ""))
+
+
 def from_pretrained(path, vision_path=None, dtype=torch.bfloat16, device=None):
     """Load a LLaVA checkpoint directory (llava-hf or original LLaVA layout) into `Llava`.
 
@@ -185,11 +202,15 @@ def from_pretrained(path, vision_path=None, dtype=torch.bfloat16, device=None):
                           strict=False, assign=True)
     if config.text.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
+    model.template = template_of(path)  # a plain attribute: save_pretrained writes it back
     return model.eval()
 
 
-def save_pretrained(model, path, layout="llava-hf", max_shard_bytes=5 * 1024**3):
+def save_pretrained(model, path, layout="llava-hf", max_shard_bytes=5 * 1024**3, template=None):
     """Write config.json + safetensors (sharded with an index above `max_shard_bytes`).
+
+    template: the conversation template stored as "conv_template"; default the one the model was loaded
+    with (`model.template`), else its decoder family's (`default_template`).
 
     layout="llava-hf": transformers' LlavaForConditionalGeneration layout (newest key scheme).
     layout="llava": the original LLaVA layout (the only one that holds the `cluster` projector),
@@ -245,6 +266,7 @@ def save_pretrained(model, path, layout="llava-hf", max_shard_bytes=5 * 1024**3)
     for k, x in state.items():
         new = next(p_new + k[len(p_old):] for p_old, p_new in prefixes if k.startswith(p_old))
         out[new] = x
+    config["conv_template"] = template or getattr(model, "template", None) or default_template(t.model_type)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

@@ -565,7 +565,7 @@ def copy_tokenizer(src, dst):
 def generate_text(model, tokenizer, conversations, pixel_values=None, template="vicuna_v1", max_new_tokens=64,
                   temperature=0.0, top_k=None, top_p=None, generator=None):
     """Replies of `model` to conversations whose last turn has value None: the one place prompts become text
-    (evaluation, stage 2's questions and sampled answers); left-padded, so decoding starts in one column."""
+    (evaluation, stage 2's sampling), left-padded; `generator`: one, or a list of one per row."""
     cfg = model.config
     prompts = [{"input_ids": encode_prompt(c, tokenizer, template, cfg.image_seq_length, cfg.image_token_id)}
                for c in conversations]
@@ -580,15 +580,21 @@ def generate_text(model, tokenizer, conversations, pixel_values=None, template="
             for row in new]
 
 
-def ask_questions(model, tokenizer, image_paths, image_size, temperature=0.0, top_k=None, top_p=None,
-                  generator=None, describe_tokens=64, question_tokens=32):
-    """The stage-2 questioner (STLLaVA-Med `llava/eval/visual_sq.py`): the model first describes the image,
-    then the conversation ends in the questioner role ("...</s>VUSER:") and the model asks."""
-    px = load_images(image_paths, image_size)
+def questioner_turns(description=None):
+    """Stage 2's turns (STLLaVA-Med `llava/eval/visual_sq.py`): describe, then ask ("...</s>VUSER:")."""
     opener = {"from": "human", "value": "<image>\n" + DESCRIBE}
-    describe = [[opener, {"from": "gpt", "value": None}]] * len(image_paths)
-    desc = generate_text(model, tokenizer, describe, px, "vicuna_v1_sq", describe_tokens)
+    if description is None:
+        return [opener, {"from": "gpt", "value": None}]
     # an untrained model may describe nothing; the template needs a non-empty turn
-    prompts = [[opener, {"from": "gpt", "value": d or "."}, {"from": "vuser", "value": None}] for d in desc]
-    return generate_text(model, tokenizer, prompts, px, "vicuna_v1_sq", question_tokens, temperature, top_k,
-                         top_p, generator)
+    return [opener, {"from": "gpt", "value": description or "."}, {"from": "vuser", "value": None}]
+
+
+def ask_questions(model, tokenizer, image_paths, image_size, temperature=0.0, top_k=None, top_p=None,
+                  generator=None, describe_tokens=64, question_tokens=32, descriptions=None):
+    """Stage 2's questioner: each image described greedily (unless `descriptions` are given), then asked."""
+    px = load_images(image_paths, image_size)
+    if descriptions is None:
+        descriptions = generate_text(model, tokenizer, [questioner_turns()] * len(px), px, "vicuna_v1_sq",
+                                     describe_tokens)
+    return generate_text(model, tokenizer, [questioner_turns(d) for d in descriptions], px, "vicuna_v1_sq",
+                         question_tokens, temperature, top_k, top_p, generator)

@@ -11,6 +11,7 @@ Stage 2 of STLLaVA-Med: preference revelation (STLLaVA-Med §2, stage 2).
 
     python dpo.py                                   # all three on the synthetic default, oracle judge
     python dpo.py generate --model=out/sft/merged --data=instruct.json --image_dir=images/
+    torchrun --standalone --nproc_per_node=8 dpo.py generate ...   # each rank samples its share of the images
     OPENAI_API_KEY=... python dpo.py judge --data=instruct.json --image_dir=images/ \
         --base_url=https://api.openai.com/v1 --judge_model=gpt-4o
     torchrun --standalone --nproc_per_node=8 dpo.py train --model=out/sft/merged --data=instruct.json \
@@ -21,11 +22,13 @@ Without --data each step runs on the synthetic default (`synth.synth_data()`) wi
 
 Every step resumes where a killed run stopped, and the judge never pays for a verdict twice.
 """
+import glob
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -35,10 +38,10 @@ import data as D
 import evaluate as E
 import judge as J
 import synth as S
-from checkpoint import from_pretrained, save_pretrained
+from checkpoint import from_pretrained, save_pretrained, template_of
 from lora import add_lora, disable_lora, lora_targets, mark_trainable, merge_lora, save_adapter
-from train import (atomic_save, fit, param_groups, parse_config, print0, setup_distributed, shard_model,
-                   token_nll)
+from train import (atomic_save, autocast, fit, format_plan, memory_plan, param_groups, parse_config, print0,
+                   setup_distributed, shard_model, token_nll)
 
 
 @dataclass
@@ -60,7 +63,11 @@ class Config:
     a_top_p: float = 0.95
     a_max_tokens: int = 1024
     answer_seeds: str = "40,42"  # model_collectA.py: set_seed(40), then set_seed(42)
-    gen_batch: int = 16
+    gen_batch: int = 16  # images a batch (each written whole, so a killed run loses at most one)
+    gen_tokens: int = 0  # KV-cache tokens a generation call may hold; 0 = sized from free memory
+    # the answers' prompt (and DPO's): "" = the model's own (config.json conv_template, e.g. vicuna_v1 as
+    # model_collectA.py's llava_v1, mistral_instruct for LLaVA-Med v1.5)
+    template: str = ""
     # judge (judge.py)
     judge: str = "gpt"  # gpt | oracle (the synthetic facts)
     base_url: str = "https://api.openai.com/v1"
@@ -94,7 +101,10 @@ class Config:
     max_steps: int = -1
     max_length: int = 2048
     precompute_ref: bool = False  # reference log-probs computed once and stored with the pairs
-    grad_ckpt: bool = False
+    # "" = bf16 autocast on CUDA (dpo_finetune.sh --bf16), fp32 on CPU; bf16 = the GPU's path on CPU too;
+    # the reference always runs under the policy's (train.autocast)
+    amp: str = ""
+    grad_ckpt: bool = True  # recompute each decoder block in backward, as the authors train
     seed: int = 0
     # or fsdp: FSDP2 shards the policy, and with it the reference (the same weights); train.shard_model
     shard: str = "ddp"
@@ -113,7 +123,7 @@ class Config:
 SYNTH_OVERRIDES = dict(n_images=800, n_questions=5, describe_tokens=48, q_temperature=0.7, q_top_k=5,
                        q_max_tokens=24, a_max_tokens=16, gen_batch=200, judge="oracle",
                        lr=5e-5, vision_lr=5e-5, projector_lr=5e-5, global_batch=32, micro_batch=32, epochs=2,
-                       log_every=5)
+                       log_every=5, grad_ckpt=False)  # the tiny model fits: recomputing only costs time
 
 # -----------------------------------------------------------------------------
 # 1. generate: self-asked questions and two sampled answers each
@@ -146,31 +156,98 @@ def read_batches(path):
             if len(per_batch[b]) == per_batch[b][0]["batch_lines"]]
 
 
-def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device, keep=None):
+def gen_token_budget(cfg, model, device):
+    """Tokens of KV cache one generation call may hold, rows × (prompt + new tokens): --gen_tokens, or what
+    half the free CUDA memory holds at 2 × layers × kv heads × head dim values a token (4 GiB on CPU)."""
+    if cfg.gen_tokens > 0:
+        return cfg.gen_tokens
+    t = model.config.text
+    per_token = 2 * t.num_layers * t.num_kv_heads * t.head_dim * model.lm_head.weight.element_size()
+    device = torch.device(device)
+    free = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 4 << 30
+    return max(1, free // per_token)
+
+
+def row_generators(seed, n, device):
+    """One generator per row, seeded from the batch's seed and the row's index: a row samples the same
+    tokens whichever rows share its call (the authors seed once per process, set_seed(40) / (42))."""
+    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + i) % 2**63) for i in range(n)]
+
+
+def generate_rows(model, tokenizer, convs, px, template, max_new_tokens, budget, sampling=(0.0, None, None),
+                  seed=None):
+    """D.generate_text over the rows in order, in chunks whose rows × (longest prompt + max_new_tokens) fits
+    `budget` (one row at least); px: (rows, 3, H, W), row i's image. `seed`: each row samples from its own
+    generator (row_generators), so the chunking does not change what is sampled; None is greedy."""
+    c = model.config
+    lens = [len(D.encode_prompt(t, tokenizer, template, c.image_seq_length, c.image_token_id)) for t in convs]
+    gens = None if seed is None else row_generators(seed, len(convs), model.lm_head.weight.device)
+    out, start = [], 0
+    while start < len(convs):
+        end, longest = start + 1, lens[start]
+        while end < len(convs) and (end + 1 - start) * (max(longest, lens[end]) + max_new_tokens) <= budget:
+            longest = max(longest, lens[end])
+            end += 1
+        out += D.generate_text(model, tokenizer, convs[start:end], px[start:end], template, max_new_tokens,
+                               *sampling, None if gens is None else gens[start:end])
+        start = end
+    return out
+
+
+def part_paths(out_path):
+    return sorted(glob.glob(glob.escape(out_path) + ".rank*"))
+
+
+def merge_parts(out_path):
+    """Once every rank has generated: the complete batches of out_path and of the ranks' parts, in batch
+    order, into out_path (a batch found twice taken once, from out_path first), then the parts removed."""
+    parts = part_paths(out_path)
+    if not parts:
+        return
+    by_batch = {}  # batch -> {file: rows}
+    for p in [out_path, *parts]:
+        for r in read_batches(p):
+            by_batch.setdefault(r["batch"], {}).setdefault(p, []).append(r)
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for b in sorted(by_batch) for r in next(iter(by_batch[b].values())))
+    os.replace(tmp, out_path)
+    for p in parts:
+        os.remove(p)
+
+
+def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device, keep=None, rank=0, world=1):
     """Questions and answer pairs for every image, one JSONL line per question, written batch by batch.
 
-    Each batch samples from its own seeded generator, so a resumed run writes exactly what an
-    uninterrupted one would.
+    Each image is described once (greedily), then its n_questions questions are sampled from that one
+    prompt (visual_sq.py). Every sampled row draws from its own generator, seeded from the batch and the
+    row, so a resumed run writes exactly what an uninterrupted one would, at any --gen_tokens. Over `world`
+    ranks, rank r takes batches r, r + world, ... into its own part (out_path.rank{r}; merge_parts joins
+    them); a batch written by any earlier run, at any world size, is not redone.
     """
-    done = read_batches(out_path)
-    with open(out_path, "w") as f:  # rewrite without any partial batch
+    path = out_path if world == 1 else f"{out_path}.rank{rank}"
+    done = read_batches(path)
+    with open(path, "w") as f:  # rewrite without any partial batch
         f.writelines(json.dumps(r) + "\n" for r in done)
-    done_batches = {r["batch"] for r in done}
+    done_batches = {r["batch"] for p in {out_path, path, *part_paths(out_path)} for r in read_batches(p)}
     seeds = [int(s) for s in cfg.answer_seeds.split(",")]
+    a_template = cfg.template or getattr(model, "template", "vicuna_v1")  # the answers' prompt
     size = model.config.vision.image_size
+    budget = gen_token_budget(cfg, model, device)
     batches = [images[i:i + cfg.gen_batch] for i in range(0, len(images), cfg.gen_batch)]
+    mine = [b for b in range(len(batches)) if b % world == rank and b not in done_batches]
     t0 = time.time()
-    for b, names in enumerate(batches):
-        if b in done_batches:
-            continue
-        paths = [Path(image_dir) / n for n in names]
-        g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + b)
-        per_image = [[] for _ in names]
-        for _ in range(cfg.n_questions):  # one VUSER sample per image per round
-            qs = D.ask_questions(model, tokenizer, paths, size, cfg.q_temperature, cfg.q_top_k, cfg.q_top_p,
-                                 g, cfg.describe_tokens, cfg.q_max_tokens)
-            for lst, q in zip(per_image, qs):
-                lst.append(q.removesuffix("</s>").strip())
+    for n_done, b in enumerate(mine):
+        names = batches[b]
+        px = D.load_images([Path(image_dir) / n for n in names], size)
+        desc = generate_rows(model, tokenizer, [D.questioner_turns()] * len(names), px, "vicuna_v1_sq",
+                             cfg.describe_tokens, budget)
+        k = cfg.n_questions  # row i * k + j: image i's question j, all from image i's one description
+        qs = generate_rows(model, tokenizer, [D.questioner_turns(d) for d in desc for _ in range(k)],
+                           px.repeat_interleave(k, 0), "vicuna_v1_sq", cfg.q_max_tokens, budget,
+                           (cfg.q_temperature, cfg.q_top_k, cfg.q_top_p), cfg.seed * 1_000_003 + b)
+        qs = [q.removesuffix("</s>").strip() for q in qs]
+        per_image = [qs[i * k:(i + 1) * k] for i in range(len(names))]
         # a question an image got twice is kept once
         unique = [(n, q) for n, qs in zip(names, per_image) for q in dict.fromkeys(qs)]
         items = [(n, q) for n, q in unique if (keep or is_wellformed)(q)]
@@ -178,13 +255,11 @@ def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device, ke
         repeats = sum(len(qs) for qs in per_image) - len(unique)
         answers = []
         for s in seeds:  # two answers per question, each from its own seed
-            ga = torch.Generator(device=device).manual_seed(s * 1_000_003 + b)
             convs = [[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": None}]
                      for _, q in items]
-            px = D.load_images([Path(image_dir) / n for n, _ in items], size) if items else None
-            answers.append(D.generate_text(model, tokenizer, convs, px, "vicuna_v1", cfg.a_max_tokens,
-                                           cfg.a_temperature, cfg.a_top_k, cfg.a_top_p, ga)
-                           if items else [])
+            apx = px[[names.index(n) for n, _ in items]]  # each question's image
+            answers.append(generate_rows(model, tokenizer, convs, apx, a_template, cfg.a_max_tokens, budget,
+                                         (cfg.a_temperature, cfg.a_top_k, cfg.a_top_p), s * 1_000_003 + b))
         sampling = {"q": [cfg.q_temperature, cfg.q_top_k, cfg.q_top_p],
                     "a": [cfg.a_temperature, cfg.a_top_k, cfg.a_top_p]}
         lines = [{"batch": b, "batch_lines": len(items) + 1, "image": n, "question": q,
@@ -192,17 +267,17 @@ def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device, ke
                  for i, (n, q) in enumerate(items)]
         lines.append({"batch": b, "batch_lines": len(items) + 1, "images": len(names), "dropped": dropped,
                       "repeats": repeats})  # the batch's end
-        with open(out_path, "a") as f:
+        with open(path, "a") as f:
             f.write("".join(json.dumps(x) + "\n" for x in lines))
             f.flush()
             os.fsync(f.fileno())
         dt = time.time() - t0
         print0(f"generate: batch {b + 1}/{len(batches)}, {len(items)} questions kept, "
                f"{dropped} malformed and {repeats} repeats dropped, "
-               f"ETA {dt / (b + 1 - len(done_batches)) * (len(batches) - b - 1):.0f}s")
-    rows = read_batches(out_path)
+               f"ETA {dt / (n_done + 1) * (len(mine) - n_done - 1):.0f}s")
+    rows = read_batches(path)
     qa = [r for r in rows if "question" in r]
-    print0(f"generate: {len(qa)} questions with two answers each in {out_path} "
+    print0(f"generate: {len(qa)} questions with two answers each in {path} "
            f"({sum(r.get('dropped', 0) for r in rows)} malformed and "
            f"{sum(r.get('repeats', 0) for r in rows)} repeated questions dropped)")
     return qa
@@ -279,7 +354,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 def sequence_logps(model, b):
     """Summed log-probabilities of the supervised (answer) tokens of each row: (2B,) for chosen ++
     rejected."""
-    logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"])
+    # no attention mask: right padding makes plain causal attention exact at every answer token (sft.sft_loss)
+    logits = model(b["input_ids"], b["pixel_values"])
     return -token_nll(logits, b["labels"]).sum(-1)  # ignored positions contribute 0
 
 
@@ -307,15 +383,17 @@ class Reference:
             self.model.train(was_training)
 
 
-def encode_pair_batch(pairs, tokenizer, model_cfg, image_dir, image_size, max_length, device):
+def encode_pair_batch(pairs, tokenizer, model_cfg, image_dir, image_size, max_length, device,
+                      template="vicuna_v1"):
     """chosen_1..chosen_B ++ rejected_1..rejected_B as one right-padded batch (one forward for both, as the
-    authors' concatenated_forward does); `vicuna_v1` single-turn prompts, loss on the answer + "</s>"."""
+    authors' concatenated_forward does); single-turn prompts (`vicuna_v1`, train_dpo.py's --version v1, or
+    the model's template), loss on the answer + "</s>"."""
     items = []
     for key in ("chosen", "rejected"):
         for p in pairs:
             turns = [{"from": "human", "value": "<image>\n" + p["question"]},
                      {"from": "gpt", "value": p[key]}]
-            ids, labels = D.encode_conversation(turns, tokenizer, "vicuna_v1", model_cfg.image_seq_length,
+            ids, labels = D.encode_conversation(turns, tokenizer, template, model_cfg.image_seq_length,
                                                 model_cfg.image_token_id, max_length)
             items.append({"input_ids": ids, "labels": labels, "image": Path(image_dir) / p["image"]})
     b = D.collate(items, padding_side="right", image_size=image_size)
@@ -334,10 +412,12 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
                                  cfg.vit_lora_r, cfg.vit_lora_alpha, cfg.vit_lora_dropout))
     mark_trainable(model, lora=True, full=("projector",))
     groups = shard_model(model, cfg, device, param_groups(model, cfg))
+    print0(format_plan(memory_plan(model, cfg, world, rows=2 * cfg.micro_batch)))  # chosen + rejected
     # after sharding, so that it copies the projector's shards; FSDP2 reshards a module before its state_dict
     # and load_state_dict, so the swaps in Reference.logps always meet shards, even after a no-grad forward
     ref = Reference(model)
     size = model.config.vision.image_size
+    template = cfg.template or template_of(cfg.model)
     ref_path = os.path.join(cfg.out_dir, "ref_logps.pt")
     if cfg.precompute_ref:  # one pass of the reference over all pairs, saved with the pairs
         saved = torch.load(ref_path) if os.path.exists(ref_path) else None
@@ -347,15 +427,16 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
             chunks = []
             for i in range(0, len(pairs), cfg.micro_batch):
                 b = encode_pair_batch(pairs[i:i + cfg.micro_batch], tokenizer, model.config, image_dir, size,
-                                      cfg.max_length, device)
-                chunks.append(ref.logps(b).view(2, -1).T)
+                                      cfg.max_length, device, template)
+                with autocast(cfg, device):  # what the live reference computes, under fit's autocast
+                    chunks.append(ref.logps(b).view(2, -1).T)
             stored = torch.cat(chunks).cpu()  # (P, 2): chosen, rejected
             if rank == 0:
                 atomic_save({"n": len(pairs), "logps": stored}, ref_path)
 
     def prepare(indices, epoch):
         b = encode_pair_batch([pairs[i] for i in indices], tokenizer, model.config, image_dir, size,
-                              cfg.max_length, device)
+                              cfg.max_length, device, template)
         b["ref"] = stored[indices].T.reshape(-1).to(device) if cfg.precompute_ref else ref.logps(b)
         b["count"] = len(indices)
         return b
@@ -409,23 +490,30 @@ def main(argv=None):
     gen_path = os.path.join(cfg.out_dir, "generations.jsonl")
     pairs_path = os.path.join(cfg.out_dir, "pairs.jsonl")
     t0 = time.time()
+    # generation and judging outlast NCCL's default 10-minute timeout: between the steps the ranks wait for
+    # each other on a gloo group with a long one
+    wait = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7)) if world > 1 else None
     # one copy of the stage-1 model serves the "before" scores and the sampling
-    if "generate" in steps and rank == 0:
+    if "generate" in steps:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         model = from_pretrained(cfg.model, dtype=dtype, device=device)
-        if synthetic and len(steps) == 3:
+        if synthetic and len(steps) == 3 and rank == 0:
             before = E.evaluate_model(model, tokenizer, "synth", str(synth),
                                       os.path.join(cfg.out_dir, "answers_stage1.jsonl"))
         # the oracle judge can only score questions of the synthetic grammar: keep those
         keep = is_synth_question if synthetic else None
-        generate_step(cfg, model, tokenizer, images, image_dir, gen_path, device, keep)
+        generate_step(cfg, model, tokenizer, images, image_dir, gen_path, device, keep, rank, world)
         del model
+        if wait is not None:
+            torch.distributed.barrier(group=wait)
+        if rank == 0:
+            merge_parts(gen_path)
     if "judge" in steps and rank == 0:
         rows = [r for r in read_batches(gen_path) if "question" in r]
         judge_step(cfg, rows, image_dir, make_judge(cfg, synth), pairs_path)
+    if wait is not None:
+        torch.distributed.barrier(group=wait)  # the judge runs on rank 0: HTTP-bound, one process is enough
     if "train" in steps:
-        if world > 1:
-            torch.distributed.barrier()
         pairs = [json.loads(x) for x in open(pairs_path)]
         if not pairs:
             raise SystemExit(f"no preference pairs in {pairs_path}")
@@ -442,7 +530,7 @@ def main(argv=None):
                 report(before, after, cfg, synth)
     if torch.distributed.is_initialized():
         # leave together: a rank that exits while rank 0 still writes can make gloo abort
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=wait)
         torch.distributed.destroy_process_group()
 
 

@@ -14,11 +14,13 @@ papers score them (STLLaVA-Med §4.1 and Table 1, LLaVA-Med Table 3).
   Every quirk is kept on purpose (each is marked "quirk"), so the numbers are comparable with the tables.
 - Beyond the papers: run_eval.py's closed rule, a strict closed accuracy, a 95% bootstrap CI on each
   headline number, and a paired bootstrap for comparing two answer files on the same questions.
-- Prompt (LLaVA-1.5 `vicuna_v1`, as STLLaVA-Med's `llava/eval/model_vqa.py` with `--conv-mode llava_v1`):
-  "{system} USER: <image>\\n{question} ASSISTANT:", greedy decoding. The question is sent as is: neither
-  LLaVA-Med v1 (`model_vqa_med.py`) nor STLLaVA-Med add a "answer yes or no" suffix, so the default is
-  none; `--closed_suffix " Answer with yes or no."` appends one to CLOSED questions only (note: that uses
-  the ground-truth answer type at inference time, as some later papers do).
+- Prompt: the model's own template (checkpoint.template_of; `--template` overrides), e.g. LLaVA-1.5's
+  `vicuna_v1`, as STLLaVA-Med's `llava/eval/model_vqa.py` with `--conv-mode llava_v1`:
+  "{system} USER: <image>\\n{question} ASSISTANT:", or LLaVA-Med v1.5's `mistral_instruct`; greedy
+  decoding. The question is sent as is: neither LLaVA-Med v1 (`model_vqa_med.py`) nor STLLaVA-Med add a
+  "answer yes or no" suffix, so the default is none; `--closed_suffix " Answer with yes or no."` appends
+  one to CLOSED questions only (note: that uses the ground-truth answer type at inference time, as some
+  later papers do).
   Differences from the authors: they decode with max_new_tokens=1024 and temperature 0.2 (ST, README
   says greedy) or sampling at 0.7 (LLaVA-Med v1); we decode greedily. ST's model_vqa.py does not pad
   images to square (CLIP resize + centre crop); we pad like training does (`--no_pad` for ST's way).
@@ -404,7 +406,7 @@ def done_ids(path):
 
 
 def answer(examples, model_path, out, vision_path=None, adapter=None, batch_size=8, max_new_tokens=1024,
-           closed_suffix="", pad=True, device=None, dtype=None):
+           closed_suffix="", pad=True, device=None, dtype=None, template=None):
     """Load a checkpoint (and adapter) and answer every question not yet in `out`."""
     import torch
     from data import load_tokenizer
@@ -418,14 +420,23 @@ def answer(examples, model_path, out, vision_path=None, adapter=None, batch_size
         # merged: plain Linear layers decode faster
         model = lora.merge_lora(lora.load_adapter(model, adapter))
     answer_with(model, load_tokenizer(model_path), examples, out, batch_size, max_new_tokens, closed_suffix,
-                pad, model_id=os.path.basename(os.path.normpath(model_path)))
+                pad, model_id=os.path.basename(os.path.normpath(model_path)), template=template)
+
+
+def forward_passes(reply_tokens, max_new_tokens):
+    """Forward passes one batch's generate ran: the prefill yields the first token and each decode step one
+    more, until every row has written EOS (the longest reply + 1) or max_new_tokens columns are full."""
+    return min(max(reply_tokens, default=0) + 1, max_new_tokens)
 
 
 def answer_with(model, tokenizer, examples, out, batch_size=8, max_new_tokens=1024, closed_suffix="",
-                pad=True, model_id="model"):
-    """Answer every question not yet in `out` (JSONL, appended and flushed per batch, so reruns resume)."""
+                pad=True, model_id="model", template=None):
+    """Answer every question not yet in `out` (JSONL, appended and flushed per batch, so reruns resume).
+    template: the prompt's; default the model's own (`model.template`, set by checkpoint.from_pretrained)."""
     import torch
+    from checkpoint import default_template
     from data import generate_text, preprocess_image
+    template = template or getattr(model, "template", None) or default_template(model.config.text.model_type)
     size = model.config.vision.image_size
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     todo = [e for e in examples if e["qid"] not in done_ids(out)]
@@ -441,18 +452,22 @@ def answer_with(model, tokenizer, examples, out, batch_size=8, max_new_tokens=10
             convs = [[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": None}]
                      for q in questions]
             pixels = torch.stack([preprocess_image(e["image"], size=size, pad_to_square=pad) for e in batch])
-            texts = generate_text(model, tokenizer, convs, pixels, "vicuna_v1", max_new_tokens)
-            for e, q, text in zip(batch, questions, texts):
-                n_tok += len(tokenizer.encode(text, add_special_tokens=False).ids) + 1
+            texts = generate_text(model, tokenizer, convs, pixels, template, max_new_tokens)
+            # reply lengths re-encoded from the text (generate_text returns text): exact up to the strip
+            lengths = [len(tokenizer.encode(t, add_special_tokens=False).ids) for t in texts]
+            for e, q, text, n in zip(batch, questions, texts, lengths):
+                n_tok += n + 1  # + EOS
                 record = {"question_id": e["qid"], "prompt": q, "text": text, "model_id": model_id}
                 f.write(json.dumps(record) + "\n")
             f.flush()
-            # upper bound: prefill + decode steps, each reads every weight once
-            n_steps += max_new_tokens + 1
+            # each forward pass (prefill, then one per decode step) reads every weight once (gpt-fast's
+            # "bandwidth achieved"); the KV cache reads are left out, so this is a lower bound
+            n_steps += forward_passes(lengths, max_new_tokens)
             dt = time.time() - t0
             k = i + len(batch)
-            print(f"[{k}/{len(todo)}] {n_tok / dt:.1f} tok/s, "
-                  f"<= {weight_bytes * n_steps / dt / 1e9:.2f} GB/s of weights, "
+            print(f"[{k}/{len(todo)}] {n_tok / dt:.1f} tok/s, {weight_bytes * n_steps / dt / 1e9:.2f} GB/s "
+                  f"of weights ({n_steps} forward passes = prefill + decode steps taken, "
+                  f"each reading {weight_bytes / 1e9:.2f} GB), "
                   f"ETA {dt / k * (len(todo) - k):.0f}s", file=sys.stderr)
 
 
@@ -490,6 +505,8 @@ def main(argv=None):
                     help="centre-crop images instead of padding them to square")
     ap.add_argument("--device")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--template", help="conversation template of the prompts (a data.TEMPLATES key); "
+                    "default the model's own (config.json conv_template)")
     ap.add_argument("--bootstrap", type=int, default=1000,
                     help="bootstrap resamples for the 95%% CIs (0: none)")
     ap.add_argument("--seed", type=int, default=0)
@@ -510,7 +527,8 @@ def main(argv=None):
         if args.model:
             pred = args.out or f"answers-{args.dataset}.jsonl"
             answer(examples, args.model, pred, args.vision_path, args.adapter, args.batch_size,
-                   args.max_new_tokens, args.closed_suffix, not args.no_pad, args.device, args.dtype)
+                   args.max_new_tokens, args.closed_suffix, not args.no_pad, args.device, args.dtype,
+                   args.template)
         texts, match = match_answers(examples, read_answers(pred))
         res = report(args.dataset, examples, texts, match, args.bootstrap, args.seed)
     line = json.dumps(res)

@@ -376,14 +376,17 @@ class Llama(nn.Module):
         attention_mask then spans the whole cache, (B, max_len), so every step has the same shapes.
         """
         B, T, _ = x.shape
-        T_all = attention_mask.shape[1]
-        q_slot = torch.arange(T_all - T, T_all, device=x.device) if input_pos is None else input_pos  # (T,)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, q_slot]  # left pad -> 0-based
+        if attention_mask is None:  # no cache, every row starts at slot 0: positions 0..T-1, plain causal
+            position_ids = torch.arange(T, device=x.device)[None]  # (1, T)
+        else:
+            T_all = attention_mask.shape[1]
+            q_slot = torch.arange(T_all - T, T_all, device=x.device) if input_pos is None else input_pos
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, q_slot]  # left pad: 0-based
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         # causal mask over absolute slots, AND the key is not padding; a padded query may see itself so
         # that no row of the softmax is empty (its output is never used). Slots past the query are masked
         # by causality, so the static step may mark them 1 before they are written.
-        if cache is None and bool(attention_mask.all()):
+        if attention_mask is None or (cache is None and bool(attention_mask.all())):
             mask = None  # plain causal attention: lets SDPA pick its flash kernel
         else:
             q_slot = q_slot[:, None]
@@ -454,9 +457,9 @@ class Llava(nn.Module):
 
     def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, cache=None):
         """Final-norm hidden states (B, T, C)."""
-        if attention_mask is None:
-            attention_mask = torch.ones(input_ids.shape[0], (cache.seen if cache else 0) + input_ids.shape[1],
-                                        dtype=torch.long, device=input_ids.device)
+        if attention_mask is None and cache is not None:  # without a cache None means plain causal attention
+            attention_mask = torch.ones(input_ids.shape[0], cache.seen + input_ids.shape[1], dtype=torch.long,
+                                        device=input_ids.device)
         return self.language_model(self.embed(input_ids, pixel_values), attention_mask, cache)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None):
@@ -499,6 +502,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     if temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits.float(), temperature, top_k, top_p).softmax(-1)
+    if isinstance(generator, (list, tuple)):  # one per row: a row's draws do not depend on its batch
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -566,8 +571,7 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, max_new_t
     a backend name ("aot_eager"); the first call per model, batch and length compiles (seconds to minutes).
     """
     B, T = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate expects left-padded prompts: the last column of attention_mask must be 1")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),

@@ -5,26 +5,38 @@ The policy learns to answer (ASSISTANT turns) and to ask (VUSER turns): the loss
 cross-entropy over every supervised token, answers and questions alike (STLLaVA-Med §2; the authors'
 `llava/train/train.py` `preprocess_v1_sq2`). LoRA on the language model (r128/α256) and on the vision
 tower (r32/α64), the projector trained in full, three learning rates (`sqllava_med.sh`).
-The same trainer runs LLaVA-Med's curriculum (LLaVA-Med §4): `--train=projector --align_captions` (concept
-alignment on image-caption pairs), then `--train=full` or `--train=lora` (instruction tuning), e.g. on the
-synthetic data, where <synth> is the directory `synth.synth_data()` returns and out/sft/base is the base model
-that `python sft.py` trains:
-
-    python sft.py --model=out/sft/base --data=<synth>/captions.json --image_dir=<synth>/images \
-        --train=projector --align_captions --template=vicuna_v1 --no-question_loss --lr=2e-3 \
-        --projector_lr=2e-3 --out_dir=out/align
-    python sft.py --model=out/align/final --data=<synth>/train.json --image_dir=<synth>/images --train=full \
-        --template=vicuna_v1 --no-question_loss --lr=1e-3 --out_dir=out/instruct
 
     python sft.py                                     # synthetic default, one CPU process
     python sft.py --model=ckpt/llava-v1.5-7b --data=instruct.json --image_dir=images/
     torchrun --standalone --nproc_per_node=8 sft.py --model=... --data=... --image_dir=...
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 sft.py ...
     torchrun --standalone --nproc_per_node=8 sft.py --shard=fsdp ...   # FSDP2: weights, grads, AdamW sharded
+    python sft.py --plan --model=llava-1.5-7b --shard=fsdp --world=8  # memory per GPU: no GPU, no weights
 
 With no --model, the synthetic default stands in for the general-purpose LLaVA the paper starts from:
 a tiny model is trained from scratch (`full`) on the synthetic captions and answers, once, cached in
 <out_dir>/base; stage 1 then runs with the paper's trainable set on the synthetic conversations.
+
+The same trainer runs LLaVA-Med's curriculum (LLaVA-Med §4): `--train=projector --align_captions` (concept
+alignment on image-caption pairs), then `--train=llm` (instruction tuning: projector and LLM, tower frozen,
+one learning rate). At LLaVA-Med's scale and values (its v1 README: global batch 128, 2e-3 for one epoch,
+then 2e-5 for three; the full fine-tune sharded, as its FSDP run):
+
+    torchrun --standalone --nproc_per_node=8 sft.py --model=ckpt/llava-v1.5-7b --data=alignment_500k.json \
+        --image_dir=images/ --train=projector --align_captions --template=vicuna_v1 --no-question_loss \
+        --projector_lr=2e-3 --epochs=1 --out_dir=out/align
+    torchrun --standalone --nproc_per_node=8 sft.py --model=out/align/final --data=instruct_60k.json \
+        --image_dir=images/ --train=llm --template=vicuna_v1 --no-question_loss --lr=2e-5 --epochs=3 \
+        --shard=fsdp --out_dir=out/instruct
+
+On the synthetic data, where <synth> is the directory `synth.synth_data()` returns and out/sft/base is the
+base model that `python sft.py` trains, the same with the tiny model's learning rates:
+
+    python sft.py --model=out/sft/base --data=<synth>/captions.json --image_dir=<synth>/images \
+        --train=projector --align_captions --template=vicuna_v1 --no-question_loss --projector_lr=2e-3 \
+        --no-grad_ckpt --out_dir=out/align
+    python sft.py --model=out/align/final --data=<synth>/train.json --image_dir=<synth>/images --train=llm \
+        --template=vicuna_v1 --no-question_loss --lr=1e-3 --no-grad_ckpt --out_dir=out/instruct
 """
 import json
 import os
@@ -42,7 +54,8 @@ import synth as S
 from checkpoint import from_pretrained, save_pretrained
 from lora import add_lora, lora_targets, mark_trainable, merge_lora, save_adapter
 from model import CONFIGS, Llava
-from train import fit, param_groups, parse_config, print0, setup_distributed, shard_model, token_nll
+from train import (fit, format_plan, memory_plan, param_groups, parse_config, plan_row, print0,
+                   setup_distributed, shard_model, token_nll)
 
 
 @dataclass
@@ -53,7 +66,8 @@ class Config:
     data: str = ""  # LLaVA conversation JSON (id, image, conversations)
     image_dir: str = ""
     out_dir: str = "out/sft"
-    # what trains: lora = the paper (LoRA on both towers + projector), projector = LLaVA-Med alignment, full
+    # what trains: lora = the paper (LoRA on both towers + projector); projector = LLaVA-Med's alignment;
+    # llm = LLaVA-Med's instruction tuning (projector + LLM, tower frozen, cfg.lr for all); full = everything
     train: str = "lora"
     question_loss: bool = True  # STLLaVA-Med: supervise VUSER questions too; off = plain LLaVA answers-only
     # LLaVA-Med concept alignment: each caption record gets a "describe" instruction, drawn per epoch from
@@ -80,7 +94,7 @@ class Config:
     max_steps: int = -1  # stop early (for tests and smoke runs)
     max_length: int = 2048
     image_size: int = 0  # 0 = the vision tower's own (config.json); images are resized to this
-    grad_ckpt: bool = False
+    grad_ckpt: bool = True  # recompute each decoder block in backward (the authors' --gradient_checkpointing)
     seed: int = 0
     # ddp: every rank holds the whole model; fsdp: FSDP2 shards weights, gradients and optimizer state over
     # the ranks (train.shard_model)
@@ -91,12 +105,16 @@ class Config:
     resume: bool = False
     merge: bool = False  # also write the merged model (llava-hf layout) after LoRA training
     log_every: int = 10
+    # --plan: print the memory plan of --model, a name in model.CONFIGS, on the meta device, and exit
+    plan: bool = False
+    world: int = 0  # the plan's world size; 0 = the real one
 
 
 # Where --model is empty the synthetic default replaces the paper-scale values above, unless the
 # command line sets them: a tiny model, a small batch and larger learning rates train in minutes on a CPU.
 SYNTH_OVERRIDES = dict(global_batch=16, micro_batch=16, epochs=3, lr=2e-3, vision_lr=2e-3, projector_lr=2e-3,
-                       max_length=512, save_every=100, log_every=20)
+                       max_length=512, save_every=100, log_every=20,
+                       grad_ckpt=False)  # the tiny model fits anyway: recomputing only costs time
 SYNTH_BASE = dict(train="full", question_loss=False, sq_r=0.0, template="vicuna_v1", lr=1e-3, vision_lr=1e-3,
                   projector_lr=1e-3, epochs=4)  # 3e-3 left the organ unlearnt (26% vs 98% open accuracy)
 
@@ -112,10 +130,16 @@ def setup_trainable(model, cfg):
         mark_trainable(model, lora=True, full=("projector",))
     elif cfg.train == "projector":
         mark_trainable(model, lora=False, full=("projector",))
+    elif cfg.train == "llm":
+        # LLaVA-Med §4 stage 2: "We only keep the visual encoder weights frozen, and continue to update both
+        # the pre-trained weights of the projection layer and LM" (embeddings and lm_head included: a full
+        # fine-tune), with one learning rate, 2e-5 in its v1 README
+        mark_trainable(model, lora=False, full=("projector", "language_model", "lm_head"))
+        return [{**g, "lr": cfg.lr} for g in param_groups(model, cfg)]
     elif cfg.train == "full":
         mark_trainable(model, lora=False, full=("vision_tower", "projector", "language_model", "lm_head"))
     else:
-        raise ValueError(f"--train must be lora, projector or full, not {cfg.train!r}")
+        raise ValueError(f"--train must be lora, projector, llm or full, not {cfg.train!r}")
     return param_groups(model, cfg)
 
 
@@ -146,7 +170,11 @@ def make_sft_prepare(examples, tokenizer, cfg, model_cfg, device):
 
 def sft_loss(model, b):
     """Summed next-token cross-entropy over supervised tokens, plus answer/question sums for the log."""
-    logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"])
+    # No attention mask, on purpose: the batch is right-padded, so a real token's keys (those before it) are
+    # all real and its position is its index, as the mask's cumsum would give. Plain causal attention is then
+    # exact at every supervised position, and SDPA may take its flash kernel (no (B, 1, T, T) mask, no host
+    # sync). Pads see pads and predict labels of -100: their logits differ from the masked path's, unused.
+    logits = model(b["input_ids"], b["pixel_values"])
     ce = token_nll(logits, b["labels"])  # (B, T - 1): position t predicts token t + 1
     labels = b["labels"][:, 1:]
     supervised = labels != -100
@@ -199,6 +227,12 @@ def synthetic_base(cfg, synth, tokenizer, rank, world, device):
 
 def main(argv=None):
     cfg, given = parse_config(Config, argv)
+    if cfg.plan:  # no GPU, no weights, no data: the parameter counts are all the plan needs
+        with torch.device("meta"):
+            model = Llava(CONFIGS[cfg.model])
+        setup_trainable(model, cfg)
+        plan = memory_plan(model, cfg, cfg.world or 1)
+        return print(format_plan(plan) + "\n" + plan_row(plan, f"{cfg.model}, {cfg.train}"))
     synthetic = not cfg.model
     if synthetic:
         cfg = replace(cfg, **{k: v for k, v in SYNTH_OVERRIDES.items() if k not in given})
@@ -217,6 +251,7 @@ def main(argv=None):
     model.language_model.gradient_checkpointing = cfg.grad_ckpt
     examples = D.read_conversations(cfg.data, cfg.image_dir)
     groups = shard_model(model, cfg, device, setup_trainable(model, cfg))
+    print0(format_plan(memory_plan(model, cfg, world)))
     prepare = make_sft_prepare(examples, tokenizer, cfg, model.config, device)
     # under fsdp: the trained model gathered on rank 0 (None on the others)
     model = fit(cfg, model, len(examples), prepare, sft_loss, groups, cfg.out_dir, world, rank, device)

@@ -451,6 +451,40 @@ def test_unknown_tower_hub_id_error_says_how_to_fix(tmp_path):
         C.from_pretrained(str(tmp_path))
 
 
+
+def save_tiny(d, synth, model_type="llama", **save_kw):
+    """tiny_dir's random LLaVA (the synthetic tokenizer, 48x48 images) with a Llama or Mistral decoder."""
+    tok = D.load_tokenizer(synth / "tokenizer.json")
+    cfg = M.LlavaConfig(vision=M.VisionConfig(32, 64, 2, 4, 48, 8), text=M.TextConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
+        num_kv_heads=2, model_type=model_type), image_token_id=SY.SYNTH_IMAGE_TOKEN_ID)
+    torch.manual_seed(0)
+    C.save_pretrained(sft.init_weights(M.Llava(cfg)), d, **save_kw)
+    (Path(d) / "tokenizer.json").write_text((synth / "tokenizer.json").read_text())
+    return Path(d)
+
+
+def test_template_travels_with_the_model(synth, tmp_path):
+    """config.json's conv_template: the decoder family's default at save, kept through a reload and a
+    re-save in the other layout, or as given; a checkpoint written elsewhere gets its family's default."""
+    conf = lambda d: json.loads((d / "config.json").read_text())  # noqa: E731
+    mistral = save_tiny(tmp_path / "mistral", synth, "mistral")
+    assert conf(mistral)["conv_template"] == "mistral_instruct" == C.template_of(str(mistral))
+    model = C.from_pretrained(str(mistral), dtype=torch.float32)
+    assert model.template == "mistral_instruct"
+    C.save_pretrained(model, tmp_path / "again", layout="llava")
+    assert C.template_of(str(tmp_path / "again")) == "mistral_instruct"
+    llama = save_tiny(tmp_path / "llama", synth)
+    assert C.template_of(str(llama)) == "vicuna_v1"
+    sq = save_tiny(tmp_path / "sq", synth, template="vicuna_v1_sq")
+    assert C.from_pretrained(str(sq), dtype=torch.float32).template == "vicuna_v1_sq"
+    for d, want in ((mistral, "mistral_instruct"), (llama, "vicuna_v1")):  # no key: the family's default
+        c = conf(d)
+        del c["conv_template"]
+        (d / "config.json").write_text(json.dumps(c))
+        assert C.template_of(str(d)) == want == C.from_pretrained(str(d), dtype=torch.float32).template
+
+
 # ----------------------------------------------------------------------------- lora.py
 # Oracle: PEFT's LoRA on transformers' LlavaForConditionalGeneration, with the same base weights.
 
@@ -1737,7 +1771,7 @@ def test_bad_config_stops_with_clear_messages(tiny_dir, small_data, synth, tmp_p
     cfg = replace(sft.Config(), global_batch=10, micro_batch=4)
     with pytest.raises(ValueError, match="global_batch 10 is not divisible by micro_batch 4 x world size 1"):
         T.fit(cfg, None, 100, None, None, [], str(tmp_path))
-    with pytest.raises(ValueError, match="--train must be lora, projector or full"):
+    with pytest.raises(ValueError, match="--train must be lora, projector, llm or full"):
         sft.setup_trainable(C.from_pretrained(str(tiny_dir), dtype=torch.float32),
                             replace(sft.Config(), train="both"))
     cfg, given = T.parse_config(sft.Config, ["--no-question_loss", "--lr=0.5"])
@@ -1758,6 +1792,155 @@ def test_projector_only_training_changes_the_projector_and_nothing_else(tiny_dir
           groups, str(tmp_path))
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {k for k in before if k.startswith("projector.")}
+
+
+def test_right_padded_training_needs_no_attention_mask(tiny_dir, synth, monkeypatch):
+    """sft_loss and sequence_logps call the model without a mask: plain causal attention (is_causal, no
+    (B, 1, T, T) tensor) gives the masked path's logits at every supervised position, and its loss."""
+    tok = D.load_tokenizer(tiny_dir)
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    recs = D.read_conversations(synth / "train.json", synth / "images")[:3]
+    cfg = replace(sft.Config(), image_size=48, max_length=512)
+    b = sft.make_sft_prepare(recs, tok, cfg, model.config, "cpu")([0, 1, 2], 0)
+    assert (b["attention_mask"] == 0).any() and (b["attention_mask"][:, 0] == 1).all()  # right padding
+    with torch.no_grad():
+        masked = model(b["input_ids"], b["pixel_values"], b["attention_mask"])
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", spy)
+    seen = {}
+
+    def forward(*a, **kw):
+        assert len(a) == 2 and not kw  # input_ids, pixel_values: no mask
+        seen["logits"] = model(*a)
+        return seen["logits"]
+    with torch.no_grad():
+        loss, _ = sft.sft_loss(forward, b)
+        logps = dpo.sequence_logps(forward, b)
+    n_layers = model.config.text.num_layers
+    assert all(m is None for m, _ in calls) and sum(c for _, c in calls) == 2 * n_layers  # two forwards
+    supervised = b["labels"][:, 1:] != -100  # position t predicts token t + 1
+    assert supervised.sum() > 0
+    assert (seen["logits"][:, :-1][supervised] - masked[:, :-1][supervised]).abs().max() < 1e-5
+    masked_nll = T.token_nll(masked, b["labels"])
+    assert abs(loss.item() - masked_nll.sum().item()) < 1e-5 * masked_nll.sum().item()
+    assert torch.allclose(logps, -masked_nll.sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_is_on_at_paper_scale_and_gives_the_same_gradients(tiny_dir, synth):
+    assert sft.Config().grad_ckpt is True and sft.SYNTH_OVERRIDES["grad_ckpt"] is False
+    tok = D.load_tokenizer(tiny_dir)
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32).train()
+    recs = D.read_conversations(synth / "train.json", synth / "images")[:2]
+    b = sft.make_sft_prepare(recs, tok, replace(sft.Config(), image_size=48), model.config, "cpu")([0, 1], 0)
+    grads = []
+    for on in (False, True):
+        model.language_model.gradient_checkpointing = on
+        model.zero_grad()
+        sft.sft_loss(model, b)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("language_model.") for k in grads[0])
+    assert all(torch.allclose(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7) for k in grads[0])
+
+
+def test_instruction_tuning_freezes_the_tower_and_uses_one_lr(tiny_dir, synth, tmp_path, monkeypatch):
+    """LLaVA-Med's instruction tuning (--train=llm): projector and LLM in full, the tower bit-identical."""
+    tok = D.load_tokenizer(tiny_dir)
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recs = D.read_conversations(synth / "train.json", synth / "images")[:8]
+    cfg = replace(sft.Config(), train="llm", template="vicuna_v1", question_loss=False, global_batch=4,
+                  micro_batch=2, max_steps=2, image_size=48, max_length=512, lr=1e-2, vision_lr=5e-5,
+                  projector_lr=2e-5, log_every=1, out_dir=str(tmp_path))
+    made = []
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    groups = sft.setup_trainable(model, cfg)
+    T.fit(cfg, model, len(recs), sft.make_sft_prepare(recs, tok, cfg, model.config, "cpu"), sft.sft_loss,
+          groups, str(tmp_path))
+    assert {g["base_lr"] for g in made[0].param_groups} == {1e-2}
+    assert {g["name"] for g in made[0].param_groups} == {"llm", "projector"}
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("vision_tower."))
+    for k in ("projector.linear_1.weight", "language_model.embed_tokens.weight", "lm_head.weight",
+              "language_model.layers.0.self_attn.q_proj.weight"):
+        assert not torch.equal(after[k], before[k]), k
+    log = read_log(tmp_path)
+    assert all("tok_s" in x and "mfu" not in x for x in log)  # CPU: no MFU
+    monkeypatch.setattr(T, "peak_flops", lambda device: 1e9)  # as if on a GPU of 1 GFLOP/s
+    T.fit(replace(cfg, max_steps=1, out_dir=str(tmp_path / "gpu")), model, len(recs),
+          sft.make_sft_prepare(recs, tok, cfg, model.config, "cpu"), sft.sft_loss,
+          sft.setup_trainable(model, cfg), str(tmp_path / "gpu"))
+    assert 0 < read_log(tmp_path / "gpu")[0]["mfu"] < math.inf
+
+
+def test_flop_count_by_hand(tiny_dir):
+    """6 FLOPs per trained weight, 4 per frozen one a gradient passes, 2 per one it does not, plus attention's
+    12·L·H·Q·T; on the tiny config (vision 32 wide, 64 MLP, 2 layers of which 1 runs, 4 heads, 48 px in 8 px
+    patches; text 48 wide, 96 MLP, 2 layers, 4 heads, 2 KV heads)."""
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    V = model.config.text.vocab_size
+    vision = 3 * 8 * 8 * 32 + 1 * (4 * 32 * 32 + 2 * 32 * 64)  # patch conv + the one block that runs
+    projector = 32 * 48 + 48 * 48
+    llm = 2 * (48 * 48 + 2 * 48 * 24 + 48 * 48 + 3 * 48 * 96) + 48 * V  # q, k+v, o, SwiGLU; lm_head
+    P = 36
+    for train, llm_factor in (("projector", 4), ("llm", 6)):
+        sft.setup_trainable(model, replace(sft.Config(), train=train))
+        got = T.step_flops(T.flop_terms(model), model, tokens=100, tokens_sq=5000, images=2)
+        by_hand = (2 * ((P + 1) * 2 * vision + (P + 1) ** 2 * 4 * 1 * 4 * 8 + P * 6 * projector)
+                   + 100 * llm_factor * llm + 5000 * 12 * 2 * 4 * 12)
+        assert got == by_hand, (train, got, by_hand)
+    # the paper's LoRA (r 2 on both towers here): A (r, in) and B (out, r) at 6, the frozen base at 4, and the
+    # tower's attention now has a backward (12)
+    sft.setup_trainable(model, replace(sft.Config(), lora_r=2, lora_alpha=4, vit_lora_r=2, vit_lora_alpha=4))
+    vis_lora = 2 * (4 * (32 + 32) + (32 + 64) + (64 + 32))  # q, k, v, out_proj, fc1, fc2 of the running block
+    llm_lora = 2 * 2 * ((48 + 48) + 2 * (48 + 24) + (48 + 48) + 2 * (48 + 96) + (96 + 48))  # 7 x 2 layers
+    got = T.step_flops(T.flop_terms(model), model, tokens=100, tokens_sq=5000, images=2)
+    by_hand = (2 * ((P + 1) * (6 * vis_lora + 4 * vision) + (P + 1) ** 2 * 12 * 1 * 4 * 8 + P * 6 * projector)
+               + 100 * (6 * llm_lora + 4 * llm) + 5000 * 12 * 2 * 4 * 12)
+    assert got == by_hand, (got, by_hand)
+    assert T.peak_flops("cpu") is None
+
+
+def test_memory_plan_of_7b_lora_on_8_gpus_is_printed_without_weights_and_matches_a_hand_count():
+    """`sft.py --plan` builds LLaVA-1.5-7B on the meta device and prints the per-GPU plan in seconds; weights,
+    gradients and AdamW state equal 4 / 4 / 8 bytes per parameter over 8 FSDP shards, the parameters counted
+    here from the architecture (CLIP ViT-L/14-336, the 2-layer projector, LLaMA-7B, the paper's LoRA)."""
+    t0 = time.time()
+    r = run_sft(["--plan", "--model=llava-1.5-7b", "--train=lora", "--shard=fsdp", "--world=8"])
+    assert time.time() - t0 < 60
+    printed = dict(re.findall(r"^  (weights|gradients|optimizer) +([0-9.]+)$", r.stdout, re.M))
+    h, inter, n_layers, vocab = 4096, 11008, 32, 32000  # LLaMA-7B
+    hv, iv, nv, patches = 1024, 4096, 24, (336 // 14) ** 2  # CLIP ViT-L/14 at 336 px
+    text = 2 * vocab * h + n_layers * (4 * h * h + 3 * h * inter + 2 * h) + h  # embed, head, blocks, norm
+    vision = (3 * 14 * 14 * hv + hv + (patches + 1) * hv + 2 * hv  # patch conv, CLS, positions, pre-norm
+              + nv * (4 * (hv * hv + hv) + 2 * hv * iv + iv + hv + 4 * hv) + 2 * hv)  # blocks, post-norm
+    projector = hv * h + h + h * h + h
+    llm_lora = n_layers * 128 * (4 * 2 * h + 3 * (h + inter))  # r 128 on q k v o gate up down
+    vit_lora = 32 * (4 * 2 * hv + 2 * (hv + iv))  # r 32 on q k v out fc1 fc2, per ViT block
+    n_run = nv + 1 - 2  # feature layer -2: the last block never runs and stays frozen
+    total = text + vision + projector + llm_lora + nv * vit_lora
+    trained = llm_lora + n_run * vit_lora + projector
+    assert f"trainable params: {trained:,} / {total:,}" in r.stdout
+    expected = {"weights": 4 * total / 8 / 1e9, "gradients": 4 * trained / 8 / 1e9,
+                "optimizer": 8 * trained / 8 / 1e9}
+    assert printed == {k: f"{v:.2f}" for k, v in expected.items()}, (printed, r.stdout)
+    with torch.device("meta"):  # in process, unrounded
+        model = M.Llava(M.CONFIGS["llava-1.5-7b"])
+    sft.setup_trainable(model, sft.Config(model="llava-1.5-7b"))
+    plan = T.memory_plan(model, sft.Config(shard="fsdp"), 8)
+    assert plan["params"] == (total, trained)
+    assert all(plan[k] == pytest.approx(v, rel=1e-12) for k, v in expected.items())
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| llava-1.5-7b, lora | fsdp x 8 |"))
+    assert row in (HERE / "README.md").read_text()  # the README's memory table is this output
 
 
 # ----------------------------------------------------------------------------- dpo.py
@@ -1824,6 +2007,56 @@ def test_reference_equals_stage1_and_precomputed_and_loss_is_log2_at_start(tiny_
     assert abs(log[0]["loss"] - math.log(2)) < 1e-6 and log[0]["reward_acc"] == 0.0
 
 
+@pytest.mark.parametrize("precompute", [False, True])
+def test_reference_runs_under_the_policys_bf16_autocast(tiny_dir, synth, tmp_path, precompute):
+    """--amp=bf16 on CPU takes the GPU's precision path: the reference (live, or precomputed once) runs under
+    the policy's autocast, so at step 0 pi = pi_ref and the loss is log 2; an fp32 reference beside a bf16
+    policy is off by about 4e-5 on this model."""
+    pairs = [dict(hand_pair(None, None, synth)[0], chosen=c)
+             for c in ("brain", "liver", "the chest", "a lung")]
+    cfg = replace(dpo.Config(), model=str(tiny_dir), out_dir=str(tmp_path), global_batch=4, micro_batch=2,
+                  max_steps=1, lora_r=4, lora_alpha=8, vit_lora_r=2, vit_lora_alpha=4, log_every=1,
+                  amp="bf16", precompute_ref=precompute)
+    dpo.train_step(cfg, pairs, D.load_tokenizer(tiny_dir), synth / "images", "cpu")
+    log = read_log(tmp_path)
+    assert abs(log[0]["loss"] - math.log(2)) < 1e-6 and log[0]["margin"] == 0.0
+    fp32 = tmp_path / "fp32"
+    fp32.mkdir()
+    dpo.train_step(replace(cfg, amp="", out_dir=str(fp32)), pairs, D.load_tokenizer(tiny_dir),
+                   synth / "images", "cpu")
+    assert read_log(fp32)[0]["grad_norm"] != log[0]["grad_norm"]  # bf16 really ran
+
+
+def test_stage2_samples_and_trains_with_the_models_template(synth, tmp_path, monkeypatch):
+    """A Mistral model (LLaVA-Med v1.5) answers its questions and is trained on mistral_instruct prompts;
+    --template overrides."""
+    ckpt = save_tiny(tmp_path / "mistral", synth, "mistral")
+    tok = D.load_tokenizer(ckpt)
+    model = C.from_pretrained(str(ckpt), dtype=torch.float32)
+    monkeypatch.setattr(dpo, "is_wellformed", lambda q: len(q) > 0)  # a random model asks nothing well-formed
+    seen = spy_prompts(monkeypatch)
+    cfg = replace(dpo.Config(), model=str(ckpt), out_dir=str(tmp_path), n_questions=1, describe_tokens=2,
+                  q_max_tokens=4, a_max_tokens=2, gen_batch=2, global_batch=2, micro_batch=2, max_steps=1,
+                  lora_r=4, lora_alpha=8, vit_lora_r=2, vit_lora_alpha=4)
+    rows = dpo.generate_step(cfg, model, tok, sorted(os.listdir(synth / "images"))[:2], synth / "images",
+                             str(tmp_path / "gen.jsonl"), "cpu")
+    answers = [(t, p) for t, p in seen if not t.startswith("vicuna_v1_sq")]  # the questioner's are SQ's
+    assert rows and answers and all(t == "mistral_instruct" and p.startswith("[INST] <image>")
+                                    for t, p in answers)
+    templates = []
+    encode = D.encode_conversation
+    monkeypatch.setattr(D, "encode_conversation", lambda turns, tok, template, *a, **k: (
+        templates.append(template), encode(turns, tok, template, *a, **k))[1])
+    pairs = [{"image": r["image"], "question": r["question"], "chosen": "a", "rejected": "b"} for r in rows]
+    dpo.train_step(cfg, (pairs * 2)[:2], tok, synth / "images", "cpu")
+    assert templates and set(templates) == {"mistral_instruct"}
+    seen.clear()
+    images = sorted(os.listdir(synth / "images"))[:2]
+    dpo.generate_step(replace(cfg, template="vicuna_v1"), model, tok, images, synth / "images",
+                      str(tmp_path / "g2.jsonl"), "cpu")
+    assert {t for t, _ in seen if not t.startswith("vicuna_v1_sq")} == {"vicuna_v1"}
+
+
 def test_dpo_steps_resume_without_losing_or_repeating_work(tiny_dir, synth, tmp_path, monkeypatch):
     tok = D.load_tokenizer(tiny_dir)
     model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
@@ -1837,9 +2070,9 @@ def test_dpo_steps_resume_without_losing_or_repeating_work(tiny_dir, synth, tmp_
     real_write = dpo.D.generate_text
     calls = {"n": 0}
 
-    def flaky(*a, **k):  # die during the third batch
+    def flaky(*a, **k):  # die during the third batch: a batch is 4 calls (describe, ask, answer twice)
         calls["n"] += 1
-        if calls["n"] == 2 * (cfg.n_questions + 2) + 3:
+        if calls["n"] == 2 * 4 + 3:
             raise KeyboardInterrupt
         return real_write(*a, **k)
     monkeypatch.setattr(dpo.D, "generate_text", flaky)
@@ -1873,6 +2106,134 @@ def test_dpo_steps_resume_without_losing_or_repeating_work(tiny_dir, synth, tmp_
     before = len(seen)
     dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
     assert len(seen) == before  # a third run is all cache
+
+
+def test_each_image_is_described_once_and_asked_from_that_one_prompt(tiny_dir, synth, tmp_path, monkeypatch):
+    tok = D.load_tokenizer(tiny_dir)
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    cfg = replace(dpo.Config(), model=str(tiny_dir), out_dir=str(tmp_path), n_questions=3, describe_tokens=5,
+                  q_max_tokens=6, a_max_tokens=4, gen_batch=2)
+    monkeypatch.setattr(dpo, "is_wellformed", lambda q: len(q) > 0)
+    images = sorted(os.listdir(synth / "images"))[:5]
+    real = D.generate_text
+    described, asked = [], []
+
+    def counting(model, tokenizer, convs, *a, **k):
+        out = real(model, tokenizer, convs, *a, **k)
+        for c, o in zip(convs, out):
+            if c == D.questioner_turns():
+                described.append(o)
+            elif c[-1]["from"] == "vuser":
+                asked.append(c[1]["value"])
+        return out
+    monkeypatch.setattr(dpo.D, "generate_text", counting)
+    dpo.generate_step(cfg, model, tok, images, synth / "images", str(tmp_path / "g.jsonl"), "cpu")
+    assert len(described) == len(images)  # once per image, not once per question
+    # each image's questions are all asked after its one description
+    assert asked == [d or "." for d in described for _ in range(cfg.n_questions)]
+    # The questions equal the redescribing loop's (today's ask_questions called n_questions times, each
+    # call describing every image again) for the same generator: the greedy description is deterministic,
+    # so passing it in leaves every sampled token the same.
+    monkeypatch.setattr(dpo.D, "generate_text", real)
+    paths = [synth / "images" / n for n in images]
+    args = (model, tok, paths, 48, 1.0, 20, 0.95)
+    g = torch.Generator().manual_seed(7)
+    redescribed = [D.ask_questions(*args, g, 5, 6) for _ in range(3)]
+    desc = D.generate_text(model, tok, [D.questioner_turns()] * len(paths), D.load_images(paths, 48),
+                           "vicuna_v1_sq", 5)
+    g = torch.Generator().manual_seed(7)
+    once = [D.ask_questions(*args, g, 5, 6, descriptions=desc) for _ in range(3)]
+    assert once == redescribed and len(set(map(tuple, once))) > 1  # and the rounds differ
+
+
+def test_chunked_generation_at_a_tiny_budget_equals_one_call(tiny_dir, synth, monkeypatch):
+    tok = D.load_tokenizer(tiny_dir)
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    # rows of different lengths, so the chunks' left padding differs from the whole batch's
+    qs = ["Is there a lesion?", "What organ is shown in this image?", "Size?", "Where is the nodule located?",
+          "Is it large?"]
+    convs = [[{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": None}] for q in qs]
+    px = D.load_images([synth / "images" / n for n in sorted(os.listdir(synth / "images"))[:5]], 48)
+    real = D.generate_text
+    calls = []
+
+    def counting(model, tokenizer, convs, *a, **k):
+        calls.append(len(convs))
+        return real(model, tokenizer, convs, *a, **k)
+    monkeypatch.setattr(dpo.D, "generate_text", counting)
+    sampling = (1.2, 100, 0.95)
+    one = dpo.generate_rows(model, tok, convs, px, "vicuna_v1", 8, 10**6, sampling, seed=3)
+    assert calls == [5]
+    tiny = dpo.generate_rows(model, tok, convs, px, "vicuna_v1", 8, 1, sampling, seed=3)  # a row a call
+    assert calls[1:] == [1] * 5 and tiny == one
+    calls.clear()
+    ids = [D.encode_prompt(c, tok, "vicuna_v1", 36, model.config.image_token_id) for c in convs]
+    mid = dpo.generate_rows(model, tok, convs, px, "vicuna_v1", 8, 2 * (max(map(len, ids)) + 8), sampling,
+                            seed=3)
+    assert mid == one and calls == [2, 2, 1]  # two rows of the longest prompt fit the budget
+    other = dpo.generate_rows(model, tok, convs, px, "vicuna_v1", 8, 1, sampling, seed=4)
+    assert other != one
+    # the same at the token level: a batch with one generator per row = each row alone
+    b = D.collate([{"input_ids": x} for x in ids], padding_side="left")
+    gens = dpo.row_generators(5, len(ids), "cpu")
+    batch = M.generate(model, b["input_ids"], px, b["attention_mask"], 8, 1.2, 100, 0.95, generator=gens)
+    for i, x in enumerate(ids):
+        alone = M.generate(model, torch.tensor([x]), px[i:i + 1], None, 8, 1.2, 100, 0.95,
+                           generator=dpo.row_generators(5, len(ids), "cpu")[i:i + 1])
+        assert torch.equal(alone[0], batch[i, :alone.shape[1]])
+
+
+def test_generation_sharded_over_ranks_equals_one_process_and_resumes(tiny_dir, synth, tmp_path, monkeypatch):
+    tok = D.load_tokenizer(tiny_dir)
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    cfg = replace(dpo.Config(), model=str(tiny_dir), out_dir=str(tmp_path), n_questions=2, describe_tokens=4,
+                  q_max_tokens=6, a_max_tokens=4, gen_batch=1)
+    monkeypatch.setattr(dpo, "is_wellformed", lambda q: len(q) > 0)
+    images = sorted(os.listdir(synth / "images"))[:5]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    dpo.generate_step(cfg, model, tok, images, synth / "images", str(one), "cpu")
+    # rank 1 of 2 (batches 1, 3) killed in its second batch, a torn line left behind, then rerun
+    dpo.generate_step(cfg, model, tok, images, synth / "images", str(two), "cpu", rank=0, world=2)
+    real, calls = D.generate_text, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4 + 2:  # a batch is 4 calls (describe, ask, answer twice)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(dpo.D, "generate_text", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.generate_step(cfg, model, tok, images, synth / "images", str(two), "cpu", rank=1, world=2)
+    with open(f"{two}.rank1", "a") as f:
+        f.write('{"batch": 3, "torn')
+    monkeypatch.setattr(dpo.D, "generate_text", real)
+    dpo.generate_step(cfg, model, tok, images, synth / "images", str(two), "cpu", rank=1, world=2)
+    assert {r["batch"] for r in dpo.read_batches(f"{two}.rank0")} == {0, 2, 4}
+    dpo.merge_parts(str(two))
+    assert two.read_text() == one.read_text() and not dpo.part_paths(str(two))  # same lines, same order
+    # a rerun at another world size finds everything done
+    dpo.generate_step(cfg, model, tok, images, synth / "images", str(two), "cpu", rank=1, world=3)
+    dpo.merge_parts(str(two))
+    assert two.read_text() == one.read_text()
+
+
+def test_dpo_generate_on_two_gloo_processes_equals_one(tiny_dir, tmp_path):
+    # the synthetic default keeps only questions of its grammar: from a random model the lines are the
+    # batches' ends, whose counts of dropped questions still depend on what each rank sampled
+    args = [f"--model={tiny_dir}", "--n_images=4", "--n_questions=2", "--describe_tokens=4",
+            "--q_max_tokens=6", "--a_max_tokens=4", "--gen_batch=1", "--q_temperature=1.0", "--q_top_k=50"]
+    dpo.main(["generate", f"--out_dir={tmp_path / 'one'}", *args])
+    run_sft(["generate", f"--out_dir={tmp_path / 'two'}", *args], nproc=2, script=HERE / "dpo.py")
+    one = (tmp_path / "one" / "generations.jsonl").read_text()
+    assert (tmp_path / "two" / "generations.jsonl").read_text() == one and one.count("\n") >= 4
+    assert sorted(os.listdir(tmp_path / "two")) == ["generations.jsonl"]
+
+
+def test_generation_budget_from_the_flag_or_memory(tiny_dir):
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    assert dpo.gen_token_budget(replace(dpo.Config(), gen_tokens=123), model, "cpu") == 123
+    t = model.config.text  # 4 GiB of KV cache on CPU, at 2 x layers x kv heads x head dim fp32 values a token
+    assert dpo.gen_token_budget(dpo.Config(), model, "cpu") == (4 << 30) // (2 * 2 * 2 * t.head_dim * 4)
 
 
 # --------------------------------------------------------------------- train.py --shard=fsdp (sft.py, dpo.py)
@@ -1918,7 +2279,7 @@ def fsdp_runs(tiny_dir, small_data, synth, tmp_path_factory):
     lora-1to2          one process stopped right after its step-1 checkpoint, resumed on two
     lora-2to1          lora-fsdp2's step-1 checkpoint resumed on one process
     DPO, 2 steps of 4 pairs: dpo-ddp1 as above; dpo-fsdp2 and dpo-fsdp2-pre (--precompute_ref) on two
-    processes"""
+    processes; dpo-{ddp2,fsdp2}-bf16{,-pre}: two processes under --amp=bf16, live and precomputed"""
     root = tmp_path_factory.mktemp("fsdp")
 
     def args(name, *x):
@@ -1932,7 +2293,8 @@ def fsdp_runs(tiny_dir, small_data, synth, tmp_path_factory):
                 "--vit_lora_dropout=0", "--log_every=1", *x]
     pairs = [dict(hand_pair(None, None, synth)[0], chosen=c)
              for c in ("brain", "liver", "the chest", "a lung")]
-    for name in ("dpo-ddp1", "dpo-fsdp2", "dpo-fsdp2-pre"):
+    bf16 = [f"dpo-{s}2-bf16{p}" for s in ("ddp", "fsdp") for p in ("", "-pre")]
+    for name in ("dpo-ddp1", "dpo-fsdp2", "dpo-fsdp2-pre", *bf16):
         (root / name).mkdir()
         (root / name / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     for train in ("lora", "full"):
@@ -1953,6 +2315,8 @@ def fsdp_runs(tiny_dir, small_data, synth, tmp_path_factory):
             ("sft", args("lora-1to2", "--shard=fsdp", "--resume")),
             ("dpo", dpo_args("dpo-fsdp2", "--shard=fsdp")),
             ("dpo", dpo_args("dpo-fsdp2-pre", "--shard=fsdp", "--precompute_ref"))]
+    runs += [("dpo", dpo_args(n, f"--shard={n.split('-')[1][:-1]}", "--amp=bf16",
+                              *(["--precompute_ref"] if n.endswith("-pre") else []))) for n in bf16]
     (root / "runs.json").write_text(json.dumps(runs))
     run_sft([str(root / "runs.json")], nproc=2, script=root / "driver.py")
     shutil.copytree(root / "lora-fsdp2" / "checkpoint.step1", root / "lora-2to1" / "checkpoint")
@@ -2026,6 +2390,19 @@ def test_fsdp_dpo_two_processes_equal_one_process(fsdp_runs):
         assert_close_logs(read_log(fsdp_runs / run), log)
         for d in ("final", "merged"):  # the adapter holds the projector, which the reference must swap back
             assert_same_exports(one / d, fsdp_runs / run / d)
+
+
+def test_dpo_bf16_reference_on_two_processes_ddp_and_fsdp(fsdp_runs):
+    """--amp=bf16 (the GPU's precision path) on two processes: under DDP and FSDP, with a live or a
+    precomputed reference, the loss at step 0 is log 2, and the four runs agree to bf16's tolerance."""
+    runs = [f"dpo-{s}2-bf16{p}" for s in ("ddp", "fsdp") for p in ("", "-pre")]
+    logs = [read_log(fsdp_runs / r) for r in runs]
+    fp32 = read_log(fsdp_runs / "dpo-ddp1")
+    for r, log in zip(runs, logs):
+        assert len(log) == 2 and abs(log[0]["loss"] - math.log(2)) < 1e-6, r
+        assert log[0]["grad_norm"] != fp32[0]["grad_norm"], r  # bf16 really ran
+        for k in ("loss", "grad_norm"):
+            assert log[1][k] == pytest.approx(logs[0][1][k], rel=1e-4), (r, k)
 
 
 def test_fsdp_shards_frozen_weights_too_and_gathers_them_back(tiny_dir):
@@ -3161,6 +3538,64 @@ def test_tiny_model_end_to_end(tmp_path, capsys):
     assert out.read_text().splitlines(keepends=True)[:17] == lines[:17]
     assert ([json.loads(line)["question_id"] for line in out.read_text().splitlines()]
             == [e["qid"] for e in ex])
+
+
+
+def spy_prompts(monkeypatch):
+    """Every prompt data.py renders, as (template, text)."""
+    seen = []
+    render = D.render_conversation
+
+    def spy(turns, template):
+        seen.append((template, render(turns, template)))
+        return seen[-1][1]
+    monkeypatch.setattr(D, "render_conversation", spy)
+    return seen
+
+
+def test_a_mistral_model_is_evaluated_with_its_own_template(synth, tmp_path, monkeypatch, capsys):
+    ckpt = save_tiny(tmp_path / "mistral", synth, "mistral")
+    seen = spy_prompts(monkeypatch)
+    ex = E.load_dataset("synth", str(synth))[:3]
+    run = ["synth", "--model", str(ckpt), "--data", str(synth), "--limit", "3", "--max_new_tokens", "2",
+           "--bootstrap", "0", "--device", "cpu"]
+    E.main(run + ["--out", str(tmp_path / "a.jsonl")])
+    got = list(seen)
+    turns = lambda e: [{"from": "human", "value": "<image>\n" + e["question"]},  # noqa: E731
+                       {"from": "gpt", "value": None}]
+    want = [D.render_conversation(turns(e), "mistral_instruct") for e in ex]
+    assert got == [("mistral_instruct", w) for w in want]
+    assert "[INST]" in want[0] and D.VICUNA_SYSTEM not in want[0]
+    seen.clear()
+    E.main(run + ["--out", str(tmp_path / "b.jsonl"), "--template", "vicuna_v1"])  # the flag overrides
+    assert [t for t, _ in seen] == ["vicuna_v1"] * 3 and seen[0][1].startswith(D.VICUNA_SYSTEM)
+
+
+def test_bandwidth_counts_the_decode_steps_taken(monkeypatch, capsys, tmp_path):
+    """GB/s = weight bytes x forward passes / seconds, where a batch's passes are its longest reply + 1 (the
+    prefill's token, then one decode step per token, EOS included), capped at max_new_tokens."""
+    assert E.forward_passes([3, 0, 7], 16) == 8 and E.forward_passes([0], 16) == 1
+    assert E.forward_passes([40, 2], 16) == 16 and E.forward_passes([], 16) == 1
+    model = M.Llava(M.CONFIGS["tiny"])
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    replies = iter([["yes", "no"], ["the left lung"]])  # a stub decoder: replies of 1, 1 and 3 tokens
+
+    class Tok:
+        def encode(self, text, add_special_tokens=False):
+            return type("Enc", (), {"ids": text.split()})()
+    monkeypatch.setattr(D, "generate_text", lambda *a, **k: next(replies))
+    clock = iter(range(0, 100, 10))  # t0 = 0, then 10 s after the first batch, 20 s after the second
+    monkeypatch.setattr(E.time, "time", lambda: next(clock))
+    ex = [{"qid": str(i), "question": "q?", "answer_type": "OPEN", "image": Image.new("RGB", (8, 8))}
+          for i in range(3)]
+    capsys.readouterr()
+    E.answer_with(model, Tok(), ex, str(tmp_path / "a.jsonl"), batch_size=2, max_new_tokens=1024,
+                  template="vicuna_v1")
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[")]
+    for line, passes, seconds, tokens in zip(lines, (2, 2 + 4), (10, 20), (4, 8)):
+        assert f"({passes} forward passes = prefill + decode steps taken" in line
+        assert f"{weight_bytes * passes / seconds / 1e9:.2f} GB/s" in line
+        assert f"{tokens / seconds:.1f} tok/s" in line
 
 
 # ----------------------------------------------------------------------------- bench.py

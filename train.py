@@ -10,6 +10,11 @@ parameter groups, the schedule, atomic and sharded checkpoints, FSDP2 and loggin
   shard_model and gather_model put a Llava into FSDP2 units and back.
 - fit: gradient accumulation over a global batch dealt round-robin to the ranks, one mean loss over the whole
   global batch, gradient clipping, exact resume (weights, optimizer, RNG states, data position = step).
+- flop_terms / step_flops / peak_flops: a step's model FLOPs (6 per trained weight and token, 4 per frozen one
+  that a gradient passes, 2 otherwise, plus attention's 12·L·H·Q·T), for the MFU that fit logs on GPU beside
+  tok/s, both over the whole step.
+- memory_plan / format_plan / plan_row: GB per GPU of weights, gradients, AdamW state, activations and
+  stage 2's KV cache, from the parameter counts (of a model on the meta device: `sft.py --plan`).
 
 Stage 1 (sft.py) and stage 2 (dpo.py) each pass their own `prepare` (encode a micro batch) and `micro_loss`.
 """
@@ -65,6 +70,8 @@ def setup_distributed(shard="ddp"):
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # TF32 for the fp32 matmuls autocast leaves (the authors' --tf32)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
     if (world > 1 or shard == "fsdp") and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -124,6 +131,132 @@ def token_nll(logits, labels):
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
                           reduction="none")
     return nll.view(labels.shape[0], labels.shape[1] - 1)
+
+# -----------------------------------------------------------------------------
+# Model FLOPs and MFU (nanoGPT model.py estimate_mfu, PaLM appendix B: 6N + 12·L·H·Q·T per token)
+
+# dense bf16 tensor-core peaks from NVIDIA's datasheets; more specific names first (matched as substrings)
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
+              "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12}
+
+
+def peak_flops(device):
+    """bf16 peak of a CUDA device from the table above, or None (CPU, or a name the table lacks)."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def matmul_weights(modules):
+    """(trained, frozen) counts of the weights that multiply activations: every parameter of two or more
+    dimensions (Linear, Conv2d, LoRA's A and B) outside embedding tables, which are looked up, not multiplied.
+    A tied lm_head counts here as the matmul it is."""
+    counts = [0, 0]
+    for module in modules:
+        for m in module.modules():
+            if not isinstance(m, nn.Embedding):
+                for p in m.parameters(recurse=False):
+                    counts[not p.requires_grad] += p.numel() if p.dim() >= 2 else 0
+    return tuple(counts)
+
+
+def flop_terms(model):
+    """Per-unit FLOP coefficients of one training step, vision side then text side, in the order the gradient
+    flows back. A trained weight costs 6 FLOPs per token that passes it (forward 2, input gradient 2, weight
+    gradient 2); a frozen one 4 if a gradient must pass it on to a trained weight before it (the LLM in every
+    mode: the projector trains), else 2 (forward only: a frozen tower that no LoRA reaches). Attention's two
+    matmuls cost 12·L·H·Q per token per key, 4 without a backward. The cluster projector is counted as if its
+    weights met each patch once (an estimate)."""
+    v, t = model.config.vision, model.config.text
+    n_run = v.num_layers + 1 + v.feature_layer if v.feature_layer < 0 else v.feature_layer
+    tower = model.vision_tower
+    vis_tr, vis_fr = matmul_weights([tower.embeddings, *tower.encoder.layers[:n_run]])
+    proj_tr, proj_fr = matmul_weights([model.projector])
+    llm_tr, llm_fr = matmul_weights([model.language_model, model.lm_head])
+    vis_back = vis_tr > 0
+    head_dim = v.hidden_size // v.num_heads
+    return {"per_vision_token": 6 * vis_tr + (4 if vis_back else 2) * vis_fr,  # image patches + CLS
+            "vision_attention": (12 if vis_back else 4) * n_run * v.num_heads * head_dim,  # x (P + 1)²
+            "per_patch": 6 * proj_tr + (4 if vis_back else 2) * proj_fr,  # the projector, on the P patches
+            "per_token": 6 * llm_tr + 4 * llm_fr,  # every real token of the LLM's sequence, image ones too
+            "attention": 12 * t.num_layers * t.num_heads * t.head_dim}  # x Σ_rows T² (causal not halved)
+
+
+def step_flops(terms, model, tokens, tokens_sq, images):
+    """Model FLOPs of a step of `tokens` real LLM tokens whose row lengths squared sum to `tokens_sq`, with
+    `images` images."""
+    v = model.config.vision
+    patches = (v.image_size // v.patch_size) ** 2
+    per_image = ((patches + 1) * terms["per_vision_token"] + (patches + 1) ** 2 * terms["vision_attention"]
+                 + patches * terms["per_patch"])
+    vision = images * per_image
+    return vision + tokens * terms["per_token"] + tokens_sq * terms["attention"]
+
+# -----------------------------------------------------------------------------
+# The memory plan: what one GPU holds, from the parameter counts (a model on the meta device will do)
+
+
+def memory_plan(model, cfg, world, rows=None):
+    """GB (10^9 bytes) per GPU of the training state and activations, for `cfg.shard` over `world` ranks.
+    Call it once the trainable set is marked (requires_grad); a DTensor's numel is the global one. `rows`:
+    sequences a micro batch (cfg.micro_batch; DPO's pairs are two each)."""
+    t, gb = model.config.text, 1e9
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    shards = world if cfg.shard == "fsdp" else 1  # FSDP2 shards weights, gradients and AdamW state alike
+    plan = {"weights": 4 * total / shards / gb,  # fp32, as the trainer loads them (frozen ones too)
+            "gradients": 4 * trained / shards / gb,  # fp32, one per trained weight
+            "optimizer": 8 * trained / shards / gb}  # AdamW: exp_avg and exp_avg_sq, fp32
+    if cfg.shard == "fsdp":
+        # on GPU each unit runs on a bf16 all-gathered copy: the root (embeddings, projector, head) stays
+        # gathered through the step; the running unit and the one prefetched beside it are the largest
+        units = [*model.language_model.layers, model.vision_tower]
+        unit = max(sum(p.numel() for p in u.parameters()) for u in units)
+        root = total - sum(p.numel() for u in units for p in u.parameters())
+        plan["gathered bf16"] = 2 * (root + 2 * unit) / gb
+    # Activations of the decoder for one micro batch, bf16 (2 bytes a value). Korthikanti et al. 2022
+    # ("Reducing Activation Recomputation in Large Transformer Models", §4.1) store per layer
+    # b·T·h·34 + 5·b·heads·T² bytes; the T² term is the attention matrix, its softmax and dropout mask,
+    # which SDPA's flash / memory-efficient kernels never keep (sft_loss passes no mask, so flash applies):
+    # it is dropped. Their 34 assumes a 4h MLP; LLaMA's SwiGLU (11008 = 2.7h, three matrices) is close.
+    b, T, h = rows or cfg.micro_batch, cfg.max_length, t.hidden_size
+    per_layer = b * T * h * 34
+    if cfg.grad_ckpt:  # only each block's input is kept, then one block is recomputed at a time in backward
+        act = t.num_layers * b * T * h * 2 + per_layer
+    else:
+        act = t.num_layers * per_layer
+    plan["activations"] = act / gb
+    plan["logits"] = b * T * t.vocab_size * 4 / gb  # fp32 logits for the cross-entropy (and its gradient)
+    if all(hasattr(cfg, k) for k in ("gen_batch", "n_questions", "describe_tokens", "q_max_tokens")):
+        # stage-2 sampling: K and V, bf16, per layer, kv head, head dim and token, over rows × (prompt + new):
+        # a question's prompt is the image and its description, an answer's the image and its question.
+        # The unchunked worst case; --gen_tokens (or half the free memory, dpo.gen_token_budget) chunks it
+        new = max(cfg.describe_tokens + cfg.q_max_tokens, cfg.q_max_tokens + cfg.a_max_tokens)
+        tokens = cfg.gen_batch * cfg.n_questions * (model.config.image_seq_length + new)
+        tokens = min(tokens, cfg.gen_tokens) if getattr(cfg, "gen_tokens", 0) > 0 else tokens
+        plan["kv cache (generation)"] = 2 * t.num_layers * t.num_kv_heads * t.head_dim * 2 * tokens / gb
+    return {"params": (total, trained), "shard": f"{cfg.shard} x {world}", **plan}
+
+
+def format_plan(plan):
+    """The plan as a short table, GB per GPU; the training total leaves out generation's KV cache."""
+    total, trained = plan["params"]
+    lines = [f"memory plan, GB per GPU ({plan['shard']}; {trained / 1e6:,.0f}M trained, "
+             f"{(total - trained) / 1e6:,.0f}M frozen):"]
+    rows = {k: v for k, v in plan.items() if k not in ("params", "shard")}
+    lines += [f"  {k:<22}{v:9.2f}" for k, v in rows.items()]
+    train_total = sum(v for k, v in rows.items() if not k.startswith("kv"))
+    return "\n".join(lines + [f"  {'training total':<22}{train_total:9.2f}"])
+
+
+def plan_row(plan, name):
+    """The plan as a row of the README's memory table (markdown): GB per GPU, activations with the logits."""
+    get = plan.get
+    cells = [get("weights"), get("gradients"), get("optimizer"), get("gathered bf16", 0.0),
+             get("activations") + get("logits")]
+    cells = [f"{c:.2f}" for c in cells + [sum(cells)]]
+    return f"| {name} | {plan['shard']} | " + " | ".join(cells) + " | to be measured on GPU |"
 
 # -----------------------------------------------------------------------------
 # Checkpoints: atomic single-file ones, and sharded ones (FSDP2)
@@ -297,6 +430,17 @@ def summarize(sums):
             if k.endswith("_sum") and sums.get(k[:-4] + "_n")}
 
 
+def autocast(cfg, device):
+    """The precision of every training forward, the DPO reference's included (live or precomputed): bf16
+    autocast on CUDA (the authors' --bf16), none on CPU; `cfg.amp="bf16"` takes the GPU's path on CPU too
+    (for the tests), "fp32" turns it off on CUDA."""
+    amp = getattr(cfg, "amp", "")
+    if amp not in ("", "bf16", "fp32"):
+        raise ValueError(f"--amp must be bf16 or fp32 (or empty: bf16 on CUDA, fp32 on CPU), not {amp!r}")
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=amp == "bf16" or (amp == "" and kind == "cuda"))
+
+
 def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, rank=0, device="cpu"):
     """The training loop both stages share.
 
@@ -353,26 +497,32 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
         step = ck["step"]
         print0(f"resumed from {ckpt_path} at step {step}")
     logger = Logger(out_dir, total, step)
+    peak = peak_flops(device)
+    terms = flop_terms(model)
+    print0("model FLOPs per step = images·(P+1)·{per_vision_token:.3g} + images·(P+1)²·{vision_attention:.3g}"
+           " + images·P·{per_patch:.3g} + tokens·{per_token:.3g} + Σ_rows T²·{attention:.3g} (6 per trained"
+           " weight, 4 per frozen one that a gradient passes, 2 per one it does not; attention 12·L·H·Q·T;"
+           " the DPO reference's forward not counted); ".format(**terms)
+           + (f"mfu against a peak of {peak:.3g} FLOP/s" if peak else "no mfu (no GPU, or not in the table)"))
     model.train()
-    if torch.device(device).type == "cuda":
-        amp = torch.autocast("cuda", dtype=torch.bfloat16)
-    else:
-        amp = torch.autocast("cpu", enabled=False)
+    amp = autocast(cfg, device)
     while step < total:
         epoch, pos = divmod(step, steps_per_epoch)
         order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         idx = order[pos * cfg.global_batch:(pos + 1) * cfg.global_batch]
         micro = [idx[i * cfg.micro_batch:(i + 1) * cfg.micro_batch] for i in range(micro_per_step)]
         chunks = micro[rank::world]  # dealt round-robin to the ranks
-        batches = [prepare(c, epoch) for c in chunks]
+        t0 = time.time()  # the whole step: data and a live DPO reference (prepare), forward, backward, AdamW
+        with amp:  # the DPO reference's log-probs: the policy's precision
+            batches = [prepare(c, epoch) for c in chunks]
         count = torch.tensor(float(sum(b["count"] for b in batches)), device=device)
         if world > 1:
             dist.all_reduce(count)
         factor = cosine_lr_factor(step, total, warmup)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
-        t0 = time.time()
         sums = {}
+        tokens_sq = images = 0
         for j, b in enumerate(batches):
             # DDP all-reduces gradients on every backward unless told not to: sync only on the last micro
             # batch. FSDP reduce-scatters on every backward: skipping that would hold full unsharded
@@ -386,6 +536,11 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
             (loss_sum * world / count).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+            # for the MFU: each row's real length squared (attention; read once per step), the images
+            rows = b["attention_mask"].sum(1)  # (B,) integers: exact
+            tokens_sq = tokens_sq + (rows * rows).sum()
+            images += 0 if b["pixel_values"] is None else len(b["pixel_values"])
+        sums.update(tokens_sq=float(tokens_sq), images=float(images))
         # with FSDP the gradients are DTensor shards: the norm is a DTensor whose value is the norm of the
         # full model
         norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
@@ -398,8 +553,15 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
             dist.all_reduce(t)
             sums = dict(zip(keys, t.tolist()))
         if step % cfg.log_every == 0 or step == total:
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()  # kernels may still be queued: wait before reading the clock
+            dt = time.time() - t0
+            speed = {"tok_s": sums.get("tokens", 0) / dt}
+            if peak:
+                flops = step_flops(terms, model, sums.get("tokens", 0), sums["tokens_sq"], sums["images"])
+                speed["mfu"] = flops / (dt * world * peak)
             logger.log(step - 1, **summarize(sums), lr=opt.param_groups[0]["lr"], grad_norm=float(norm),
-                       tok_s=sums.get("tokens", 0) / (time.time() - t0))
+                       **speed)
         if step % cfg.save_every == 0 or step == total:
             rngs = [None] * world
             if world > 1:
