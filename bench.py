@@ -4,8 +4,8 @@ process.
 
 Both models hold identical random weights (checked tensor by tensor, then on the logits, before anything is
 timed). Timed calls alternate ours, theirs, ours, theirs ... after warm-up, and the medians are compared:
-1. SFT step: forward + backward + AdamW on B x T tokens (image tokens included): tokens/s, FLOP/s or MFU,
-   memory.
+1. SFT step: forward + backward + AdamW on B x T tokens (image tokens included): tokens/s, FLOP/s or MFU
+   (train.py's FLOP count: 6 per trained weight, 4 per frozen one a gradient passes, 2 otherwise), memory.
 2. DPO step on the same rows as B/2 (chosen, rejected) pairs in one batch: reference log-probs with the
    adapters off (lora.disable_lora / PEFT `disable_adapter()`), policy log-probs, sigmoid loss, backward,
    step. TRL is not installed here, so its DPOTrainer is not timed; both sides run the same loss
@@ -44,7 +44,7 @@ import model as M
 from dpo import dpo_loss
 from lora import (LLM_LAYERS, VIT_LAYERS, add_lora, disable_lora, lora_layers, lora_targets, mark_trainable,
                   merge_lora, to_hf_name)
-from train import token_nll
+from train import flop_terms, step_flops, token_nll
 
 # PEFT has a single lora_dropout; the paper's ViT uses 0.2 (lora.py), a cost both sides share
 LORA_DROPOUT = 0.05
@@ -285,29 +285,20 @@ def nbytes(tensors):
 
 
 def train_flops(model, rows, T):
-    """Model FLOPs per training step, per tower: PaLM (appendix B) / nanoGPT `estimate_mfu`, 6 N + 12 L H Q T
-    per token, N = every weight the token multiplies, frozen ones included, embeddings excluded. One image per
-    row."""
-    v, t = model.config.vision, model.config.text
-    # the ViT blocks LLaVA needs
-    run = v.num_layers + 1 + v.feature_layer if v.feature_layer < 0 else v.feature_layer
-
-    def count(prefixes):
-        return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
-    n_vit = count(("vision_tower.embeddings.patch_embedding",)
-                  + tuple(f"vision_tower.encoder.layers.{i}." for i in range(run)))
-    n_proj = count(("projector.",))
-    n_llm = count(("language_model.layers.", "lm_head."))
-    P = (v.image_size // v.patch_size) ** 2 + 1  # ViT tokens: patches + CLS
-    llm = (6 * n_llm + 12 * t.num_layers * t.num_heads * t.head_dim * T) * rows * T
-    vit = (6 * n_vit + 12 * run * v.hidden_size * P) * rows * P  # H * Q = hidden size
-    proj = 6 * n_proj * rows * (P - 1)
-    formula = (f"FLOPs/step = (6*N_llm + 12*L*H*Q*T) * B*T + (6*N_vit + 12*L_vit*H*Q*P) * B*P "
-               f"+ 6*N_proj * B*(P-1); "
-               f"N_llm={n_llm:,} (blocks + LoRA + lm_head), "
-               f"N_vit={n_vit:,} ({run} blocks + LoRA + patch conv), "
-               f"N_proj={n_proj:,}, L={t.num_layers}, H*Q={t.num_heads * t.head_dim}, T={T}, B={rows}, P={P}")
-    return llm + vit + proj, formula
+    """Model FLOPs per SFT step of `rows` rows of T tokens each (image tokens included), one image per row:
+    train.py's count (flop_terms / step_flops, the one sft.py logs): 6 per trained weight and token, 4 per
+    frozen one a gradient passes, 2 per one it does not, plus attention's 12·L·H·Q·T (4 without a
+    backward)."""
+    terms = flop_terms(model)
+    flops = step_flops(terms, model, tokens=rows * T, tokens_sq=rows * T * T, images=rows)
+    v = model.config.vision
+    P = (v.image_size // v.patch_size) ** 2
+    formula = ("FLOPs/step (train.py step_flops) = images·(P+1)·{per_vision_token:,} + images·(P+1)²·"
+               "{vision_attention:,} + images·P·{per_patch:,} + tokens·{per_token:,} + Σ_rows T²·"
+               "{attention:,} (6 per trained weight, 4 per frozen one a gradient passes, 2 per one it does"
+               " not; attention 12·L·H·Q·T, 4 without a backward); ".format(**terms)
+               + f"images=B={rows}, P={P}, T={T}, tokens=B·T={rows * T}, Σ_rows T²={rows * T * T}")
+    return flops, formula
 
 
 def decode_bytes(model, batch, avg_len):

@@ -497,9 +497,10 @@ def main(argv=None):
     if "generate" in steps:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         model = from_pretrained(cfg.model, dtype=dtype, device=device)
-        if synthetic and len(steps) == 3 and rank == 0:
+        if synthetic and len(steps) == 3:  # every rank answers its share; rank 0 merges and scores
             before = E.evaluate_model(model, tokenizer, "synth", str(synth),
-                                      os.path.join(cfg.out_dir, "answers_stage1.jsonl"))
+                                      os.path.join(cfg.out_dir, "answers_stage1.jsonl"),
+                                      rank=rank, world=world, group=wait)
         # the oracle judge can only score questions of the synthetic grammar: keep those
         keep = is_synth_question if synthetic else None
         generate_step(cfg, model, tokenizer, images, image_dir, gen_path, device, keep, rank, world)
@@ -524,9 +525,17 @@ def main(argv=None):
             save_pretrained(merge_lora(model), merged)
             D.copy_tokenizer(cfg.model, merged)
             print0(f"stage 2 done in {(time.time() - t0) / 60:.1f} min; policy in {merged}")
-            if synthetic and len(steps) == 3:
+        if synthetic and len(steps) == 3:
+            # under DDP every rank holds the trained model and answers its share; under FSDP the gathered
+            # model exists on rank 0 only (None elsewhere), so rank 0 answers everything there
+            fsdp = cfg.shard == "fsdp"
+            if rank != 0 and model is not None:
+                merge_lora(model)  # the same merged policy rank 0 answers with
+            if model is not None:
                 after = E.evaluate_model(model.eval(), tokenizer, "synth", str(synth),
-                                         os.path.join(cfg.out_dir, "answers_stage2.jsonl"))
+                                         os.path.join(cfg.out_dir, "answers_stage2.jsonl"),
+                                         rank=0 if fsdp else rank, world=1 if fsdp else world, group=wait)
+            if rank == 0:
                 report(before, after, cfg, synth)
     if torch.distributed.is_initialized():
         # leave together: a rank that exits while rank 0 still writes can make gloo abort

@@ -388,9 +388,9 @@ def compare(examples, texts_a, texts_b, n_boot=1000, seed=0):
 # Answering with a model: batched greedy decoding (data.generate_text), written as it goes
 
 
-def done_ids(path):
+def done_ids(path, rewrite=True):
     """Ids already answered in `path`; a torn last line (killed mid-write) is cut off so the file stays
-    valid."""
+    valid (rewrite=False: only read, for a file another rank may be rewriting)."""
     if not os.path.exists(path):
         return set()
     good = []
@@ -400,6 +400,8 @@ def done_ids(path):
                 good.append((json.loads(line)["question_id"], line if line.endswith("\n") else line + "\n"))
             except (json.JSONDecodeError, KeyError):
                 print(f"dropping an unreadable line of {path}: {line[:80]!r}", file=sys.stderr)
+    if not rewrite:
+        return {str(q) for q, _ in good}
     with open(path, "w") as f:
         f.writelines(line for _, line in good)
     return {str(q) for q, _ in good}
@@ -430,21 +432,26 @@ def forward_passes(reply_tokens, max_new_tokens):
 
 
 def answer_with(model, tokenizer, examples, out, batch_size=8, max_new_tokens=1024, closed_suffix="",
-                pad=True, model_id="model", template=None):
+                pad=True, model_id="model", template=None, rank=0, world=1):
     """Answer every question not yet in `out` (JSONL, appended and flushed per batch, so reruns resume).
-    template: the prompt's; default the model's own (`model.template`, set by checkpoint.from_pretrained)."""
+    template: the prompt's; default the model's own (`model.template`, set by checkpoint.from_pretrained).
+    Over `world` ranks, rank r answers examples r, r + world, ... not yet in `out` into its own part
+    (out.rank{r}, resumable the same way); `merge_answers` joins the parts into `out`."""
     import torch
     from checkpoint import default_template
     from data import generate_text, preprocess_image
     template = template or getattr(model, "template", None) or default_template(model.config.text.model_type)
     size = model.config.vision.image_size
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    todo = [e for e in examples if e["qid"] not in done_ids(out)]
-    print(f"{len(examples) - len(todo)} of {len(examples)} already answered in {out}", file=sys.stderr)
+    mine = examples[rank::world]
+    path = out if world == 1 else f"{out}.rank{rank}"
+    done = done_ids(path) | (done_ids(out, rewrite=False) if world > 1 else set())
+    todo = [e for e in mine if e["qid"] not in done]
+    print(f"{len(mine) - len(todo)} of {len(mine)} already answered in {path}", file=sys.stderr)
     t0 = time.time()
     n_tok = 0
     n_steps = 0
-    with open(out, "a") as f:
+    with open(path, "a") as f:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
             questions = [e["question"] + (closed_suffix if e["answer_type"] == "CLOSED" else "")
@@ -471,11 +478,44 @@ def answer_with(model, tokenizer, examples, out, batch_size=8, max_new_tokens=10
                   f"ETA {dt / k * (len(todo) - k):.0f}s", file=sys.stderr)
 
 
+def merge_answers(examples, out):
+    """Once every rank has answered: the answers of `out` and of its parts (out.rank*), one per question
+    (from `out` first, then the parts in rank order), in the test set's order, written atomically into
+    `out`; then the parts removed."""
+    import glob
+    parts = sorted(glob.glob(glob.escape(out) + ".rank*"), key=lambda p: int(p.rsplit("rank", 1)[1]))
+    if not parts:
+        return
+    rows = {}  # question id -> line
+    for p in [out, *parts]:
+        if os.path.exists(p):
+            done_ids(p)  # cut a torn last line off
+            for line in open(p):
+                rows.setdefault(str(json.loads(line)["question_id"]), line)
+    order = [str(e["qid"]) for e in examples]
+    order += sorted(set(rows) - set(order))  # answers to questions not in the test set kept, at the end
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(rows[q] for q in order if q in rows)
+    os.replace(tmp, out)
+    for p in parts:
+        os.remove(p)
+
+
 def evaluate_model(model, tokenizer, dataset, data_dir=None, out="answers.jsonl", batch_size=32,
-                   max_new_tokens=32, n_boot=1000, seed=0):
-    """Answer a test set with an in-memory model and score it: the result dict of `report`."""
+                   max_new_tokens=32, n_boot=1000, seed=0, rank=0, world=1, group=None):
+    """Answer a test set with an in-memory model and score it: the result dict of `report`. Over `world`
+    ranks the answering is sharded (`answer_with`); after a barrier (on `group`) rank 0 merges the parts
+    and scores; the other ranks return None."""
     examples = load_dataset(dataset, data_dir)
-    answer_with(model, tokenizer, examples, out, batch_size, max_new_tokens)
+    answer_with(model, tokenizer, examples, out, batch_size, max_new_tokens, rank=rank, world=world)
+    if world > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier(group=group)
+        if rank != 0:
+            return None
+        merge_answers(examples, out)
     texts, match = match_answers(examples, read_answers(out))
     return report(dataset, examples, texts, match, n_boot, seed)
 

@@ -3598,6 +3598,41 @@ def test_bandwidth_counts_the_decode_steps_taken(monkeypatch, capsys, tmp_path):
         assert f"{tokens / seconds:.1f} tok/s" in line
 
 
+def test_sharded_answering_merges_to_one_process_answers(synth, tmp_path, monkeypatch):
+    """Two ranks simulated in one process: rank r answers examples r, r + 2, ... into out.rank{r}; the merge
+    equals one process's file line for line, and a rank killed mid-write then rerun loses and repeats
+    nothing."""
+    tok = D.load_tokenizer(synth / "tokenizer.json")
+    model = C.from_pretrained(str(save_tiny(tmp_path / "m", synth)), dtype=torch.float32).eval()
+    ex = E.load_dataset("synth", str(synth))[:7]
+    kw = dict(batch_size=1, max_new_tokens=6)
+    one = tmp_path / "one.jsonl"
+    E.answer_with(model, tok, ex, str(one), **kw)
+    out = tmp_path / "two.jsonl"
+    for r in (0, 1):
+        E.answer_with(model, tok, ex, str(out), rank=r, world=2, **kw)
+    part1 = tmp_path / "two.jsonl.rank1"
+    ids = [json.loads(x)["question_id"] for x in part1.read_text().splitlines()]
+    assert ids == [e["qid"] for e in ex[1::2]]
+    lines = part1.read_text().splitlines(keepends=True)
+    part1.write_text(lines[0] + lines[1][:10])  # rank 1 killed mid-write
+    E.answer_with(model, tok, ex, str(out), rank=1, world=2, **kw)  # the rerun resumes
+    E.merge_answers(ex, str(out))
+    assert out.read_text() == one.read_text() and not list(tmp_path.glob("two.jsonl.rank*"))
+    # a second sharded pass finds everything answered in `out`: nothing redone, the merge is a no-op
+    E.answer_with(model, tok, ex, str(out), rank=1, world=2, **kw)
+    E.merge_answers(ex, str(out))
+    assert out.read_text() == one.read_text()
+    # evaluate_model without a process group: rank 1 answers its share and returns None, rank 0 merges
+    # and scores what one process scores
+    monkeypatch.setattr(E, "load_dataset", lambda *a, **k: ex)
+    ev = tmp_path / "ev.jsonl"
+    assert E.evaluate_model(model, tok, "synth", str(synth), str(ev), 1, 6, 0, rank=1, world=2) is None
+    got = E.evaluate_model(model, tok, "synth", str(synth), str(ev), 1, 6, 0, rank=0, world=2)
+    ref = E.evaluate_model(model, tok, "synth", str(synth), str(tmp_path / "ref.jsonl"), 1, 6, 0)
+    assert got == ref and ev.read_text() == (tmp_path / "ref.jsonl").read_text()
+
+
 # ----------------------------------------------------------------------------- bench.py
 
 @pytest.fixture(scope="module")
@@ -3622,7 +3657,7 @@ def test_bench_tiny_quick_writes_both_sides(tmp_path):
     assert rep["versions"]["torch"] == torch.__version__
     assert rep["versions"]["peft"] and rep["versions"]["transformers"]
     assert rep["parity"]["weights_equal"] and rep["parity"]["logits_rel_max_diff"] < 1e-4
-    assert "6*N_llm" in rep["formulas"]["mfu"] and rep["settings"]["sampling"] == bench.SAMPLING
+    assert "train.py step_flops" in rep["formulas"]["mfu"] and rep["settings"]["sampling"] == bench.SAMPLING
     rows = {(row["section"].split()[0], row["metric"]): row for row in rep["table"]}
     assert {s for s, _ in rows} == {"sft", "dpo", "vision+projector", "sample"}
     # direct timings are always there; decode steps/s is a difference of two noisy timings and may be n/a
@@ -3677,11 +3712,21 @@ def test_sequences_and_flops_count_image_tokens(tiny_pair):
     assert (b["labels"][:, :1 + cfg.image_seq_length] == -100).all() and (b["labels"][:, -1] != -100).all()
     pairs = bench.pair_batch(cfg, 2, 20, "cpu", torch.float32, seed=0)
     assert torch.equal(pairs["pixel_values"][:2], pairs["pixel_values"][2:])
-    flops, formula = bench.train_flops(ours, 3, cfg.image_seq_length + 20)
-    n_llm = sum(p.numel() for n, p in ours.named_parameters()
-                if n.startswith(("language_model.layers.", "lm_head.")))
-    assert flops > 6 * n_llm * 3 * (cfg.image_seq_length + 20)
-    assert f"N_llm={n_llm:,}" in formula
+    n_tok = cfg.image_seq_length + 20  # a row: BOS, the image tokens, the text
+    flops, formula = bench.train_flops(ours, 3, n_tok)
+    # train.py's count (the one sft.py logs), every token of the 3 rows, image ones included, and 3 images
+    terms = T.flop_terms(ours)
+    assert flops == T.step_flops(terms, ours, tokens=3 * n_tok, tokens_sq=3 * n_tok**2, images=3)
+    without_images = T.step_flops(terms, ours, tokens=3 * 20, tokens_sq=3 * 20**2, images=3)
+    assert flops - without_images == (3 * cfg.image_seq_length * terms["per_token"]
+                                      + 3 * (n_tok**2 - 20**2) * terms["attention"]) > 0
+    # LoRA: the adapters train (6 per weight), the frozen base only passes the gradient (4), not 6N
+    llm = [p for m in (ours.language_model, ours.lm_head) for mod in m.modules()
+           if not isinstance(mod, torch.nn.Embedding) for p in mod.parameters(recurse=False) if p.dim() >= 2]
+    n_tr = sum(p.numel() for p in llm if p.requires_grad)
+    n_fr = sum(p.numel() for p in llm if not p.requires_grad)
+    assert n_tr > 0 and n_fr > 0 and terms["per_token"] == 6 * n_tr + 4 * n_fr
+    assert f"tokens·{terms['per_token']:,}" in formula and f"T={n_tok}" in formula
 
 
 @pytest.mark.parametrize("shape", ["7b", "mistral7b"])
@@ -3698,7 +3743,10 @@ def test_gpu_shapes_map_onto_transformers_on_meta(shape):
     n = sum(p.numel() for p in ours.parameters())
     assert 7.0e9 < n < 7.6e9 and cfg.image_seq_length == 576 and cfg.text.vocab_size == 32064
     flops, _ = bench.train_flops(ours, 8, 705)
-    assert 6 * 6.5e9 * 8 * 705 < flops < 8 * 7.6e9 * 8 * 705  # ~6 N per token (+ attention)
+    assert 6 * 6.5e9 * 8 * 705 < flops < 8 * 7.6e9 * 8 * 705  # all trained: ~6 N per token (+ attention)
+    bench.mark_trainable(bench.add_lora(ours, bench.TARGETS))  # the paper's LoRA, on meta too
+    flops, _ = bench.train_flops(ours, 8, 705)
+    assert 4 * 6.5e9 * 8 * 705 < flops < 5 * 7.6e9 * 8 * 705  # frozen base: ~4 N (+ adapters, attention)
 
 
 # ----------------------------------------------------------------------------- README and layout
