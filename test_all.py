@@ -3761,7 +3761,7 @@ def test_readme_line_counts_are_current():
         assert len((root / name).read_text().splitlines()) == int(n), f"README says {name} has {n} lines"
 
 
-BLOCKS = ("model", "checkpoint", "lora", "data", "train", "synth", "chat")
+BLOCKS = ("model", "checkpoint", "lora", "data", "train", "synth", "chat", "runs")
 JOBS = ("sft", "dpo", "judge", "selector", "evaluate")
 
 
@@ -3789,6 +3789,7 @@ def test_imports_point_one_way():
     r = subprocess.run([sys.executable, "-c", "import judge, sys; assert 'torch' not in sys.modules"],
                        cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert project_imports("runs") == set()
 
 
 def test_files_stay_small():
