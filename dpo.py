@@ -39,6 +39,7 @@ import evaluate as E
 import judge as J
 import synth as S
 from checkpoint import from_pretrained, save_pretrained, template_of
+from runs import fail, identity, run_main
 from lora import add_lora, disable_lora, lora_targets, mark_trainable, merge_lora, save_adapter
 from train import (atomic_save, autocast, fit, format_plan, memory_plan, param_groups, parse_config, print0,
                    setup_distributed, shard_model, token_nll)
@@ -115,13 +116,12 @@ class Config:
 
 
 # The synthetic default: the tiny model, the oracle judge and CPU-sized settings (each overridable).
-# The question sampling is cooled: a 1M-parameter model's tail over a 640-token vocabulary is not a 7B
-# model's, and at T 1.2 / top-k 300 (half the vocabulary) its questions are noise; T 1.0 / top-k 20 still
-# left 95% malformed (85 pairs), T 0.7 / top-k 5 keeps about half (~770 pairs). Answers keep the paper's
-# sampling. The learning rate: at 5e-4 DPO pushed both answers' likelihoods down and moved the mass to other
-# tokens (closed accuracy 53 -> 10.5).
-SYNTH_OVERRIDES = dict(n_images=800, n_questions=5, describe_tokens=48, q_temperature=0.7, q_top_k=5,
-                       q_max_tokens=24, a_max_tokens=16, gen_batch=200, judge="oracle",
+# Questions and answers are sampled as the paper samples answers (synth.QUESTION_SAMPLING: T 1.2, top-k 100,
+# top-p 0.95). The learning rate: at 5e-4 DPO pushed both answers' likelihoods down and moved the mass to
+# other tokens (closed accuracy 53 -> 10.5).
+SYNTH_OVERRIDES = dict(n_images=800, n_questions=5, describe_tokens=48,
+                       **{f"q_{k}": v for k, v in S.QUESTION_SAMPLING.items()}, q_max_tokens=24,
+                       a_max_tokens=24, gen_batch=200,
                        lr=5e-5, vision_lr=5e-5, projector_lr=5e-5, global_batch=32, micro_batch=32, epochs=2,
                        log_every=5, grad_ckpt=False)  # the tiny model fits: recomputing only costs time
 
@@ -476,12 +476,20 @@ def main(argv=None):
         steps = [argv[0]]
         argv = argv[1:]
     cfg, given = parse_config(Config, argv)
-    synthetic = not cfg.data  # no data: the synthetic default, with the oracle judge
-    if synthetic:
+    # without --data, the synthetic data, judged by the offline oracle unless --judge=gpt is given; with
+    # neither --model nor --data, the synthetic default: its CPU-sized settings too (each flag given stays)
+    synthetic = not cfg.data
+    default = synthetic and not cfg.model
+    if synthetic and "judge" not in given:
+        if given.keys() & {"base_url", "judge_model", "api_key_env"}:
+            fail("without --data the synthetic data is judged by the offline oracle: give --data and --model "
+                 "to judge your data with the server, or --judge=gpt to send the synthetic answers to it")
+        cfg = replace(cfg, judge="oracle")
+    if default:
         cfg = replace(cfg, **{k: v for k, v in SYNTH_OVERRIDES.items() if k not in given})
     cfg = replace(cfg, model=cfg.model or "out/sft/merged")
-    if not os.path.exists(os.path.join(cfg.model, "config.json")):
-        raise SystemExit(f"no stage-1 model at {cfg.model}: run `python sft.py` first, or pass --model=DIR")
+    if steps != ["judge"] and not os.path.exists(os.path.join(cfg.model, "config.json")):
+        fail(f"no stage-1 model at {cfg.model}: run `python sft.py` first, or pass --model=DIR")
     synth = S.synth_data() if synthetic or cfg.judge == "oracle" else None
     rank, world, device = setup_distributed(cfg.shard)
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -497,10 +505,6 @@ def main(argv=None):
     if "generate" in steps:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         model = from_pretrained(cfg.model, dtype=dtype, device=device)
-        if synthetic and len(steps) == 3:  # every rank answers its share; rank 0 merges and scores
-            before = E.evaluate_model(model, tokenizer, "synth", str(synth),
-                                      os.path.join(cfg.out_dir, "answers_stage1.jsonl"),
-                                      rank=rank, world=world, group=wait)
         # the oracle judge can only score questions of the synthetic grammar: keep those
         keep = is_synth_question if synthetic else None
         generate_step(cfg, model, tokenizer, images, image_dir, gen_path, device, keep, rank, world)
@@ -525,37 +529,34 @@ def main(argv=None):
             save_pretrained(merge_lora(model), merged)
             D.copy_tokenizer(cfg.model, merged)
             print0(f"stage 2 done in {(time.time() - t0) / 60:.1f} min; policy in {merged}")
-        if synthetic and len(steps) == 3:
-            # under DDP every rank holds the trained model and answers its share; under FSDP the gathered
-            # model exists on rank 0 only (None elsewhere), so rank 0 answers everything there
-            fsdp = cfg.shard == "fsdp"
-            if rank != 0 and model is not None:
-                merge_lora(model)  # the same merged policy rank 0 answers with
-            if model is not None:
-                after = E.evaluate_model(model.eval(), tokenizer, "synth", str(synth),
-                                         os.path.join(cfg.out_dir, "answers_stage2.jsonl"),
-                                         rank=0 if fsdp else rank, world=1 if fsdp else world, group=wait)
-            if rank == 0:
-                report(before, after, cfg, synth)
+        if default and len(steps) == 3 and rank == 0:
+            report(model.eval(), tokenizer, cfg, synth, device)
     if torch.distributed.is_initialized():
         # leave together: a rank that exits while rank 0 still writes can make gloo abort
         torch.distributed.barrier(group=wait)
         torch.distributed.destroy_process_group()
 
 
-def report(before, after, cfg, synth):
-    """The synthetic test scores after stage 1 and after stage 2, with the paired bootstrap difference."""
-    examples = E.load_dataset("synth", str(synth))
-    ta, _ = E.match_answers(examples, E.read_answers(os.path.join(cfg.out_dir, "answers_stage1.jsonl")))
-    tb, _ = E.match_answers(examples, E.read_answers(os.path.join(cfg.out_dir, "answers_stage2.jsonl")))
-    diff = E.compare(examples, ta, tb)
-    print0("\nsynthetic test           closed acc   open recall   open F1")
-    for name, s in (("after stage 1 (SFT)", before), ("after stage 2 (DPO)", after)):
-        print0(f"{name:24s} {s['closed_accuracy']:10.2f} {s['open_recall']:13.2f} {s['open_f1']:9.2f}")
-    print0(json.dumps({"stage1": {k: before[k] for k in ("closed_accuracy", "open_recall", "open_f1")},
-                       "stage2": {k: after[k] for k in ("closed_accuracy", "open_recall", "open_f1")},
-                       "difference": diff}))
+def report(policy, tokenizer, cfg, synth, device):
+    """The synthetic default's table: the base and stage 1 from sft.py's scorecard (when it was made with
+    this stage-1 model; otherwise stage 1 is scored here), and the stage-2 policy, with paired intervals."""
+    sampling = dict(S.QUESTION_SAMPLING, seed=cfg.seed)
+    path = os.path.join(os.path.dirname(os.path.abspath(cfg.model)), "scorecard.json")
+    card = json.load(open(path)) if os.path.exists(path) else {}
+    if card.get("model") == identity(cfg.model):
+        stages = card["stages"]
+    else:
+        print0(f"no scorecard of {cfg.model} beside it: scoring stage 1 here")
+        stage1 = from_pretrained(cfg.model, dtype=torch.float32, device=device).eval()
+        out = os.path.join(cfg.out_dir, "answers_stage1.jsonl")
+        stages = {"stage 1": E.synth_stage(stage1, tokenizer, synth, out, sampling)}
+    out = os.path.join(cfg.out_dir, "answers_stage2.jsonl")
+    stages["stage 2"] = E.synth_stage(policy, tokenizer, synth, out, sampling)
+    table = E.stage_table(stages)
+    with open(os.path.join(cfg.out_dir, "scorecard.json"), "w") as f:
+        json.dump({"model": identity(os.path.join(cfg.out_dir, "merged")), "table": table}, f)
+    print0(json.dumps(table))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -384,6 +384,67 @@ def compare(examples, texts_a, texts_b, n_boot=1000, seed=0):
               + (f"   95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""))
     return out
 
+# The synthetic default's scorecard: each stage's per-question scores, then one table with paired intervals.
+# Scale: percent for rates, plain means for the judge's 1-10 score and the findings' counts.
+STAGE_METRICS = {"closed_accuracy": 100, "open_recall": 100, "open_f1": 100, "judge_score": 1,
+                 "hallucinations": 1, "wellformed_questions": 100}
+
+
+def synth_stage(model, tokenizer, synth, out, sampling, n_images=200, n_boot=1000):
+    """Score a model on the synthetic test: greedy answers (written to `out`) under the papers' rules and the
+    oracle judge (its 1-10 score, wrong unasked findings), and the share of well-formed questions it asks,
+    sampled at stage 2's settings (`sampling`: temperature, top_k, top_p, seed) about `n_images` test
+    images, twice each. Returns {metric: per-question array}."""
+    import torch
+    import synth as S
+    from data import ask_questions
+    examples = load_dataset("synth", str(synth))
+    if os.path.exists(out):
+        os.remove(out)  # another model's answers, or this one's from an earlier run: answer afresh
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    evaluate_model(model, tokenizer, "synth", str(synth), out, n_boot=n_boot)
+    texts, _ = match_answers(examples, read_answers(out))
+    facts = json.loads((Path(synth) / "facts.json").read_text())
+    f = [facts[Path(e["image"]).name] for e in examples]
+    s = score(examples, texts)
+    images = sorted({e["image"] for e in examples})[:n_images]
+    g = torch.Generator(model.lm_head.weight.device).manual_seed(sampling["seed"])
+    kw = dict(temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"])
+    asked = ask_questions(model, tokenizer, images * 2, model.config.vision.image_size, generator=g, **kw)
+    return {"closed_accuracy": s["closed"][s["CLOSED"]], "open_recall": s["recall"][s["OPEN"]],
+            "open_f1": s["f1"][s["OPEN"]],
+            "judge_score": np.array([S.score_answer(x, e["question"], t)
+                                     for x, e, t in zip(f, examples, texts)]),
+            "hallucinations": np.array([S.hallucinations(x, e["question"], t)
+                                        for x, e, t in zip(f, examples, texts)], float),
+            "wellformed_questions": np.array([S.parse_question(q) is not None for q in asked], float),
+            "questions": asked}
+
+
+def stage_table(stages, n_boot=1000, seed=0):
+    """Print and return each stage's metrics with 95% intervals and the paired difference to the stage before
+    (questions resampled with the same indices; sampled questions paired by image and draw)."""
+    names = list(stages)
+    table = {}
+    print(f"\n{'synthetic test':22}" + "".join(f"{n:>24}" + (f"{'vs before':>24}" if i else "")
+                                             for i, n in enumerate(names)))
+    for key, scale in STAGE_METRICS.items():
+        row = {}
+        line = f"{key:22}"
+        for i, name in enumerate(names):
+            v = np.asarray(stages[name][key], float)
+            ci = bootstrap(v * scale / 100, n_boot, seed)
+            row[name] = {"mean": round(scale * float(v.mean()), 4), "ci": ci}
+            line += f"{row[name]['mean']:8.2f} [{ci[0]:6.2f},{ci[1]:6.2f}] "
+            if i:
+                d = v - np.asarray(stages[names[i - 1]][key], float)
+                dci = bootstrap(d * scale / 100, n_boot, seed)
+                row[f"{name} - {names[i - 1]}"] = {"diff": round(scale * float(d.mean()), 4), "ci": dci}
+                line += f"{scale * d.mean():+8.2f} [{dci[0]:+6.2f},{dci[1]:+6.2f}] "
+        table[key] = row
+        print(line)
+    return table
+
 # -----------------------------------------------------------------------------
 # Answering with a model: batched greedy decoding (data.generate_text), written as it goes
 

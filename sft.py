@@ -13,9 +13,9 @@ tower (r32/α64), the projector trained in full, three learning rates (`sqllava_
     torchrun --standalone --nproc_per_node=8 sft.py --shard=fsdp ...   # FSDP2: weights, grads, AdamW sharded
     python sft.py --plan --model=llava-1.5-7b --shard=fsdp --world=8  # memory per GPU: no GPU, no weights
 
-With no --model, the synthetic default stands in for the general-purpose LLaVA the paper starts from:
-a tiny model is trained from scratch (`full`) on the synthetic captions and answers, once, cached in
-<out_dir>/base; stage 1 then runs with the paper's trainable set on the synthetic conversations.
+With neither --model nor --data, the synthetic default: stage 1 starts from synth_base/, a tiny stand-in for
+the general-purpose LLaVA the paper starts from (it sees, describes and answers, and has never asked a
+question), shipped in the repository; `python sft.py --make_base` trains it from scratch on pretrain.json.
 
 The same trainer runs LLaVA-Med's curriculum (LLaVA-Med §4): `--train=projector --align_captions` (concept
 alignment on image-caption pairs), then `--train=llm` (instruction tuning: projector and LLM, tower frozen,
@@ -30,9 +30,9 @@ then 2e-5 for three; the full fine-tune sharded, as its FSDP run):
         --shard=fsdp --out_dir=out/instruct
 
 On the synthetic data, where <synth> is the directory `synth.synth_data()` returns and out/sft/base is the
-base model that `python sft.py` trains, the same with the tiny model's learning rates:
+shipped base model, the same with the tiny model's learning rates:
 
-    python sft.py --model=out/sft/base --data=<synth>/captions.json --image_dir=<synth>/images \
+    python sft.py --model=synth_base --data=<synth>/captions.json --image_dir=<synth>/images \
         --train=projector --align_captions --template=vicuna_v1 --no-question_loss --projector_lr=2e-3 \
         --no-grad_ckpt --out_dir=out/align
     python sft.py --model=out/align/final --data=<synth>/train.json --image_dir=<synth>/images --train=llm \
@@ -54,6 +54,7 @@ import synth as S
 from checkpoint import from_pretrained, save_pretrained
 from lora import add_lora, lora_targets, mark_trainable, merge_lora, save_adapter
 from model import CONFIGS, Llava
+from runs import fail, identity, run_main
 from train import (fit, format_plan, memory_plan, param_groups, parse_config, plan_row, print0,
                    setup_distributed, shard_model, token_nll)
 
@@ -108,6 +109,7 @@ class Config:
     # --plan: print the memory plan of --model, a name in model.CONFIGS, on the meta device, and exit
     plan: bool = False
     world: int = 0  # the plan's world size; 0 = the real one
+    make_base: bool = False  # synthetic: train the base from scratch on pretrain.json (made synth_base/)
 
 
 # Where --model is empty the synthetic default replaces the paper-scale values above, unless the
@@ -115,8 +117,9 @@ class Config:
 SYNTH_OVERRIDES = dict(global_batch=16, micro_batch=16, epochs=3, lr=2e-3, vision_lr=2e-3, projector_lr=2e-3,
                        max_length=512, save_every=100, log_every=20,
                        grad_ckpt=False)  # the tiny model fits anyway: recomputing only costs time
+# --make_base: the tiny model from scratch, every weight, on clean captions and answers
 SYNTH_BASE = dict(train="full", question_loss=False, sq_r=0.0, template="vicuna_v1", lr=1e-3, vision_lr=1e-3,
-                  projector_lr=1e-3, epochs=4)  # 3e-3 left the organ unlearnt (26% vs 98% open accuracy)
+                  projector_lr=1e-3, global_batch=32, micro_batch=32, epochs=8, save_every=500)
 
 # -----------------------------------------------------------------------------
 # Stage 1 pieces: trainable set, encoding, the loss
@@ -198,33 +201,6 @@ def init_weights(model, std=0.02):
     return model
 
 
-def synthetic_base(cfg, synth, tokenizer, rank, world, device):
-    """Train (once) the tiny stand-in for a general-purpose LLaVA: `full` on captions + answers."""
-    base_dir = os.path.join(cfg.out_dir, "base")
-    if os.path.exists(os.path.join(base_dir, "config.json")):
-        return base_dir
-    print0(f"synthetic default: training the tiny base model from scratch into {base_dir} (once)")
-    base_cfg = replace(cfg, **SYNTH_BASE, out_dir=os.path.join(cfg.out_dir, "base_run"))
-    mc = replace(CONFIGS["tiny"], text=replace(CONFIGS["tiny"].text, vocab_size=tokenizer.get_vocab_size()),
-                 image_token_id=S.SYNTH_IMAGE_TOKEN_ID)
-    torch.manual_seed(cfg.seed)
-    model = init_weights(Llava(mc)).to(device)
-    examples = D.read_conversations(synth / "captions.json", synth / "images") + \
-        D.read_conversations(synth / "train.json", synth / "images")
-    groups = shard_model(model, base_cfg, device, setup_trainable(model, base_cfg))
-    prepare = make_sft_prepare(examples, tokenizer, base_cfg, mc, device)
-    model = fit(base_cfg, model, len(examples), prepare, sft_loss, groups, base_cfg.out_dir,
-                world, rank, device)
-    if rank == 0:
-        save_pretrained(model, base_dir + ".tmp")
-        # a model directory loads alone (align, select from out/sft/base)
-        D.copy_tokenizer(synth, base_dir + ".tmp")
-        os.replace(base_dir + ".tmp", base_dir)
-    if world > 1:
-        dist.barrier()
-    return base_dir
-
-
 def main(argv=None):
     cfg, given = parse_config(Config, argv)
     if cfg.plan:  # no GPU, no weights, no data: the parameter counts are all the plan needs
@@ -233,24 +209,41 @@ def main(argv=None):
         setup_trainable(model, cfg)
         plan = memory_plan(model, cfg, cfg.world or 1)
         return print(format_plan(plan) + "\n" + plan_row(plan, f"{cfg.model}, {cfg.train}"))
-    synthetic = not cfg.model
-    if synthetic:
-        cfg = replace(cfg, **{k: v for k, v in SYNTH_OVERRIDES.items() if k not in given})
+    synthetic = not cfg.model and not cfg.data
+    if bool(cfg.model) != bool(cfg.data) or (cfg.make_base and not synthetic):
+        fail("give --model and --data together (stage 1 on your data), or neither (the synthetic default; "
+             "--make_base trains its base)")
+    if synthetic:  # the synthetic default's values, for every key the command line did not set
+        synth_values = {**SYNTH_OVERRIDES, **(SYNTH_BASE if cfg.make_base else {})}
+        world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun, the global batch split over the ranks
+        synth_values["micro_batch"] = max(1, given.get("global_batch", synth_values["global_batch"]) // world)
+        cfg = replace(cfg, **{k: v for k, v in synth_values.items() if k not in given})
     rank, world, device = setup_distributed(cfg.shard)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
+    tokenizer = D.load_tokenizer(S.synth_data() / "tokenizer.json" if synthetic else cfg.model)
     if synthetic:
         synth = S.synth_data()
-        tokenizer = D.load_tokenizer(synth / "tokenizer.json")
-        cfg = replace(cfg, model=synthetic_base(cfg, synth, tokenizer, rank, world, device),
-                      data=cfg.data or str(synth / "train.json"),
-                      image_dir=cfg.image_dir or str(synth / "images"))
+        if not cfg.make_base and (synth / "tokenizer.json").read_text() != \
+                (S.BASE_DIR / "tokenizer.json").read_text():
+            fail(f"{S.BASE_DIR} was made for another synthetic world than {synth.name}: "
+                 "remake it with `python sft.py --make_base` (see its README.md)")
+        cfg = replace(cfg, model="" if cfg.make_base else str(S.BASE_DIR), image_dir=str(synth / "images"),
+                      data=str(synth / ("pretrain.json" if cfg.make_base else "train.json")))
+    if cfg.make_base:
+        text = replace(CONFIGS["tiny"].text, vocab_size=tokenizer.get_vocab_size())
+        mc = replace(CONFIGS["tiny"], text=text, image_token_id=S.SYNTH_IMAGE_TOKEN_ID)
+        model = init_weights(Llava(mc)).to(device)
     else:
-        tokenizer = D.load_tokenizer(cfg.model)
-    model = from_pretrained(cfg.model, cfg.vision_path or None, dtype=torch.float32, device=device)
+        model = from_pretrained(cfg.model, cfg.vision_path or None, dtype=torch.float32, device=device)
     model.language_model.gradient_checkpointing = cfg.grad_ckpt
     examples = D.read_conversations(cfg.data, cfg.image_dir)
-    groups = shard_model(model, cfg, device, setup_trainable(model, cfg))
+    stages = {}
+    if synthetic and not cfg.make_base and rank == 0:  # the base, before training: the scorecard's first row
+        stages["base"] = E.synth_stage(model.eval(), tokenizer, synth,
+                                       os.path.join(cfg.out_dir, "answers_base.jsonl"),
+                                       dict(S.QUESTION_SAMPLING, seed=cfg.seed))
+    groups = shard_model(model.train(), cfg, device, setup_trainable(model, cfg))
     print0(format_plan(memory_plan(model, cfg, world)))
     prepare = make_sft_prepare(examples, tokenizer, cfg, model.config, device)
     # under fsdp: the trained model gathered on rank 0 (None on the others)
@@ -266,30 +259,33 @@ def main(argv=None):
         for d in ("final", "merged"):  # the next stage loads its tokenizer from the model directory
             if os.path.isdir(os.path.join(cfg.out_dir, d)):
                 D.copy_tokenizer(synth if synthetic else cfg.model, os.path.join(cfg.out_dir, d))
-        print0(f"stage 1 done in {(time.time() - t_start) / 60:.1f} min; outputs in {cfg.out_dir}")
-        if synthetic:
-            report_synthetic(model, tokenizer, synth, cfg, device)
+        minutes = (time.time() - t_start) / 60
+        print0(f"stage 1 done in {minutes:.1f} min; outputs in {cfg.out_dir}")
+        if cfg.make_base:
+            with open(os.path.join(final, "README.md"), "w") as f:
+                f.write(f"The synthetic default's base model ({S.SYNTH_VERSION}), trained from scratch by\n\n"
+                        f"    python sft.py {' '.join(f'--{k}={v}' for k, v in given.items())}\n\n"
+                        f"seed {cfg.seed}, {minutes:.1f} min on {world} {device.type} process(es).\n")
+        elif synthetic:
+            stages["stage 1"] = E.synth_stage(model.eval(), tokenizer, synth,
+                                              os.path.join(cfg.out_dir, "answers_stage1.jsonl"),
+                                              dict(S.QUESTION_SAMPLING, seed=cfg.seed))
+            save_scorecard(stages, os.path.join(cfg.out_dir, "merged"), cfg.out_dir)
     if dist.is_initialized():
         dist.barrier()  # leave together: a rank that exits while rank 0 still writes can make gloo abort
         dist.destroy_process_group()
 
 
-def report_synthetic(model, tokenizer, synth, cfg, device, n_ask=40):
-    """Short evaluation on the synthetic test split, and the questions the model asks about test images."""
-    model.eval()
-    out = os.path.join(cfg.out_dir, "synth_answers.jsonl")
-    if os.path.exists(out):
-        os.remove(out)  # a fresh model: answer everything again
-    scores = E.evaluate_model(model, tokenizer, "synth", str(synth), out=out)
-    print0(json.dumps({k: scores[k] for k in ("closed_accuracy", "open_recall", "open_f1")}))
-    images = sorted({t["image_name"] for t in json.load(open(synth / "test.json"))})[:n_ask]
-    asked = D.ask_questions(model, tokenizer, [synth / "images" / im for im in images],
-                            model.config.vision.image_size)
-    good = [q for q in asked if S.parse_question(q)]
-    print0(f"questions asked about {len(asked)} unseen test images: "
-           f"{100 * len(good) / max(1, len(asked)):.0f}% well-formed; e.g. " + " | ".join(asked[:4]))
-    return scores, asked
+def save_scorecard(stages, model_dir, out_dir):
+    """Print the stages' table and keep their per-question scores (scorecard.json) for dpo.py's table."""
+    table = E.stage_table(stages)
+    print0("questions asked about unseen test images at stage 2's settings, e.g. "
+           + " | ".join(stages[list(stages)[-1]]["questions"][:4]))
+    rows = {n: {k: [float(x) for x in v] if k != "questions" else v for k, v in st.items()}
+            for n, st in stages.items()}
+    with open(os.path.join(out_dir, "scorecard.json"), "w") as f:
+        json.dump({"model": identity(model_dir), "stages": rows, "table": table}, f)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,9 +12,16 @@ convention, where the patient's left is on the image's right), to keep the toy u
 
     python -c "import synth; print(synth.synth_data())"   # where the files are (generated on first use)
 
-Files: images/, train.json and captions.json (LLaVA conversation JSON; captions use LLaVA-Med's Table 6
-instruction), test.json (VQA-RAD's fields), facts.json ({image: facts}), tokenizer.json (byte-level BPE with
-LLaMA's special ids), config.json.
+Three kinds of text, as in the paper's story. pretrain.json is the general-purpose LLaVA's data: clean
+captions and answers on images of their own, what the shipped base model (synth_base/) was trained on.
+train.json is the stage-1 instruction data and, like LLaVA-Med's GPT-written conversations, imperfect: most
+answers add a hedge or an unasked finding, wrong half the time (`_flaw`), which the stage-1 model imitates and
+the oracle judge (correctness and concision) penalises, so stage 2 has something to correct. test.json's
+answers are clean.
+
+Files: images/, pretrain.json, train.json and captions.json (LLaVA conversation JSON; captions use
+LLaVA-Med's Table 6 instruction), test.json (VQA-RAD's fields), facts.json ({image: facts}), tokenizer.json
+(byte-level BPE with LLaMA's special ids), config.json.
 """
 import json
 import math
@@ -31,17 +38,22 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 import data as D
 
-SYNTH_VERSION = "synth-v2"  # bump when the generator changes, so stale caches are not reused
+SYNTH_VERSION = "synth-v3"  # bump when the generator changes, so stale caches are not reused
 SYNTH_IMAGE_SIZE = 48
 SYNTH_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>"]  # ids 0..3, as LLaMA's unk/bos/eos + image
 SYNTH_IMAGE_TOKEN_ID = 3
 SYNTH_VOCAB_SIZE = 640
-SYNTH_SPLITS = {"train": 800, "test": 100}  # images per split
+SYNTH_SPLITS = {"pretrain": 5000, "train": 800, "test": 400}  # images per split; 1,600 test questions
 SYNTH_CONVS_PER_IMAGE = 2                    # train conversations per image, 3-4 rounds each
+FLAW_RATE = 0.6  # answers in train.json with a flaw: over 1/2, so an imitating model's greedy answer has one
 MODALITIES = ("ct", "mri", "x-ray")
 ORGANS = ("brain", "chest", "abdomen")
 SIDES = ("left", "right")  # a lesion-free image has side and size "none"
 SIZES = ("small", "large")
+# the shipped stand-in for a general-purpose pretrained LLaVA (`python sft.py --make_base` made it)
+BASE_DIR = Path(__file__).resolve().parent / "synth_base"
+# how stage 2 samples questions on the synthetic default, and how the scorecard measures them
+QUESTION_SAMPLING = dict(temperature=1.2, top_k=100, top_p=0.95)
 CAPTION_INSTRUCTION = D.ALIGN_BRIEF[0]  # "Describe the image concisely.", the captions' one instruction
 
 # --- facts and drawing --------------------------------------------------------------------------------------
@@ -209,6 +221,47 @@ def score_answer(facts, question, answer):
             score = 2 - len(wrong)
     return float(min(10, max(1, score)))
 
+def hallucinations(facts, question, answer):
+    """Wrong findings an answer states beyond what was asked: facts it gets wrong about other types."""
+    asked = parse_question(question)
+    key = parse_answer(answer_question(facts, question)).keys() if asked else set()
+    return sum(k in facts and k not in key and v != facts[k] for k, v in parse_answer(answer).items())
+
+# --- the instruction data's flaws ---------------------------------------------------------------------------
+# No flaw says "no" or "yes", even inside a word ("not", "none", "abnormal", "eyes"): the papers' closed rule
+# is a substring test, so a flaw that did would move closed accuracy for reasons of its own.
+HEDGES = ("i think", "probably", "most likely", "it seems")
+
+def _finding(facts, kind, wrong, rng):
+    """A sentence stating one fact of `kind`, or a wrong value of it."""
+    if kind in ("modality", "organ"):
+        values = MODALITIES if kind == "modality" else ORGANS
+        v = rng.choice([x for x in values if x != facts[kind]]) if wrong else facts[kind]
+        return f"it looks like {_an(v)} {v} scan" if kind == "modality" else f"the {v} is shown"
+    side, size = facts["side"], facts["size"]  # lesions: a wrong finding flips side or size, or invents one
+    if wrong:
+        if side == "none":
+            side, size = rng.choice(SIDES), rng.choice(SIZES)
+        elif rng.random() < 0.5 and side != "both":
+            side = "left" if side == "right" else "right"
+        else:
+            size = "small" if size == "large" else "large"
+    if side == "both":
+        return f"the lesions look {size}, one on each side"
+    return f"there is a {size} lesion on the {side} side"
+
+def _flaw(facts, kind, answer, rng):
+    """`answer` with a flaw GPT-written data has: a hedge, or an unasked finding (wrong half the time)."""
+    if rng.random() < 0.4:
+        return f"{answer}, {rng.choice(HEDGES)}."
+    # a finding about something else than the question: lesions for modality/organ questions, else the scan
+    kinds = ["modality", "organ"]
+    if kind in kinds:
+        kinds = [k for k in kinds if k != kind] + ["lesion"] * (facts["count"] > 0 or rng.random() < 0.5)
+    kind = rng.choice(kinds)
+    wrong = rng.random() < 0.5 or (kind == "lesion" and facts["count"] == 0)  # invent a lesion, or err
+    return f"{answer}, and {_finding(facts, kind, wrong, rng)}."
+
 # --- questions, conversations and files --------------------------------------------------------------------
 
 def _yes_no_bag(rng):
@@ -238,8 +291,9 @@ def _synth_qa(facts, closed, bag, rng, asked):
     q = rng.choice(QUESTION_TEMPLATES[kind, closed]).format(v=value, a=_an(str(value)))
     return kind, closed, q, ("yes" if want_yes else "no") if closed else str(facts[kind])
 
-def _synth_conversation(facts, rng, bag):
-    """3-4 rounds; half the conversations open with the stage-2 "describe" request answered by the caption."""
+def _synth_conversation(facts, rng, bag, flaw_rate=0.0, closed_share=0.5):
+    """3-4 rounds; half the conversations open with the stage-2 "describe" request answered by the caption.
+    A share `flaw_rate` of the other answers gets a flaw."""
     turns = []
     asked = set()
     for i in range(rng.choice([3, 4])):
@@ -247,7 +301,9 @@ def _synth_conversation(facts, rng, bag):
             q = D.DESCRIBE
             a = synth_caption(facts)
         else:
-            _, _, q, a = _synth_qa(facts, rng.random() < 0.5, bag, rng, asked)
+            kind, _, q, a = _synth_qa(facts, rng.random() < closed_share, bag, rng, asked)
+            if rng.random() < flaw_rate:
+                a = _flaw(facts, kind, a, rng)
         turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q},
                   {"from": "gpt", "value": a}]
     return turns
@@ -265,14 +321,18 @@ def _synth_tokenizer(texts):
                                                        special_tokens=[("<s>", 1)])
     return tok
 
+def _render(turns):
+    """A conversation roughly as vicuna_v1_sq renders it, for the tokenizer's corpus."""
+    roles = iter(["USER", "ASSISTANT", "VUSER", "ASSISTANT"] * 2)
+    return " ".join([D.QUESTIONER_SYSTEM] + [f"{next(roles)}: {t['value']}" + "</s>" * (t["from"] == "gpt")
+                                             for t in turns])
+
 def _synth_generate(root, seed):
-    """Write images/, train.json, captions.json, test.json, facts.json, tokenizer.json and config.json
-    into root."""
+    """Write images/, pretrain.json, train.json, captions.json, test.json, facts.json, tokenizer.json and
+    config.json into root."""
     (root / "images").mkdir()
     rng = random.Random(seed)
-    train = []
-    captions = []
-    test = []
+    out = {"pretrain": [], "train": [], "captions": [], "test": []}
     all_facts = {}
     corpus = []  # the tokenizer's training text
     for s, (split, n) in enumerate(SYNTH_SPLITS.items()):
@@ -284,29 +344,31 @@ def _synth_generate(root, seed):
             facts = synth_facts(img_rng)
             synth_draw(facts, img_rng).save(root / "images" / name)
             all_facts[name] = facts
-            if split == "train":
-                captions.append({"id": f"cap_{i:05d}", "image": name, "conversations": [
-                    {"from": "human", "value": "<image>\n" + CAPTION_INSTRUCTION},
-                    {"from": "gpt", "value": synth_caption(facts)}]})
+            caption = {"id": f"cap_{split}_{i:05d}", "image": name, "conversations": [
+                {"from": "human", "value": "<image>\n" + CAPTION_INSTRUCTION},
+                {"from": "gpt", "value": synth_caption(facts)}]}
+            if split == "pretrain":  # the general-purpose base: clean, and more closed questions
+                turns = _synth_conversation(facts, rng, bag, closed_share=0.6)
+                out["pretrain"] += [caption, {"id": f"pre_{i:05d}", "image": name, "conversations": turns}]
+                corpus.append(_render(turns))
+            elif split == "train":
+                out["captions"].append(caption)
                 for k in range(SYNTH_CONVS_PER_IMAGE):
-                    turns = _synth_conversation(facts, rng, bag)
-                    train.append({"id": f"{split}_{i:05d}_{k}", "image": name, "conversations": turns})
-                    # roughly as vicuna_v1_sq renders them
-                    roles = iter(["USER", "ASSISTANT", "VUSER", "ASSISTANT"] * 2)
-                    rendered = [f"{next(roles)}: {t['value']}" + "</s>" * (t["from"] == "gpt") for t in turns]
-                    corpus.append(" ".join([D.QUESTIONER_SYSTEM, *rendered]))
-                continue
-            asked = set()  # test: 2 closed + 2 open questions per image, VQA-RAD's fields
-            for closed in (True, True, False, False):
-                kind, closed, q, a = _synth_qa(facts, closed, bag, rng, asked)
-                test.append({"qid": len(test), "image_name": name, "question": q, "answer": a,
-                             "answer_type": "CLOSED" if closed else "OPEN",
-                             "question_type": _VQA_RAD_TYPE[kind], "phrase_type": "test_freeform",
-                             "image_organ": _VQA_RAD_ORGAN[facts["organ"]]})
-                corpus.append(f"USER: <image>\n{q} ASSISTANT: {a}</s>")
+                    turns = _synth_conversation(facts, rng, bag, flaw_rate=FLAW_RATE)
+                    out["train"].append({"id": f"{split}_{i:05d}_{k}", "image": name, "conversations": turns})
+                    corpus.append(_render(turns))
+            else:
+                asked = set()  # test: 2 closed + 2 open questions per image, VQA-RAD's fields
+                for closed in (True, True, False, False):
+                    kind, closed, q, a = _synth_qa(facts, closed, bag, rng, asked)
+                    out["test"].append({"qid": len(out["test"]), "image_name": name, "question": q,
+                                        "answer": a, "answer_type": "CLOSED" if closed else "OPEN",
+                                        "question_type": _VQA_RAD_TYPE[kind], "phrase_type": "test_freeform",
+                                        "image_organ": _VQA_RAD_ORGAN[facts["organ"]]})
+                    corpus.append(f"USER: <image>\n{q} ASSISTANT: {a}</s>")
     tok = _synth_tokenizer(corpus)
     tok.save(str(root / "tokenizer.json"))
-    files = {"train.json": train, "captions.json": captions, "test.json": test, "facts.json": all_facts,
+    files = {**{f"{k}.json": v for k, v in out.items()}, "facts.json": all_facts,
              "config.json": {"version": SYNTH_VERSION, "seed": seed, "image_size": SYNTH_IMAGE_SIZE,
                              "vocab_size": tok.get_vocab_size(), "image_token_id": SYNTH_IMAGE_TOKEN_ID,
                              "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}}

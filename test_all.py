@@ -1523,10 +1523,11 @@ def test_parse_answer():
 
 def test_closed_questions_balanced(root):
     test = Counter(r["answer"] for r in load(root, "test.json") if r["answer_type"] == "CLOSED")
-    assert test["yes"] == test["no"] == 100
-    train = Counter(t["value"] for r in load(root, "train.json") for t in r["conversations"][1::2]
-                    if t["value"] in ("yes", "no"))
-    assert abs(train["yes"] - train["no"]) <= 10 and train["yes"] > 1000
+    assert test["yes"] == test["no"] == 400
+    for split in ("pretrain.json", "train.json"):  # the train split's flawed answers still start with it
+        first = Counter(re.split(r"[ ,.]", t["value"])[0] for r in load(root, split)
+                        for t in r["conversations"][1::2])
+        assert abs(first["yes"] - first["no"]) <= 10 and first["yes"] > 1000, split
 
 
 def test_score_answer_ranks_right_over_wrong(root):
@@ -1553,6 +1554,43 @@ def test_score_answer_ranks_right_over_wrong(root):
     none = {"modality": "ct", "organ": "brain", "count": 0, "side": "none", "size": "none"}
     assert (SY.score_answer(none, "Where is the lesion?", "none") == 10
             > SY.score_answer(none, "Where is the lesion?", "left"))
+
+
+def test_the_instruction_data_is_flawed_as_documented_and_the_rest_is_clean(root):
+    """train.json: about FLAW_RATE of the question answers carry a hedge or an unasked finding, half of the
+    findings wrong; no flaw says "no"/"yes" even inside a word; pretrain.json and test.json are clean."""
+    facts = load(root, "facts.json")
+
+    def rounds(split):
+        for r in load(root, split):
+            turns = r["conversations"]
+            for q, a in zip(turns[::2], turns[1::2]):
+                q = q["value"].replace("<image>\n", "")
+                if q != D.DESCRIBE and SY.parse_question(q):
+                    yield facts[r["image"]], q, a["value"]
+    train = list(rounds("train.json"))
+    flawed = [(f, q, a) for f, q, a in train if a != SY.answer_question(f, q)]
+    assert all(a.startswith(SY.answer_question(f, q) + ", ") for f, q, a in flawed)
+    assert abs(len(flawed) / len(train) - SY.FLAW_RATE) < 0.03
+    assert not any(re.search("no|yes", a.split(", ", 1)[1]) for _, _, a in flawed)
+    wrong = sum(SY.hallucinations(f, q, a) > 0 for f, q, a in flawed)
+    hedged = sum(a.split(", ", 1)[1].rstrip(".") in SY.HEDGES for _, _, a in flawed)
+    assert 0.35 < hedged / len(flawed) < 0.45 and 0.25 < wrong / (len(flawed) - hedged) < 0.75
+    assert all(SY.score_answer(f, q, a) < 10 for f, q, a in flawed)  # the judge sees every flaw
+    for split in ("pretrain.json",):
+        assert all(a == SY.answer_question(f, q) for f, q, a in rounds(split))
+    assert all(r["answer"] == SY.answer_question(facts[r["image_name"]], r["question"])
+               for r in load(root, "test.json"))
+
+
+def test_hallucinations_count_wrong_unasked_findings():
+    f = {"modality": "ct", "organ": "brain", "count": 1, "side": "left", "size": "small"}
+    assert SY.hallucinations(f, "Is this a ct scan?", "yes") == 0
+    assert SY.hallucinations(f, "Is this a ct scan?", "yes, and the brain is shown.") == 0
+    assert SY.hallucinations(f, "Is this a ct scan?", "yes, and the chest is shown.") == 1
+    assert SY.hallucinations(f, "What organ is shown?", "chest") == 0  # a wrong answer is not a finding
+    assert SY.hallucinations(f, "What organ is shown?", "brain, and there is a large lesion on the right "
+                                                      "side.") == 2
 
 
 def test_tokenizer(root):
@@ -1746,13 +1784,36 @@ def test_question_loss_switch_masks_labels_and_gradients(tiny_dir, synth):
     assert grads[True] > 0 and grads[False] == 0
 
 
-def test_synthetic_base_is_a_model_directory_that_loads_alone(synth, tmp_path):
-    # the README's alignment and selector commands start from out/sft/base: it needs its own tokenizer
-    cfg = replace(sft.Config(), **sft.SYNTH_OVERRIDES, out_dir=str(tmp_path), max_steps=1)
-    tok = D.load_tokenizer(synth / "tokenizer.json")
-    base = sft.synthetic_base(cfg, synth, tok, 0, 1, torch.device("cpu"))
-    assert D.load_tokenizer(base).get_vocab() == tok.get_vocab()
-    assert C.from_pretrained(base).config.text.vocab_size == tok.get_vocab_size()
+def test_make_base_trains_a_base_that_loads_alone(synth, tmp_path):
+    # the command that made synth_base/, for two steps: a model directory with its tokenizer and README
+    run_sft(["--make_base", f"--out_dir={tmp_path}", "--max_steps=2", "--global_batch=4", "--micro_batch=4"])
+    base = tmp_path / "final"
+    assert D.load_tokenizer(base).get_vocab() == D.load_tokenizer(synth / "tokenizer.json").get_vocab()
+    model = C.from_pretrained(str(base))
+    assert model.config.text.vocab_size == D.load_tokenizer(base).get_vocab_size()
+    assert "python sft.py --make_base=True --out_dir=" in (base / "README.md").read_text()
+    log = read_log(tmp_path)
+    assert len(log) == 2 and "question_loss" not in log[0]  # answers only, as a general-purpose LLaVA
+
+
+def test_shipped_base_matches_the_synthetic_world_and_transformers(synth):
+    """synth_base/: under 5 MB, llava-hf layout with the synthetic tokenizer; transformers gives our logits."""
+    from transformers import LlavaForConditionalGeneration
+    base = SY.BASE_DIR
+    assert sum(f.stat().st_size for f in base.iterdir()) < 5e6
+    assert (base / "tokenizer.json").read_text() == (synth / "tokenizer.json").read_text()
+    assert "python sft.py --make_base" in (base / "README.md").read_text()
+    ours = C.from_pretrained(str(base), dtype=torch.float32).eval()
+    hf = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32).eval()
+    tok = D.load_tokenizer(base)
+    ex = json.loads((synth / "test.json").read_text())[0]
+    turns = [{"from": "human", "value": "<image>\n" + ex["question"]}, {"from": "gpt", "value": None}]
+    ids = torch.tensor([D.encode_prompt(turns, tok, "vicuna_v1", ours.config.image_seq_length,
+                                        ours.config.image_token_id)])
+    px = D.load_images([synth / "images" / ex["image_name"]], 48)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert (ours(ids, px, mask) - hf_logits(hf, ids, mask, px)).abs().max() < 1e-4
 
 
 def test_summarize_means_and_leaves_out_empty_metrics():
@@ -2234,6 +2295,34 @@ def test_generation_budget_from_the_flag_or_memory(tiny_dir):
     assert dpo.gen_token_budget(replace(dpo.Config(), gen_tokens=123), model, "cpu") == 123
     t = model.config.text  # 4 GiB of KV cache on CPU, at 2 x layers x kv heads x head dim fp32 values a token
     assert dpo.gen_token_budget(dpo.Config(), model, "cpu") == (4 << 30) // (2 * 2 * 2 * t.head_dim * 4)
+
+
+def test_the_short_synthetic_pipeline_does_each_stages_job(synth, tmp_path):
+    """The synthetic default in seconds: from the shipped base, a short stage 1 teaches the model to ask
+    (well-formed questions sampled at stage 2's settings rise from the base's), and a short stage 2 on the
+    pairs the oracle judge decides widens DPO's reward margin on them."""
+    sampling = dict(SY.QUESTION_SAMPLING, seed=0)
+    images = sorted(os.listdir(synth / "images"))[-40:]  # test images
+
+    def wellformed(model_dir):
+        model = C.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        g = torch.Generator().manual_seed(0)
+        kw = {k: v for k, v in sampling.items() if k != "seed"}
+        asked = D.ask_questions(model, D.load_tokenizer(model_dir), [synth / "images" / i for i in images],
+                                48, generator=g, **kw)
+        return sum(SY.parse_question(q) is not None for q in asked) / len(asked)
+    stage1 = tmp_path / "sft"
+    sft.main([f"--model={SY.BASE_DIR}", f"--data={synth / 'train.json'}", f"--image_dir={synth / 'images'}",
+              f"--out_dir={stage1}", "--merge", "--max_steps=40", "--no-grad_ckpt", "--global_batch=16",
+              "--micro_batch=16", "--lr=2e-3", "--vision_lr=2e-3", "--projector_lr=2e-3", "--max_length=512"])
+    base, asks = wellformed(SY.BASE_DIR), wellformed(stage1 / "merged")
+    assert base < 0.1 and asks > base + 0.4, (base, asks)
+    dpo.main([f"--model={stage1 / 'merged'}", f"--out_dir={tmp_path / 'dpo'}", "--n_images=48",
+              "--gen_batch=48", "--describe_tokens=48", "--q_max_tokens=24", "--a_max_tokens=24",
+              "--global_batch=16", "--micro_batch=16", "--lr=5e-5", "--vision_lr=5e-5", "--projector_lr=5e-5",
+              "--epochs=2", "--log_every=1", "--no-grad_ckpt", "--lora_dropout=0", "--vit_lora_dropout=0"])
+    log = read_log(tmp_path / "dpo")
+    assert len(log) >= 4 and log[-1]["margin"] > log[0]["margin"] + 0.05 and log[-1]["reward_acc"] > 0.6
 
 
 # --------------------------------------------------------------------- train.py --shard=fsdp (sft.py, dpo.py)
