@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import data as D
 import evaluate as E
 import judge as J
+import report as R
 import synth as S
 from checkpoint import from_pretrained, save_pretrained, template_of
 from lora import add_lora, disable_lora, lora_targets, mark_trainable, merge_lora, save_adapter
@@ -332,6 +333,7 @@ def judge_step(cfg, rows, image_dir, judge, pairs_path):
     print0(J.summary(stats, judge, cfg.price_in, cfg.price_out))
     print0(f"judge: {len(pairs)} preference pairs, {ties} ties dropped, {failed} failed verdicts dropped "
            f"-> {pairs_path}")
+    R.write_verdicts(cfg.out_dir, rated, image_dir)  # verdicts.jsonl and the run's report.html
     return pairs
 
 # -----------------------------------------------------------------------------
@@ -555,6 +557,9 @@ def report(before, after, cfg, synth):
     print0(json.dumps({"stage1": {k: before[k] for k in ("closed_accuracy", "open_recall", "open_f1")},
                        "stage2": {k: after[k] for k in ("closed_accuracy", "open_recall", "open_f1")},
                        "difference": diff}))
+    scores = (E.score(examples, ta), E.score(examples, tb))  # out_dir/report.html: what changed, the curves
+    R.write_run(cfg.out_dir, R.comparison(diff, examples, (ta, tb), scores, E.LABELS, ("stage 1", "stage 2"))
+                + [R.training_curves(Path(cfg.model).parent / "log.jsonl", "Stage 1 training curves")])
 
 
 if __name__ == "__main__":
