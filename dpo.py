@@ -558,8 +558,9 @@ def report(before, after, cfg, synth):
                        "stage2": {k: after[k] for k in ("closed_accuracy", "open_recall", "open_f1")},
                        "difference": diff}))
     scores = (E.score(examples, ta), E.score(examples, tb))  # out_dir/report.html: what changed, the curves
-    R.write_run(cfg.out_dir, R.comparison(diff, examples, (ta, tb), scores, E.LABELS, ("stage 1", "stage 2"))
-                + [R.training_curves(Path(cfg.model).parent / "log.jsonl", "Stage 1 training curves")])
+    changed = R.comparison(diff, examples, (ta, tb), scores, E.LABELS, ("stage 1", "stage 2"))
+    stage1 = R.training_curves(Path(cfg.model).parent / "log.jsonl", "Stage 1 training curves")
+    R.write_run(cfg.out_dir, [changed[0], stage1], changed[1:])
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def write(path, title, sections):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text, encoding="utf-8")
     size = len(text.encode())
-    print(f"report: wrote {path} ({size / 1e6:.2f} MB)", file=sys.stderr)
+    print(f"report: wrote {path} ({size / 1e6:.2f} MB)" if size >= 1e6 else f"report: wrote {path} "
+          f"({size / 1e3:.1f} kB)", file=sys.stderr)
     return size
 
 
@@ -143,7 +144,7 @@ def image_tag(path):
 # Charts: inline SVG
 
 
-def bars(title, labels, series, vmax=100.0, ci=None, width=860):
+def bars(title, labels, series, vmax=100.0, ci=None, width=860, digits=1):
     """Horizontal grouped bars: one group per label, one bar per series {name: [value or None]};
     ci {name: [[lo, hi] or None]} draws each interval as a line over its bar."""
     names = list(series)
@@ -163,7 +164,7 @@ def bars(title, labels, series, vmax=100.0, ci=None, width=860):
     out = [f"<svg width=\"{width}\" height=\"{height}\" role=\"img\">",
            f"<text x=\"0\" y=\"16\" font-weight=\"bold\">{esc(title)}</text>",
            f"<line x1=\"{x(0):.1f}\" y1=\"{top}\" x2=\"{x(0):.1f}\" y2=\"{height}\" stroke=\"#999\"/>"]
-    out += legend(names, 24, left - 200, 280, 2) if len(names) > 1 else []
+    out += legend(names, 24, 20, 380, 2) if len(names) > 1 else []
     for i, label in enumerate(labels):
         y0 = top + i * group_h
         out.append(f"<text x=\"{left - 6}\" y=\"{y0 + group_h / 2:.1f}\" text-anchor=\"end\" "
@@ -181,7 +182,7 @@ def bars(title, labels, series, vmax=100.0, ci=None, width=860):
                 out.append(f"<line x1=\"{x(c[0]):.1f}\" x2=\"{x(c[1]):.1f}\" y1=\"{y + bar_h / 2 - 1}\" "
                            f"y2=\"{y + bar_h / 2 - 1}\" stroke=\"#000\" stroke-width=\"1.5\"/>")
             out.append(f"<text x=\"{max(b, x(c[1]) if c else b) + 4:.1f}\" y=\"{y + bar_h - 3}\" "
-                       f"font-size=\"11\">{v:.1f}</text>")
+                       f"font-size=\"11\">{v:.{digits}f}</text>")
     return "\n".join(out + ["</svg>"])
 
 
@@ -202,7 +203,8 @@ def columns(title, labels, parts, width=720, height=220):
     top = max(totals + [1])
     left, bottom, plot_h = 40, 60, height - 90
     step = (width - left - 10) / max(len(labels), 1)
-    out = [f"<svg width=\"{width}\" height=\"{height}\" role=\"img\">",
+    full = height - 30 + 20 * ((len(names) + 2) // 3)  # the legend's rows below
+    out = [f"<svg width=\"{width}\" height=\"{full}\" role=\"img\">",
            f"<text x=\"0\" y=\"16\" font-weight=\"bold\">{esc(title)}</text>",
            f"<text x=\"{left - 4}\" y=\"34\" text-anchor=\"end\" font-size=\"11\">{top}</text>"]
     base = height - bottom
@@ -217,11 +219,11 @@ def columns(title, labels, parts, width=720, height=220):
         out.append(f"<text x=\"{left + (i + 0.5) * step:.1f}\" y=\"{base + 14}\" text-anchor=\"middle\" "
                    f"font-size=\"10\">{esc(label)}</text>")
     out.append(f"<line x1=\"{left}\" y1=\"{base}\" x2=\"{width - 10}\" y2=\"{base}\" stroke=\"#999\"/>")
-    out += legend(names, height - 24, left)
+    out += legend(names, height - 34, left)
     return "\n".join(out + ["</svg>"])
 
 
-def lines(title, series, width=560, height=220, log_y=False):
+def lines(title, series, width=460, height=200, log_y=False):
     """A line chart of series {name: [(x, y)]}, axes from the data (y on a log scale with log_y)."""
     pts = {n: [(x, y) for x, y in s if y is not None and (y > 0 or not log_y)] for n, s in series.items()}
     pts = {n: s for n, s in pts.items() if s}
@@ -415,7 +417,7 @@ def write_comparison(path, res, examples, texts, scores, labels, names=("A", "B"
 # -----------------------------------------------------------------------------
 # A run's out_dir: training curves, the judged self-asked questions, a selector summary
 
-CURVES = (("loss", ("answer_loss", "question_loss", "loss"), False),
+CURVES = (("loss (log scale)", ("answer_loss", "question_loss", "loss"), True),
           ("DPO rewards: margin, chosen, rejected", ("margin", "chosen_reward", "rejected_reward"), False),
           ("DPO reward accuracy", ("reward_acc",), False), ("learning rate", ("lr",), False),
           ("gradient norm", ("grad_norm",), True))
@@ -473,9 +475,10 @@ def judged(out_dir, limit=GALLERY_MAX):
               ("malformed (dropped)", malformed), ("repeated (dropped)", repeats),
               ("preference pairs", pairs), ("tied (dropped)", len(tied)), ("failed verdicts", len(failed))]
     head = table(["", "count"], [[k, (v, {"data-count": k})] for k, v in counts])
-    chart = columns("what became of the questions asked", ["questions"],
-                    {"pairs": [pairs], "tied": [len(tied)], "failed": [len(failed)], "malformed": [malformed],
-                     "repeated": [repeats]}, width=300)
+    fate = {"preference pairs": pairs, "tied": len(tied), "failed": len(failed), "malformed": malformed,
+            "repeated": repeats}
+    chart = bars("what became of the questions asked", list(fate), {"questions": list(fate.values())},
+                 vmax=0.0, width=600, digits=0)
     by_image = {}
     for v in verdicts:
         by_image.setdefault(v["image"], []).append(v)
@@ -521,14 +524,14 @@ def selector(summary):
                    table(["synthetic corruption", "value"], extra) if extra else "")
 
 
-def write_run(out_dir, sections=(), title=None):
-    """out_dir/report.html: the given sections, then what the out_dir holds: training curves (log.jsonl),
-    the judged questions (verdicts.jsonl), selector summaries (*.summary.json)."""
+def write_run(out_dir, head=(), tail=(), title=None):
+    """out_dir/report.html: the `head` sections, then what the out_dir holds: training curves (log.jsonl),
+    the judged questions (verdicts.jsonl), selector summaries (*.summary.json); then the `tail` sections."""
     out = Path(out_dir)
-    parts = list(sections) + [training_curves(out / "log.jsonl")]
+    parts = list(head) + [training_curves(out / "log.jsonl")]
     if (out / "verdicts.jsonl").is_file():
         parts.append(judged(out))
-    parts += [selector(json.loads(p.read_text())) for p in sorted(out.glob("*.summary.json"))]
+    parts += [selector(json.loads(p.read_text())) for p in sorted(out.glob("*.summary.json"))] + list(tail)
     if not any(parts):
         parts = [note("Nothing to show yet: no log.jsonl, verdicts.jsonl or *.summary.json here.")]
     return write(out / "report.html", title or f"run report: {out}", parts)

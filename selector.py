@@ -332,7 +332,7 @@ def select_main(args):
     kept = ", ".join(f"{c['kept']}/{c['size']}" for c in summary["per_cluster"])
     print(f"kept per cluster: {kept}; wrote {out}")
     if args.report:  # the histogram and the kept / dropped split per cluster, drawn
-        R.write(args.report, "BioMed-VITAL selector", [R.selector(summary)])
+        R.write(args.report, f"selection: {out}", [R.selector(summary)])
 
 
 def main(argv=None):
