@@ -3901,15 +3901,22 @@ def test_run_report_of_stage_2_shows_the_judged_questions_and_what_changed(run_r
     assert len(doc.cards("fixed")) + len(doc.cards("broken")) > 0
 
 
-def test_selector_report_draws_the_histogram_and_the_clusters(tiny_dir, tmp_path):
-    out = tmp_path / "select" / "selected.json"
+@pytest.fixture(scope="module")
+def selector_report(tiny_dir, tmp_path_factory):
+    """`selector.py --report` on the synthetic default with the tiny model: (the page, the summary)."""
+    root = tmp_path_factory.mktemp("selector_report")
+    out = root / "select" / "selected.json"
     r = subprocess.run([sys.executable, "selector.py", f"--model={tiny_dir}", f"--out={out}", "--epochs=1",
-                        "--clusters=4", f"--report={tmp_path / 'selector.html'}"], cwd=HERE,
+                        "--clusters=4", f"--report={root / 'selector.html'}"], cwd=HERE,
                        capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads(Path(f"{out}.summary.json").read_text())
-    doc = assert_self_contained((tmp_path / "selector.html").read_text())
+    return root / "selector.html", json.loads(Path(f"{out}.summary.json").read_text())
+
+
+def test_selector_report_draws_the_histogram_and_the_clusters(selector_report):
+    page, summary = selector_report
+    doc = assert_self_contained(page.read_text())
     kept = {int(n["attrs"]["data-cluster"]): int(n["text"]) for n in doc.find("td")
             if "data-cluster" in n["attrs"]}
     assert kept == {c["cluster"]: c["kept"] for c in summary["per_cluster"]}
@@ -3955,10 +3962,15 @@ def test_browser_check_sees_script_errors_and_broken_images(tmp_path):
     assert any("no_such_function" in m for m in console), console
 
 
-@pytest.mark.parametrize("which", ["vqa_rad", "slake", "compare", "stage 1 run", "stage 2 run"])
-def test_each_report_loads_in_a_browser_without_console_errors(which, eval_reports, run_reports, tmp_path):
-    runs = {"stage 1 run": run_reports["sft"], "stage 2 run": run_reports["dpo"]}
-    page = runs[which] / "report.html" if which in runs else eval_reports[which]["page"]
+@pytest.mark.parametrize("which", ["vqa_rad", "slake", "compare", "stage 1 run", "stage 2 run", "selector"])
+def test_each_report_loads_in_a_browser_without_console_errors(which, request, tmp_path):
+    if which.endswith(" run"):  # fixtures asked for one by one: the run reports need no real data
+        run = request.getfixturevalue("run_reports")["sft" if which.startswith("stage 1") else "dpo"]
+        page = run / "report.html"
+    elif which == "selector":
+        page = request.getfixturevalue("selector_report")[0]
+    else:
+        page = request.getfixturevalue("eval_reports")[which]["page"]
     console, _ = browse(page, tmp_path, tmp_path / "shot.png")
     assert console == []
     with Image.open(tmp_path / "shot.png") as im:
