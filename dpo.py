@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import data as D
 import evaluate as E
 import judge as J
+import report as R
 import synth as S
 from checkpoint import from_pretrained, save_pretrained, template_of
 from runs import fail, identity, run_main
@@ -332,6 +333,7 @@ def judge_step(cfg, rows, image_dir, judge, pairs_path):
     print0(J.summary(stats, judge, cfg.price_in, cfg.price_out))
     print0(f"judge: {len(pairs)} preference pairs, {ties} ties dropped, {failed} failed verdicts dropped "
            f"-> {pairs_path}")
+    R.write_verdicts(cfg.out_dir, rated, image_dir)  # verdicts.jsonl and the run's report.html
     return pairs
 
 # -----------------------------------------------------------------------------
@@ -539,23 +541,34 @@ def main(argv=None):
 
 def report(policy, tokenizer, cfg, synth, device):
     """The synthetic default's table: the base and stage 1 from sft.py's scorecard (when it was made with
-    this stage-1 model; otherwise stage 1 is scored here), and the stage-2 policy, with paired intervals."""
+    this stage-1 model; otherwise stage 1 is scored here), and the stage-2 policy, with paired intervals;
+    then out_dir/report.html: the questions that changed, and the training curves."""
     sampling = dict(S.QUESTION_SAMPLING, seed=cfg.seed)
-    path = os.path.join(os.path.dirname(os.path.abspath(cfg.model)), "scorecard.json")
+    sft_dir = os.path.dirname(os.path.abspath(cfg.model))
+    path = os.path.join(sft_dir, "scorecard.json")
     card = json.load(open(path)) if os.path.exists(path) else {}
-    if card.get("model") == identity(cfg.model):
+    before = os.path.join(sft_dir, "answers_stage1.jsonl")
+    if card.get("model") == identity(cfg.model) and os.path.exists(before):
         stages = card["stages"]
     else:
         print0(f"no scorecard of {cfg.model} beside it: scoring stage 1 here")
         stage1 = from_pretrained(cfg.model, dtype=torch.float32, device=device).eval()
-        out = os.path.join(cfg.out_dir, "answers_stage1.jsonl")
-        stages = {"stage 1": E.synth_stage(stage1, tokenizer, synth, out, sampling)}
-    out = os.path.join(cfg.out_dir, "answers_stage2.jsonl")
-    stages["stage 2"] = E.synth_stage(policy, tokenizer, synth, out, sampling)
+        before = os.path.join(cfg.out_dir, "answers_stage1.jsonl")
+        stages = {"stage 1": E.synth_stage(stage1, tokenizer, synth, before, sampling)}
+    after = os.path.join(cfg.out_dir, "answers_stage2.jsonl")
+    stages["stage 2"] = E.synth_stage(policy, tokenizer, synth, after, sampling)
     table = E.stage_table(stages)
     with open(os.path.join(cfg.out_dir, "scorecard.json"), "w") as f:
         json.dump({"model": identity(os.path.join(cfg.out_dir, "merged")), "table": table}, f)
     print0(json.dumps(table))
+    examples = E.load_dataset("synth", str(synth))
+    ta, _ = E.match_answers(examples, E.read_answers(before))
+    tb, _ = E.match_answers(examples, E.read_answers(after))
+    diff = E.compare(examples, ta, tb)
+    scores = (E.score(examples, ta), E.score(examples, tb))  # out_dir/report.html: what changed, the curves
+    changed = R.comparison(diff, examples, (ta, tb), scores, E.LABELS, ("stage 1", "stage 2"))
+    stage1 = R.training_curves(Path(sft_dir) / "log.jsonl", "Stage 1 training curves")
+    R.write_run(cfg.out_dir, [changed[0], stage1], changed[1:])
 
 
 if __name__ == "__main__":

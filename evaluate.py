@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+import report as R
+
 # -----------------------------------------------------------------------------
 # Metric rules: LLaVA-Med `llava/eval/eval_metrics/glossary.py` (tables copied verbatim)
 
@@ -230,11 +232,13 @@ def load_dataset(name, data_dir=None, check_images=True):
     elif name in ("vqa_rad", "synth"):  # VQA-RAD's public JSON; the synthetic set writes the same fields
         images = _first_dir(root, ["images", "VQA_RAD Image Folder"])
         # phrase_type "test_freeform" and "test_para" are the test questions
-        examples = [_qa(r["qid"], images / r["image_name"], r["question"], r["answer"], r["answer_type"])
+        examples = [_qa(r["qid"], images / r["image_name"], r["question"], r["answer"], r["answer_type"],
+                        question_type=r.get("question_type"), organ=r.get("image_organ"))
                     for r in records if r.get("phrase_type", "test").startswith("test")]
     elif name == "slake":
         examples = [_qa(r["qid"], root / "imgs" / r["img_name"], r["question"], r["answer"], r["answer_type"],
-                        modality=r["modality"]) for r in records if r["q_lang"] == "en"]
+                        modality=r["modality"], question_type=r.get("content_type"))
+                    for r in records if r["q_lang"] == "en"]
     elif name == "pathvqa":  # the id is the record's index; image paths may be written with Windows "\\"
         examples = [_qa(i, root / r["image_path"].replace("\\", "/"), r["question"], r["answer"],
                         r.get("answer_type")) for i, r in enumerate(records)]
@@ -612,6 +616,7 @@ def main(argv=None):
                     help="bootstrap resamples for the 95%% CIs (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the result JSON here")
+    ap.add_argument("--report", help="also write an HTML report here (report.py), with a per-question JSONL")
     args = ap.parse_args(argv)
     try:
         examples = load_dataset(args.dataset, args.data, check_images=args.model is not None)
@@ -623,6 +628,9 @@ def main(argv=None):
         print(f"\n{args.dataset}: {args.compare[1]} (B) vs {args.compare[0]} (A), {len(examples)} questions")
         res = {"dataset": args.dataset, "a": ma, "b": mb,
                **compare(examples, ta, tb, args.bootstrap, args.seed)}
+        if args.report:
+            scores = (score(examples, ta), score(examples, tb))
+            R.write_comparison(args.report, res, examples, (ta, tb), scores, LABELS, args.compare)
     else:
         pred = args.pred
         if args.model:
@@ -632,6 +640,8 @@ def main(argv=None):
                    args.template)
         texts, match = match_answers(examples, read_answers(pred))
         res = report(args.dataset, examples, texts, match, args.bootstrap, args.seed)
+        if args.report:
+            R.write_evaluation(args.report, res, examples, texts, score(examples, texts), summarize, LABELS)
     line = json.dumps(res)
     if args.json:
         Path(args.json).write_text(line + "\n")

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import report as R
 import synth as S
 from checkpoint import from_pretrained
 from data import load_tokenizer, preprocess_image
@@ -330,6 +331,8 @@ def select_main(args):
     print(json.dumps({k: v for k, v in summary.items() if k != "per_cluster"}))
     kept = ", ".join(f"{c['kept']}/{c['size']}" for c in summary["per_cluster"])
     print(f"kept per cluster: {kept}; wrote {out}")
+    if args.report:  # the histogram and the kept / dropped split per cluster, drawn
+        R.write(args.report, f"selection: {out}", [R.selector(summary)])
 
 
 def main(argv=None):
@@ -355,6 +358,7 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="",
                    help="for the frozen features (default: cuda if available); the head trains on CPU")
+    s.add_argument("--report", default="", help="also write an HTML report of the selection here")
     return select_main(s.parse_args(argv))
 
 

@@ -10,6 +10,7 @@ evaluate, bench, then the README and the import rules.
 import ast
 import base64
 import copy
+import html.parser
 import io
 import json
 import logging
@@ -50,6 +51,7 @@ import evaluate as E
 import judge
 import lora as L
 import model as M
+import report as R
 import selector as SEL
 import sft
 import synth as SY
@@ -1797,7 +1799,7 @@ def test_make_base_trains_a_base_that_loads_alone(synth, tmp_path):
 
 
 def test_shipped_base_matches_the_synthetic_world_and_transformers(synth):
-    """synth_base/: under 5 MB, llava-hf layout with the synthetic tokenizer; transformers gives our logits."""
+    """synth_base/: under 5 MB, llava-hf layout, the synthetic tokenizer; transformers gives our logits."""
     from transformers import LlavaForConditionalGeneration
     base = SY.BASE_DIR
     assert sum(f.stat().st_size for f in base.iterdir()) < 5e6
@@ -3722,6 +3724,361 @@ def test_sharded_answering_merges_to_one_process_answers(synth, tmp_path, monkey
     assert got == ref and ev.read_text() == (tmp_path / "ref.jsonl").read_text()
 
 
+# ----------------------------------------------------------------------------- report.py
+# Each report built from small real runs (real VQA-RAD / SLAKE answer files scored by evaluate.py as a user
+# runs it, the synthetic stages at test size), then read back with html.parser: every wrong answer once,
+# the numbers evaluate.py prints, images only as data: URIs, no external URL; then loaded in Chromium.
+
+VOID = {"img", "br", "meta", "input", "hr"}
+
+
+class HtmlDoc(html.parser.HTMLParser):
+    """Every element of a page: tag, attributes, the text inside it and the ids of the elements around it."""
+
+    def __init__(self, text):
+        super().__init__(convert_charrefs=True)
+        self.nodes, self.stack = [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        node = {"tag": tag, "attrs": dict(attrs), "text": "",
+                "in": [n["attrs"].get("id") for n in self.stack]}
+        self.nodes.append(node)
+        if tag not in VOID:
+            self.stack.append(node)
+
+    def handle_endtag(self, tag):
+        while self.stack and self.stack.pop()["tag"] != tag:
+            pass
+
+    def handle_data(self, data):
+        for n in self.stack:
+            n["text"] += data
+
+    def find(self, tag=None, within=None, **attrs):
+        return [n for n in self.nodes if (tag is None or n["tag"] == tag)
+                and (within is None or within in n["in"])
+                and all(n["attrs"].get(k.replace("_", "-")) == v for k, v in attrs.items())]
+
+    def cards(self, gallery):
+        return [n for n in self.find("div", within=gallery) if "card" in n["attrs"].get("class", "").split()]
+
+
+def assert_self_contained(text):
+    """One script (ours, inline), no external URL anywhere, and every image reference a data: URI that
+    decodes to an image."""
+    doc = HtmlDoc(text)
+    assert "http://" not in text and "https://" not in text and "url(" not in text
+    assert [n["attrs"] for n in doc.find("script")] == [{}]
+    assert not doc.find("link") and not doc.find("iframe")
+    for n in doc.nodes:
+        for k in ("src", "href", "xlink:href", "srcset", "action", "poster"):
+            if k in n["attrs"]:
+                assert n["attrs"][k].startswith("data:"), (n["tag"], k, n["attrs"][k][:80])
+    for n in doc.find("img"):
+        head, b64 = n["attrs"]["src"].split(",", 1)
+        assert head == "data:image/jpeg;base64"
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+            assert max(im.size) <= R.THUMB
+    return doc
+
+
+def perturbed(examples, seed):
+    """A mediocre model's answers: mostly right, else "no", "normal", the question's last word, or markup
+    that must reach the page as text."""
+    rng = random.Random(seed)
+    out = []
+    for e in examples:
+        out.append(rng.choice([e["answer"]] * 5 + ["no", "normal", e["question"].split()[-1],
+                                                    '<img src=x onerror="alert(1)"> & </div>']))
+    return out
+
+
+def run_evaluate(*args):
+    r = subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=HERE, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def wrong_ids(examples, texts):
+    """The questions failing any rule of their answer type, from LLaVA-Med's rules (score_item) directly."""
+    rules = {"CLOSED": ("closed", "closed_run_eval", "closed_strict"), "OPEN": ("recall", "open_hit")}
+    return [e["qid"] for e, t in zip(examples, texts)
+            if any(E.score_item(t, e["answer"])[k] < 1 for k in rules[e["answer_type"]])]
+
+
+@pytest.fixture(scope="module")
+def eval_reports(tmp_path_factory):
+    """evaluate.py --pred ... --report on the real VQA-RAD and SLAKE test sets, and --compare on VQA-RAD."""
+    if not (SHARED / "slake" / "test.json").exists() or not (SHARED / "vqa_rad" / "images").is_dir():
+        pytest.skip(f"real VQA-RAD/SLAKE test sets not found at {SHARED}")
+    root = tmp_path_factory.mktemp("eval_reports")
+    out = {}
+    for name in ("vqa_rad", "slake"):
+        ex = E.load_dataset(name, SHARED / name)
+        texts = perturbed(ex, 0)
+        write_answers(root / f"{name}.jsonl", [(e["qid"], t) for e, t in zip(ex, texts)])
+        res = run_evaluate(name, "--data", SHARED / name, "--pred", root / f"{name}.jsonl", "--bootstrap", 50,
+                           "--report", root / f"{name}.html")
+        out[name] = dict(examples=ex, texts=texts, res=res, page=root / f"{name}.html")
+    ex = out["vqa_rad"]["examples"]
+    texts_b = perturbed(ex, 1)
+    write_answers(root / "b.jsonl", [(e["qid"], t) for e, t in zip(ex, texts_b)])
+    res = run_evaluate("vqa_rad", "--data", SHARED / "vqa_rad", "--compare", root / "vqa_rad.jsonl",
+                       root / "b.jsonl", "--bootstrap", 50, "--report", root / "compare.html")
+    out["compare"] = dict(examples=ex, texts=(out["vqa_rad"]["texts"], texts_b), res=res,
+                          page=root / "compare.html")
+    return out
+
+
+@pytest.mark.parametrize("name", ["vqa_rad", "slake"])
+def test_evaluation_report_shows_every_wrong_answer_once_with_evaluates_numbers(eval_reports, name):
+    r = eval_reports[name]
+    text = r["page"].read_text()
+    doc = assert_self_contained(text)
+    wrong = wrong_ids(r["examples"], r["texts"])
+    assert 0 < len(wrong) < R.GALLERY_MAX  # all shown: no cap here
+    assert [c["attrs"]["data-qid"] for c in doc.cards("wrong")] == wrong  # each once, in test-set order
+    res = r["res"]
+    headline = [n for n in doc.find("td") if "data-key" in n["attrs"] and "data-group" not in n["attrs"]]
+    assert {n["attrs"]["data-key"] for n in headline} == set(E.LABELS)
+    for n in headline:
+        assert n["attrs"]["data-value"] == str(res[n["attrs"]["data-key"]])
+        assert n["text"] == f"{res[n['attrs']['data-key']]:.2f}"
+    if name == "slake":  # the modality bars are evaluate.py's by_modality numbers
+        for m, sub in res["by_modality"].items():
+            cells = doc.find("td", data_group=f"modality={m}")
+            assert cells and all(c["attrs"]["data-value"] == str(sub[c["attrs"]["data-key"]]) for c in cells)
+    # a question type's closed accuracy, by hand from the rules
+    qtype = r["examples"][0]["question_type"]
+    closed = [E.score_item(t, e["answer"])["closed"] for e, t in zip(r["examples"], r["texts"])
+              if e["question_type"] == qtype and e["answer_type"] == "CLOSED"]
+    cell = doc.find("td", data_group=f"question_type={qtype}", data_key="closed_accuracy")[0]
+    assert float(cell["attrs"]["data-value"]) == pytest.approx(100 * sum(closed) / len(closed), abs=1e-3)
+    # the per-question JSONL beside it: every question, each metric's hit as score_item gives it
+    rows = [json.loads(x) for x in r["page"].with_suffix(".questions.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in rows] == [e["qid"] for e in r["examples"]]
+    for x, e, t in zip(rows, r["examples"], r["texts"]):
+        assert (x["question"], x["ground_truth"], x["prediction"], x["answer_type"]) == (
+            e["question"], e["answer"], t, e["answer_type"])
+        assert x["hits"] == E.score_item(t, e["answer"])
+    # markup in an answer reaches the page as text; "normal" for "no" passes the papers' rule, not the strict
+    assert '<img src=x onerror="alert(1)"> & </div>' in "".join(c["text"] for c in doc.cards("wrong"))
+    normal = [i for i, (e, t) in enumerate(zip(r["examples"], r["texts"]))
+              if t == "normal" and E.normalize_word(e["answer"].lower()) == "no"]
+    if name == "vqa_rad":
+        assert normal
+    for i in normal:
+        card = [c for c in doc.cards("wrong") if c["attrs"]["data-qid"] == r["examples"][i]["qid"]][0]
+        assert "✓ papers' rule" in card["text"] and "✗ strict" in card["text"], card["text"]
+
+
+def test_comparison_report_lists_the_fixed_and_broken_questions(eval_reports):
+    r = eval_reports["compare"]
+    doc = assert_self_contained(r["page"].read_text())
+    fixed, broken = [], []
+    for e, ta, tb in zip(r["examples"], *r["texts"]):
+        key = "closed" if e["answer_type"] == "CLOSED" else "recall"
+        a, b = E.score_item(ta, e["answer"])[key], E.score_item(tb, e["answer"])[key]
+        (fixed if b > a else broken if b < a else []).append(e["qid"])
+    assert fixed and broken
+    assert [c["attrs"]["data-qid"] for c in doc.cards("fixed")] == fixed
+    assert [c["attrs"]["data-qid"] for c in doc.cards("broken")] == broken
+    cells = [n for n in doc.find("td") if "data-key" in n["attrs"]]
+    assert {c["attrs"]["data-key"] for c in cells} == set(E.HEADLINE)
+    for c in cells:
+        assert c["attrs"]["data-value"] == str(r["res"][c["attrs"]["data-key"]]["diff"])
+
+
+def test_large_galleries_are_capped_with_a_note(eval_reports, tmp_path):
+    r = eval_reports["vqa_rad"]
+    s = E.score(r["examples"], r["texts"])
+    R.write_evaluation(tmp_path / "r.html", r["res"], r["examples"], r["texts"], s, E.summarize, E.LABELS, 5)
+    doc = HtmlDoc((tmp_path / "r.html").read_text())
+    n = len(wrong_ids(r["examples"], r["texts"]))
+    assert len(doc.cards("wrong")) == 5
+    assert f"Showing the first 5 of {n}" in (tmp_path / "r.html").read_text()
+    assert len((tmp_path / "r.questions.jsonl").read_text().splitlines()) == len(r["examples"])
+
+
+@pytest.fixture(scope="module")
+def run_reports(tiny_dir, small_data, synth, tmp_path_factory):
+    """Stage 1 for 3 steps; stage 2's generate and judge on 6 images with the tiny model (a stand-in expert
+    scores by answer length, and fails on one question), DPO on the pairs; then the synthetic run's end
+    (dpo.report) on perturbed answer files. Returns the directories and what dpo.report printed."""
+    root = tmp_path_factory.mktemp("run_reports")
+    sft.main(sft_args(tiny_dir, small_data, synth, root / "sft"))
+    tok = D.load_tokenizer(tiny_dir)
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    out = root / "dpo"
+    out.mkdir()
+    cfg = replace(dpo.Config(), model=str(root / "sft" / "merged"), out_dir=str(out), n_questions=3,
+                  describe_tokens=4, q_max_tokens=6, a_max_tokens=6, gen_batch=2, workers=1)
+    with pytest.MonkeyPatch.context() as mp:  # a random model asks nothing well-formed: keep the longer ones
+        mp.setattr(dpo, "is_wellformed", lambda q: len(q) > 6)
+        rows = dpo.generate_step(cfg, model, tok, sorted(os.listdir(synth / "images"))[:6], synth / "images",
+                                 str(out / "generations.jsonl"), "cpu")
+    judge = dpo.make_judge(replace(cfg, judge="oracle"), synth)
+
+    def stand_in(facts, q, a):
+        if q == rows[0]["question"]:
+            raise ValueError("a failed verdict")
+        return float(1 + len(a) % 3)
+    judge.score_fn = stand_in
+    pairs = dpo.judge_step(cfg, rows, synth / "images", judge, str(out / "pairs.jsonl"))
+    assert pairs and len(pairs) < len(rows) - 1  # some tied
+    dpo.main(["train", f"--model={tiny_dir}", f"--out_dir={out}", "--global_batch=2", "--micro_batch=1",
+              "--epochs=2", "--max_steps=3", "--lora_r=4", "--lora_alpha=8", "--vit_lora_r=2",
+              "--vit_lora_alpha=4", "--log_every=1"])
+    ex = E.load_dataset("synth", str(synth))
+    texts = []
+    for stage in (1, 2):
+        texts.append(perturbed(ex, stage))
+        write_answers(out / f"answers_stage{stage}.jsonl", [(e["qid"], t) for e, t in zip(ex, texts[-1])])
+    before, after = (E.report("synth", ex, t, {}, n_boot=0) for t in texts)
+    buf = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stdout", buf)
+        dpo.report(before, after, cfg, synth)
+    printed = json.loads(buf.getvalue().strip().splitlines()[-1])
+    r = subprocess.run([sys.executable, "report.py", str(root / "sft")], cwd=HERE, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "report.html" in r.stderr, r.stderr
+    return dict(sft=root / "sft", dpo=out, rows=rows, pairs=pairs, printed=printed, examples=ex, texts=texts)
+
+
+def polylines(doc):
+    """{series name: number of points} of every line chart."""
+    return {n["text"]: len(n["attrs"]["points"].split()) for n in doc.find("polyline")}
+
+
+def test_run_report_of_stage_1_draws_its_curves(run_reports):
+    doc = assert_self_contained((run_reports["sft"] / "report.html").read_text())
+    log = read_log(run_reports["sft"])
+    lines_ = polylines(doc)
+    for k in ("answer_loss", "question_loss", "lr", "grad_norm"):
+        assert lines_[k] == len(log) == 3, k
+
+
+def test_run_report_of_stage_2_shows_the_judged_questions_and_what_changed(run_reports):
+    d = run_reports
+    doc = assert_self_contained((d["dpo"] / "report.html").read_text())
+    gen = [json.loads(x) for x in (d["dpo"] / "generations.jsonl").read_text().splitlines()]
+    ends = [g for g in gen if "question" not in g]
+    counts = {n["attrs"]["data-count"]: int(n["text"]) for n in doc.find("td") if "data-count" in n["attrs"]}
+    malformed, repeats = sum(g["dropped"] for g in ends), sum(g["repeats"] for g in ends)
+    assert counts == {"images": 6, "questions asked": len(d["rows"]) + malformed + repeats,
+                      "kept (judged)": len(d["rows"]), "malformed (dropped)": malformed,
+                      "repeated (dropped)": repeats, "preference pairs": len(d["pairs"]),
+                      "tied (dropped)": len(d["rows"]) - len(d["pairs"]) - 1, "failed verdicts": 1}
+    shown = R.CONTROL.sub  # control characters show as U+FFFD
+    asked = [n["text"] for n in doc.find("p") if n["attrs"].get("class") == "q"]
+    assert sorted(asked) == sorted(shown("\ufffd", r["question"]) for r in d["rows"])
+    chosen = [n["text"] for n in doc.find("p") if n["attrs"].get("class") == "chosen"]
+    assert len(chosen) == len(d["pairs"])
+    for p in d["pairs"]:  # the chosen side is pairs.jsonl's chosen answer
+        assert any(c.endswith("chosen " + shown("\ufffd", p["chosen"])) for c in chosen), p
+    log = read_log(d["dpo"])
+    lines_ = polylines(doc)
+    for k in ("loss", "margin", "reward_acc", "lr"):
+        assert lines_[k] == len(log), k
+    assert lines_["answer_loss"] == 3  # stage 1's curves, from the model's run
+    diffs = {c["attrs"]["data-key"]: float(c["attrs"]["data-value"]) for c in doc.find("td")
+             if "data-key" in c["attrs"]}
+    assert diffs == {k: v["diff"] for k, v in d["printed"]["difference"].items()}
+    assert len(doc.cards("fixed")) + len(doc.cards("broken")) > 0
+
+
+@pytest.fixture(scope="module")
+def selector_report(tiny_dir, tmp_path_factory):
+    """`selector.py --report` on the synthetic default with the tiny model: (the page, the summary)."""
+    root = tmp_path_factory.mktemp("selector_report")
+    out = root / "select" / "selected.json"
+    r = subprocess.run([sys.executable, "selector.py", f"--model={tiny_dir}", f"--out={out}", "--epochs=1",
+                        "--clusters=4", f"--report={root / 'selector.html'}"], cwd=HERE,
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "selector.html", json.loads(Path(f"{out}.summary.json").read_text())
+
+
+def test_selector_report_draws_the_histogram_and_the_clusters(selector_report):
+    page, summary = selector_report
+    doc = assert_self_contained(page.read_text())
+    kept = {int(n["attrs"]["data-cluster"]): int(n["text"]) for n in doc.find("td")
+            if "data-cluster" in n["attrs"]}
+    assert kept == {c["cluster"]: c["kept"] for c in summary["per_cluster"]}
+    bars_ = [n["text"] for n in doc.find("rect") if n["text"]]  # each column's parts, titled
+    for i, (a, k) in enumerate(zip(summary["score_histogram"]["all"], summary["score_histogram"]["kept"])):
+        label = f"{summary['score_histogram']['edges'][i]:.2g}"
+        assert f"{label}: kept {k}" in bars_ and f"{label}: dropped {a - k}" in bars_
+
+
+# --- in a real browser: headless Chromium (.ci/run installs it; STLLAVA_REQUIRE_BROWSER=1 there) ---------
+
+
+def chromium():
+    """The Chromium binary, or a skip where none is installed (a failure where CI requires one)."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        if os.environ.get("STLLAVA_REQUIRE_BROWSER"):
+            pytest.fail("STLLAVA_REQUIRE_BROWSER is set but no chromium is installed "
+                        "(apt-get install chromium)")
+        pytest.skip("no chromium installed (apt-get install chromium)")
+    return exe
+
+
+def browse(page, tmp_path, screenshot=None, dump_dom=False):
+    """Load `page` in headless Chromium: (its console messages, the DOM after its scripts ran or "").
+    The reports write nothing to the console, so every message is a failure (Chromium logs them all at
+    INFO, console.error included). Writes a screenshot of the first 1100 x 1400 pixels."""
+    what = ["--dump-dom"] if dump_dom else [f"--screenshot={screenshot}"]
+    r = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'chromium'}",
+                        "--window-size=1100,1400", *what, Path(page).resolve().as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return re.findall(r':CONSOLE[^\]]*\] "(.*)", source', r.stderr), r.stdout if dump_dom else ""
+
+
+def test_browser_check_sees_script_errors_and_broken_images(tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text(R.page("bad", ['<img src="data:image/png;base64,AAAA" alt="broken-one">',
+                                   "<script>no_such_function();</script>"]))
+    console, _ = browse(page, tmp_path, tmp_path / "bad.png")
+    assert any("broken image: broken-one" in m for m in console), console
+    assert any("no_such_function" in m for m in console), console
+
+
+@pytest.mark.parametrize("which", ["vqa_rad", "slake", "compare", "stage 1 run", "stage 2 run", "selector"])
+def test_each_report_loads_in_a_browser_without_console_errors(which, request, tmp_path):
+    if which.endswith(" run"):  # fixtures asked for one by one: the run reports need no real data
+        run = request.getfixturevalue("run_reports")["sft" if which.startswith("stage 1") else "dpo"]
+        page = run / "report.html"
+    elif which == "selector":
+        page = request.getfixturevalue("selector_report")[0]
+    else:
+        page = request.getfixturevalue("eval_reports")[which]["page"]
+    console, _ = browse(page, tmp_path, tmp_path / "shot.png")
+    assert console == []
+    with Image.open(tmp_path / "shot.png") as im:
+        assert im.size == (1100, 1400)
+        assert len(im.convert("L").getcolors(256 * 256) or []) > 8  # text and charts drawn, not blank
+
+
+def test_gallery_filter_hides_the_other_answer_type_in_a_browser(eval_reports, tmp_path):
+    text = eval_reports["vqa_rad"]["page"].read_text()
+    page = tmp_path / "filtered.html"
+    page.write_text(text.replace("</body>", '<script>document.getElementById("wrong-a").value = "OPEN";'
+                                 ' filt("wrong");</script></body>'))
+    console, dom = browse(page, tmp_path, dump_dom=True)
+    assert console == []
+    cards = HtmlDoc(dom).cards("wrong")
+    shown = {c["attrs"]["data-atype"] for c in cards if "display: none" not in c["attrs"].get("style", "")}
+    assert shown == {"OPEN"} and len(cards) == len(HtmlDoc(text).cards("wrong"))
+
+
 # ----------------------------------------------------------------------------- bench.py
 
 @pytest.fixture(scope="module")
@@ -3850,7 +4207,7 @@ def test_readme_line_counts_are_current():
         assert len((root / name).read_text().splitlines()) == int(n), f"README says {name} has {n} lines"
 
 
-BLOCKS = ("model", "checkpoint", "lora", "data", "train", "synth", "chat", "runs")
+BLOCKS = ("model", "checkpoint", "lora", "data", "train", "synth", "chat", "runs", "report")
 JOBS = ("sft", "dpo", "judge", "selector", "evaluate")
 
 
@@ -3878,7 +4235,10 @@ def test_imports_point_one_way():
     r = subprocess.run([sys.executable, "-c", "import judge, sys; assert 'torch' not in sys.modules"],
                        cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert project_imports("runs") == set()
+    assert project_imports("runs") == set() and project_imports("report") == set()
+    r = subprocess.run([sys.executable, "-c", "import report, sys; assert 'torch' not in sys.modules"],
+                       cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_files_stay_small():
