@@ -1,7 +1,8 @@
 """
 Run bookkeeping shared by every job: one-line user errors (exit code 2), fingerprints that say what made an
-output, the lock that keeps two runs out of one out_dir, and the effective settings as config.json.
-No torch here, so judge.py can use it too.
+output, the lock that keeps two runs out of one out_dir, the effective settings as config.json, inputs checked
+before expensive work (model directories, devices, record formats), and JSONL outputs that survive a kill.
+No torch at import (check_device imports it when a torch job calls), so judge.py can use it too.
 
     from runs import fail, fingerprint, check_reuse, lock_out_dir
     fp = fingerprint(model=identity(cfg.model), data=identity(cfg.data), n_questions=cfg.n_questions)

@@ -50,6 +50,7 @@ import evaluate as E
 import judge
 import lora as L
 import model as M
+import runs
 import selector as SEL
 import sft
 import synth as SY
@@ -2938,15 +2939,15 @@ def test_bad_input_stops_before_any_call(env, fake, capsys):
     for name, text, want in cases:
         if text is not None:
             (env / name).write_text(text)
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(runs.UsageError) as e:  # one line, exit code 2 from the command line
             judge.main(["rate", str(env / name), "--out", str(env / "out.jsonl"), "--base_url", fake.url,
                         "--api_key_env", "JUDGE_TEST_KEY", "--cache", ""])
-        assert want in str(e.value.code) and "\n" not in str(e.value.code)
+        assert want in str(e.value) and "\n" not in str(e.value)
     (env / "in.jsonl").write_text(good + "\n")
-    with pytest.raises(SystemExit) as e:  # the output folder is checked before any call
+    with pytest.raises(runs.UsageError) as e:  # the output folder is checked before any call
         judge.main(["rate", str(env / "in.jsonl"), "--out", str(env / "nowhere" / "out.jsonl"),
                     "--base_url", fake.url, "--api_key_env", "JUDGE_TEST_KEY", "--cache", ""])
-    assert "nowhere" in str(e.value.code) and not fake.log
+    assert "nowhere" in str(e.value) and not fake.log
 
 
 def test_failures_are_kept_and_reasked_only_on_request(env, fake, no_waits, capsys):
@@ -3631,6 +3632,238 @@ def test_sharded_answering_merges_to_one_process_answers(synth, tmp_path, monkey
     got = E.evaluate_model(model, tok, "synth", str(synth), str(ev), 1, 6, 0, rank=0, world=2)
     ref = E.evaluate_model(model, tok, "synth", str(synth), str(tmp_path / "ref.jsonl"), 1, 6, 0)
     assert got == ref and ev.read_text() == (tmp_path / "ref.jsonl").read_text()
+
+
+# ----------------------------------------------------------------------------- the jobs as a user runs them
+# Through the real command lines, as subprocesses: a user mistake stops before any expensive work with one
+# line on stderr (exit code 2) naming the culprit, no traceback, nothing already written lost; an output made
+# from other inputs is refused naming the difference; the same inputs resume it.
+
+def cli(script, *args):
+    return subprocess.run([sys.executable, str(HERE / script), *map(str, args)], capture_output=True,
+                          text=True, cwd=HERE, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "NO_PROXY": "127.0.0.1"})
+
+
+def assert_user_error(r, *culprits, code=2, one_line=True):
+    """Exit `code`, no traceback, stderr's last line (its only one, for a user error) names each culprit."""
+    assert r.returncode == code, (r.returncode, r.stdout[-1500:], r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines and (len(lines) == 1 or not one_line), r.stderr
+    assert all(str(c) in lines[-1] for c in culprits), (culprits, lines[-1])
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory, synth):
+    """A user's folder: a tiny model (and a LoRA adapter beside it, as sft.py writes out/sft/final), the
+    synthetic test set, answer files, and broken inputs of every kind."""
+    d = tmp_path_factory.mktemp("user")
+    model = save_tiny(d / "out" / "sft" / "merged", synth)
+    adapter = d / "out" / "sft" / "final"
+    adapter.mkdir()
+    m = C.from_pretrained(str(model), dtype=torch.float32)
+    L.add_lora(m, L.lora_targets(r=2, alpha=4, vit_r=2, vit_alpha=4))
+    L.save_adapter(m, str(adapter))
+    ex = E.load_dataset("synth", str(synth))
+    write_answers(d / "synth_answers.jsonl", [(e["qid"], e["answer"]) for e in ex])
+    write_answers(d / "other_answers.jsonl", [(f"other-{i}", "yes") for i in range(len(ex))])
+    (d / "empty.json").write_text("")
+    (d / "cut.json").write_text((synth / "test.json").read_text()[:500])
+    (d / "none.json").write_text("[]")
+    (d / "slake_like.json").write_text(json.dumps([{"qid": 1, "img_name": "a/source.jpg", "question": "q?",
+                                                    "answer": "yes", "answer_type": "CLOSED", "q_lang": "en",
+                                                    "modality": "CT"}]))
+    return d
+
+
+def test_answer_rows_are_kill_safe_o_n_and_carry_llava_meds_fields(synth, tmp_path, monkeypatch):
+    """Resume reads the answer file once and appends; the file is never reopened for writing ("w"); rows have
+    LLaVA-Med model_vqa.py's fields; a torn last line is dropped with a note, a garbage line elsewhere stops
+    the run naming its line and leaves the file as it was."""
+    tok = D.load_tokenizer(synth / "tokenizer.json")
+    model = C.from_pretrained(str(save_tiny(tmp_path / "m", synth)), dtype=torch.float32).eval()
+    ex = E.load_dataset("synth", str(synth))[:6]
+    out = tmp_path / "a.jsonl"
+    E.answer_with(model, tok, ex[:3], str(out), batch_size=1, max_new_tokens=3)
+    reads, opened = [], []
+    real_read, real_open = runs.read_output_jsonl, open
+    monkeypatch.setattr(runs, "read_output_jsonl", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    monkeypatch.setattr("builtins.open", lambda f, mode="r", *a, **k: opened.append((str(f), mode))
+                        or real_open(f, mode, *a, **k))
+    E.answer_with(model, tok, ex, str(out), batch_size=1, max_new_tokens=3)
+    monkeypatch.undo()
+    assert reads == [str(out)] and (str(out), "w") not in opened and (str(out), "a") in opened
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [e["qid"] for e in ex]
+    assert all(set(r) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} for r in rows)
+    assert len({r["answer_id"] for r in rows}) == 6 and rows[0]["metadata"] == {}
+    good = out.read_text()
+    out.write_text(good + good.splitlines()[0][:20])  # killed mid-write
+    E.answer_with(model, tok, ex, str(out), batch_size=1, max_new_tokens=3)  # nothing left to answer
+    assert out.read_text() == good
+    out.write_text("garbage\n" + good)
+    with pytest.raises(runs.UsageError, match="a.jsonl, line 1"):
+        E.answer_with(model, tok, ex, str(out), batch_size=1, max_new_tokens=3)
+    assert out.read_text() == "garbage\n" + good
+
+
+@pytest.mark.parametrize("case, args, culprits", [
+    ("missing --pred", ["synth", "--pred", "{d}/nope.jsonl"], ["nope.jsonl", "not found"]),
+    ("every id missing", ["synth", "--pred", "{d}/other_answers.jsonl", "--data", "{synth}"],
+     ["other_answers.jsonl", "only 0 of its", "synth questions"]),
+    ("--compare across datasets", ["synth", "--compare", "{d}/synth_answers.jsonl", "{d}/other_answers.jsonl",
+                                   "--data", "{synth}"], ["other_answers.jsonl", "only 0 of its"]),
+    ("--limit 0", ["synth", "--pred", "{d}/synth_answers.jsonl", "--limit", "0"],
+     ["--limit=0", "at least 1"]),
+    ("--limit -5", ["synth", "--pred", "{d}/synth_answers.jsonl", "--limit", "-5"], ["--limit=-5"]),
+    ("--batch_size 0", ["synth", "--model", "{d}/out/sft/merged", "--batch_size", "0"], ["--batch_size=0"]),
+    ("empty test JSON", ["vqa_rad", "--pred", "{d}/synth_answers.jsonl", "--data", "{d}/empty.json"],
+     ["empty.json", "not valid JSON"]),
+    ("truncated test JSON", ["synth", "--pred", "{d}/synth_answers.jsonl", "--data", "{d}/cut.json"],
+     ["cut.json", "not valid JSON"]),
+    ("[] test file", ["slake", "--pred", "{d}/synth_answers.jsonl", "--data", "{d}/none.json"],
+     ["none.json", "no questions"]),
+    ("SLAKE data under vqa_rad", ["vqa_rad", "--pred", "{d}/synth_answers.jsonl", "--data",
+                                  "{d}/slake_like.json"],
+     ["slake_like.json", "record 0", "'image_name'", "looks like slake"]),
+    ("--model before it exists", ["synth", "--model", "{d}/out/dpo/merged"], ["out/dpo/merged", "dpo.py"]),
+    ("an adapter as --model", ["synth", "--model", "{d}/out/sft/final"],
+     ["out/sft/final", "LoRA adapter", "--adapter=", "out/sft/merged"]),
+    ("unknown --template", ["synth", "--model", "{d}/out/sft/merged", "--template=vicuna"],
+     ["--template=vicuna", "vicuna_v1", "mistral_instruct"]),
+    ("--device cuda on a CPU build", ["synth", "--model", "{d}/out/sft/merged", "--device", "cuda"],
+     ["--device=cuda", "no CUDA GPU", "--device=cpu"]),
+    ("--export_train of synth", ["synth", "--export_train", "{d}/t.json"], ["synth", "conversation JSON"]),
+])
+def test_evaluate_user_errors_are_one_line(user, synth, case, args, culprits):
+    if case == "--device cuda on a CPU build" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    before = {p: p.read_bytes() for p in user.rglob("*") if p.is_file()}
+    r = cli("evaluate.py", *[a.format(d=user, synth=synth) for a in args])
+    assert_user_error(r, *culprits)
+    assert {p: p.read_bytes() for p in user.rglob("*") if p.is_file()} == before  # nothing written or lost
+
+
+def test_evaluate_answer_file_reuse(user, synth, tmp_path):
+    """Answering records a fingerprint: the same inputs resume, another model, setting or test file is refused
+    naming it (the file unchanged), --overwrite starts afresh."""
+    model = user / "out" / "sft" / "merged"
+    other = save_tiny(tmp_path / "other", synth, "mistral")
+    data = tmp_path / "data"
+    shutil.copytree(synth, data, ignore=shutil.ignore_patterns("images"))
+    (data / "images").symlink_to(synth / "images")
+    run = ["synth", "--data", data, "--limit", "2", "--max_new_tokens", "2", "--bootstrap", "0",
+           "--device", "cpu", "--out", tmp_path / "answers.jsonl"]
+    r = cli("evaluate.py", *run, "--model", model)
+    assert r.returncode == 0, r.stderr[-3000:]
+    answers = (tmp_path / "answers.jsonl").read_text()
+    assert len(answers.splitlines()) == 2
+    r = cli("evaluate.py", *run, "--model", model, "--limit", "3")  # same inputs, one more question: resumed
+    assert r.returncode == 0 and "2 of 3 already answered" in r.stderr, r.stderr[-3000:]
+    assert (tmp_path / "answers.jsonl").read_text().startswith(answers)
+    answers = (tmp_path / "answers.jsonl").read_text()
+    tests = json.loads((data / "test.json").read_text())
+    (data / "test.json").write_text(json.dumps(tests[::-1]))
+    for extra, named in ((["--model", other], "model ("), (["--model", model, "--max_new_tokens", "3"],
+                         "max_new_tokens (2 -> 3)"), (["--model", model, "--closed_suffix", " Yes or no?"],
+                         "closed_suffix"), (["--model", model, "--data", tmp_path / "nowhere"], "")):
+        r = cli("evaluate.py", *run, *extra)
+        if named:
+            assert_user_error(r, "answers.jsonl", "other inputs", named, "--overwrite")
+        else:
+            assert r.returncode == 2 and "nowhere" in r.stderr
+        assert (tmp_path / "answers.jsonl").read_text() == answers
+    (data / "test.json").write_text(json.dumps(tests))  # data back as it was, but touched: changed since
+    r = cli("evaluate.py", *run, "--model", model)
+    assert_user_error(r, "data (", "changed since")
+    r = cli("evaluate.py", *run, "--model", other, "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {x["model_id"] for x in rows} == {"other"}
+    (tmp_path / "old.jsonl").write_text(answers)  # an answer file from before fingerprints
+    r = cli("evaluate.py", *run[:-1], tmp_path / "old.jsonl", "--model", other)
+    assert_user_error(r, "old.jsonl", "no fingerprint")
+
+
+def test_judge_and_selector_user_errors(user, tmp_path):
+    good = json.dumps({"image": "img.png", "question": "q?", "answers": ["a", "b"]})
+    (tmp_path / "in.jsonl").write_text(good + "\n" + good + "\n")
+    (tmp_path / "garbage.jsonl").write_text(good + "\nnot json\n" + good + "\n")
+    (tmp_path / "img.png").write_bytes(PNG)
+    rate = ["--out", tmp_path / "out.jsonl", "--cache", "", "--api_key_env", "JUDGE_TEST_KEY"]
+    assert_user_error(cli("judge.py", "rate", tmp_path / "nope.jsonl", *rate), "nope.jsonl", "cannot read")
+    assert_user_error(cli("judge.py", "rate", tmp_path / "garbage.jsonl", *rate), "garbage.jsonl, line 2")
+    # an unreachable server: every item fails after its retries, exit 1 with a one-line summary
+    port = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    url = f"http://127.0.0.1:{port.server_address[1]}/v1"
+    port.server_close()
+    r = subprocess.run([sys.executable, str(HERE / "judge.py"), "rate", str(tmp_path / "in.jsonl"),
+                        "--image_dir", str(tmp_path), "--base_url", url, "--max_tries", "2", "--timeout", "2",
+                        *map(str, rate)], capture_output=True, text=True, cwd=HERE, timeout=120,
+                       env={**os.environ, "JUDGE_TEST_KEY": KEY, "NO_PROXY": "127.0.0.1"})
+    assert_user_error(r, "every item failed (2 of 2", "out.jsonl", code=1, one_line=False)
+    # winrate: a question one side lacks is reported, none shared is refused
+    test = [{"qid": i, "image_name": "img.png", "question": f"q{i}", "answer": "x", "answer_type": "OPEN"}
+            for i in range(4)]
+    (tmp_path / "test.json").write_text(json.dumps(test))
+    write_answers(tmp_path / "a.jsonl", [("0", "x"), ("1", "y")])
+    write_answers(tmp_path / "b.jsonl", [("2", "x"), ("3", "y")])
+    r = cli("judge.py", "winrate", tmp_path / "a.jsonl", tmp_path / "b.jsonl", "--questions",
+            tmp_path / "test.json", "--judge", "oracle", "--cache", "")
+    assert_user_error(r, "no open question", "a.jsonl", "b.jsonl")
+    assert "2 questions A has no answer to (e.g. 2, 3)" in r.stdout
+    # selector: --clusters 0, a malformed pairs file, --model that does not exist, all before any work
+    pair = json.dumps({"items": [{}, {}], "scores": [1, 2]})
+    (tmp_path / "pairs.jsonl").write_text(pair + '\n{"scores": 3}\n')
+    (tmp_path / "data.json").write_text(json.dumps([{"image": "img.png", "conversations": []}]))
+    sel = ["--model", user / "out" / "sft" / "merged", "--data", tmp_path / "data.json", "--pairs",
+           tmp_path / "pairs.jsonl", "--clusters", "1", "--device", "cpu"]
+    assert_user_error(cli("selector.py", *sel, "--clusters", "0"), "--clusters=0")
+    assert_user_error(cli("selector.py", *sel), "pairs.jsonl, line 2", "items")
+    assert_user_error(cli("selector.py", *sel, "--model", "out/nowhere/base"), "out/nowhere/base",
+                      "does not exist")
+    assert_user_error(cli("selector.py", *sel, "--clusters", "5"), "--clusters=5", "1 records")
+
+
+@needs_shared
+def test_downstream_fine_tuning_on_vqa_rad_train_then_test(tmp_path, synth):
+    """LLaVA-Med's last stage through the CLIs: VQA-RAD's train split as conversation JSON, with no test
+    question in it (same image and normalised question); a few sft.py steps on it from a tiny llava-hf model
+    saved by transformers; then evaluate.py on the test split."""
+    r = cli("evaluate.py", "vqa_rad", "--data", SHARED / "vqa_rad", "--export_train", tmp_path / "train.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = json.loads((tmp_path / "train.json").read_text())
+    raw = _vqa_rad()
+    n_train = sum(not x["phrase_type"].startswith("test") for x in raw)
+    test = {(x["image_name"], E.normalize_word(x["question"].strip().lower())) for x in raw
+            if x["phrase_type"].startswith("test")}
+    got = {(t["image"], E.normalize_word(t["conversations"][0]["value"][len("<image>\n"):].lower()))
+           for t in train}
+    dropped = n_train - len(train)
+    assert not got & test and f"dropped {dropped} that are test questions" in r.stdout and n_train == 1797
+    assert {x["image"] for x in train} <= {x["image_name"] for x in raw} and len(train) > 1500
+    first = next(x for x in raw if not x["phrase_type"].startswith("test")
+                 and (x["image_name"], E.normalize_word(x["question"].lower())) not in test)
+    assert train[0] == {"id": first["qid"], "image": first["image_name"], "answer_type": first["answer_type"],
+                        "conversations": [{"from": "human", "value": "<image>\n" + first["question"].strip()},
+                                          {"from": "gpt", "value": str(first["answer"]).strip()}]}
+    (tmp_path / "small.json").write_text(json.dumps(train[:8]))
+    hf = tiny_hf_llava(vocab=D.load_tokenizer(synth / "tokenizer.json").get_vocab_size(),
+                       image_token_id=SY.SYNTH_IMAGE_TOKEN_ID)
+    hf.save_pretrained(tmp_path / "base")
+    shutil.copy(synth / "tokenizer.json", tmp_path / "base" / "tokenizer.json")
+    image_dir = r.stdout.split("--image_dir=")[1].split()[0]
+    r = cli("sft.py", f"--model={tmp_path / 'base'}", f"--data={tmp_path / 'small.json'}",
+            f"--image_dir={image_dir}", f"--out_dir={tmp_path / 'ft'}", "--max_steps=2", "--global_batch=4",
+            "--micro_batch=2", "--max_length=256", "--merge", "--save_every=100")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = cli("evaluate.py", "vqa_rad", "--model", tmp_path / "ft" / "merged", "--data", SHARED / "vqa_rad",
+            "--limit", "4", "--max_new_tokens", "2", "--bootstrap", "0", "--device", "cpu",
+            "--out", tmp_path / "answers.jsonl")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["n"] == 4 and res["n_missing"] == 0
 
 
 # ----------------------------------------------------------------------------- bench.py
