@@ -271,11 +271,11 @@ def load_dataset(name, data_dir=None, check_images=True, split="test"):
 ANSWER_FIELDS = ("question_id", "prompt", "text", "model_id", "answer_id", "metadata")
 
 
-def read_answers(path, examples=None, dataset="the test set"):
+def read_answers(path, examples=None, dataset="DATASET"):
     """[(question_id as str, text)] in file order; a bad line names its number. With `examples` (the whole
     test set), most ids must be its questions: another dataset's file would score as all missing."""
     if not os.path.isfile(path):
-        fail(f"answer file {path} not found (`evaluate.py DATASET --model DIR --out {path}` writes one)")
+        fail(f"answer file {path} not found (`evaluate.py {dataset} --model DIR --out {path}` writes one)")
     rows = [(str(r["question_id"]), str(r.get("text", r.get("prediction"))))
             for r in runs.read_output_jsonl(path, ("question_id",), repair=False)]
     if examples is not None:

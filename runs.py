@@ -105,6 +105,7 @@ def start_or_resume(output, fp, overwrite=False, hint="--overwrite"):
     reuse = check_reuse(output, fp, overwrite, hint)
     if not reuse and os.path.isfile(output):
         os.remove(output)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     write_fingerprint(output, fp)
     return reuse
 
