@@ -427,10 +427,10 @@ def _record_problem(rec, image_dir):
 def read_conversations(json_path, image_dir=None, skip_bad=False):
     """Records of a LLaVA conversation JSON (LLaVA-Med's instruct and alignment files: [{"id", "image",
     "conversations": [{"from", "value"}]}]) as [{"id", "image": Path | None, "conversations"}], image tag
-    first; image_dir defaults to the JSON's folder. Each record is checked (missing image file, no <image>
-    tag, empty or odd-role conversation): errors name file and index; skip_bad=True skips and counts them."""
+    first; image_dir None or "" means the JSON's folder. Each record is checked (missing image file, no
+    <image> tag, empty or odd-role conversation): errors name file and index; skip_bad=True skips them."""
     json_path = Path(json_path)
-    image_dir = Path(image_dir) if image_dir is not None else json_path.parent
+    image_dir = Path(image_dir) if image_dir else json_path.parent  # "": sft.py's and dpo.py's default
     try:
         records = json.loads(json_path.read_text())
     except (OSError, ValueError) as e:

@@ -4,184 +4,68 @@ papers score them (STLLaVA-Med §4.1 and Table 1, LLaVA-Med Table 3).
     python evaluate.py slake --pred answers.jsonl                       # score an existing answer file
     python evaluate.py slake --model ckpt/ [--adapter lora/] [--out answers.jsonl] [--batch_size 8]
     python evaluate.py slake --compare base.jsonl ours.jsonl            # paired difference, with its CI
+    python evaluate.py vqa_rad --export_train train.json                # the train split, for sft.py --data
 
-- Holds: the dataset loaders, LLaVA-Med's metric rules, answer files (written as they go, so a rerun
-  resumes; decoding is data.generate_text), bootstrap CIs and paired comparisons.
-- Metrics: LLaVA-Med v1's `llava/eval/run_eval_batch.py` + `eval_metrics/{glossary,evaluate_metrics,utils}.py`
-  (microsoft/LLaVA-Med @ b9a98a7; the v1.5 main branch no longer has them). The papers' tables
-  (LLaVA-Med Table 3, STLLaVA-Med Table 1, BioMed-VITAL) report Open = mean token recall over OPEN
-  questions, F1 = mean token F1 over OPEN questions, Closed = "yes/no accuracy" over CLOSED questions, x100.
-  Every quirk is kept on purpose (each is marked "quirk"), so the numbers are comparable with the tables.
-- Beyond the papers: run_eval.py's closed rule, a strict closed accuracy, a 95% bootstrap CI on each
-  headline number, and a paired bootstrap for comparing two answer files on the same questions.
+- Holds: the dataset loaders, LLaVA-Med's metric rules, answer files (LLaVA-Med's fields, appended per
+  batch, fingerprinted: the same inputs resume, others are refused), bootstrap CIs, paired comparisons,
+  and the train splits as conversation JSON.
+- Metrics: LLaVA-Med's rules, quirks kept (metrics.py).
+- Beyond the papers: run_eval.py's closed rule, a strict closed accuracy, 95% bootstrap CIs, paired ones.
 - Prompt: the model's own template (checkpoint.template_of; `--template` overrides), e.g. LLaVA-1.5's
-  `vicuna_v1`, as STLLaVA-Med's `llava/eval/model_vqa.py` with `--conv-mode llava_v1`:
-  "{system} USER: <image>\\n{question} ASSISTANT:", or LLaVA-Med v1.5's `mistral_instruct`; greedy
-  decoding. The question is sent as is: neither LLaVA-Med v1 (`model_vqa_med.py`) nor STLLaVA-Med add a
-  "answer yes or no" suffix, so the default is none; `--closed_suffix " Answer with yes or no."` appends
-  one to CLOSED questions only (note: that uses the ground-truth answer type at inference time, as some
-  later papers do).
-  Differences from the authors: they decode with max_new_tokens=1024 and temperature 0.2 (ST, README
-  says greedy) or sampling at 0.7 (LLaVA-Med v1); we decode greedily. ST's model_vqa.py does not pad
-  images to square (CLIP resize + centre crop); we pad like training does (`--no_pad` for ST's way).
+  `vicuna_v1` as STLLaVA-Med's `llava/eval/model_vqa.py --conv-mode llava_v1`, or LLaVA-Med v1.5's
+  `mistral_instruct`. The question is sent as is (neither LLaVA-Med v1 nor STLLaVA-Med add an "answer yes
+  or no" suffix); `--closed_suffix` appends one to CLOSED questions (using the ground-truth answer type).
+  Differences from the authors: they decode at temperature 0.2 (ST, whose README says greedy) or sample at
+  0.7 (LLaVA-Med v1), we decode greedily; ST's model_vqa.py does not pad images to square, we pad like
+  training does (`--no_pad` for ST's way).
 """
 import argparse
+import hashlib
 import json
 import os
-import re
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 import report as R
+from metrics import normalize_word, score_item
+import runs
+from runs import UsageError, fail, identity
 
 # -----------------------------------------------------------------------------
-# Metric rules: LLaVA-Med `llava/eval/eval_metrics/glossary.py` (tables copied verbatim)
-
-# glossary.py `contractions`; the capitalised keys can never match (input is lower-cased): quirk
-CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
-    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
-    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
-    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
-    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at",
-    "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
-    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
-    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
-    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's",
-    "somethingd": "something'd", "somethingd've": "something'd've", "something'dve": "something'd've",
-    "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
-    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
-    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
-    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
-    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
-    "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's",
-    "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
-    "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
-    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
-    "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
-}
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # glossary.py `manual_map`
-ARTICLES = ("a", "an", "the")
-PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
-         "?", "!"]
-# the "(?!<=\d)" is a typo for a lookbehind: as written it is a lookahead that always passes, so this
-# removes every "." not followed by a digit ("3.5" survives, "cm." loses its dot): quirk
-PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
-
-
-def normalize_word(s):
-    """glossary.py `normalize_word`: punctuation, periods, number words, articles, contractions."""
-    out = s
-    for p in PUNCT:
-        # a mark next to a space anywhere in the ORIGINAL string (not the edited one), or any
-        # digit-comma-digit anywhere, makes every copy of that mark vanish; otherwise each copy becomes a
-        # space: quirk
-        if (p + " " in s or " " + p in s) or COMMA_STRIP.search(s) is not None:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    # the official code passes re.UNICODE (=32) as count: quirk
-    out = PERIOD_STRIP.sub("", out, count=int(re.UNICODE))
-    words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]  # "two" -> "2", "none" -> "0"
-    words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]  # drop a/an/the, "dont" -> "don't"
-    return " ".join(words).replace(",", "")
-
-
-def word_counts(s):
-    """utils.py `split_sentence(s, 1)`: whitespace unigrams, lower-cased, no further cleaning."""
-    return Counter(s.lower().strip().split())
-
-
-def calculate_f1score(pred, gt):
-    """evaluate_metrics.py `calculate_f1score` -> (f1, precision, recall); normalises its inputs (again)."""
-    c, r = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
-    if not c or not r:  # an empty prediction or reference scores 0
-        return 0.0, 0.0, 0.0
-    # counted on the PREDICTION side: "left left" vs "left lung" -> 2: quirk
-    tp = sum(n for w, n in c.items() if w in r)
-    fp = sum(n for w, n in c.items() if w not in r)
-    fn = sum(n for w, n in r.items() if w not in c)
-    if tp == 0:
-        return 0.0, 0.0, 0.0
-    precision, recall = tp / (tp + fp), tp / (tp + fn)
-    return 2 * precision * recall / (precision + recall), precision, recall
-
-
-def calculate_exactmatch(pred, gt):
-    """evaluate_metrics.py `calculate_exactmatch` ("exact match score"): distinct reference words found
-    in the prediction / number of prediction words. Not an exact match despite the name: quirk."""
-    c, r = word_counts(normalize_word(pred)), word_counts(normalize_word(gt))
-    total = sum(c.values())
-    return sum(1 for w in r if w in c) / total if total else 0.0
-
-
-def score_item(pred, gt):
-    """All per-question scores; `pred`/`gt` are raw strings, lower-cased then normalised as run_eval_batch.py
-    does."""
-    p, g = normalize_word(str(pred).lower()), normalize_word(str(gt).lower())
-    # normalised a second time inside, as in the official code
-    f1, precision, recall = calculate_f1score(p, g)
-    words = p.split()
-    yes_no = g in ("yes", "no")
-    return {
-        # run_eval_batch.py (the papers' Closed): hit if the normalised gt is a SUBSTRING of the normalised
-        # prediction, so "no" counts inside "normal"/"not"/"nodule" and "yes" inside "eyes": quirk
-        "closed": float(g in p),
-        # run_eval.py (b9a98a7): as above, and "yes" or "no" must also occur (as substrings) in the prediction
-        "closed_run_eval": float(("yes" in p or "no" in p) and g in p),
-        # strict (ours): a yes/no gt must equal the prediction's FIRST word; any other gt must occur as
-        # whole words
-        "closed_strict": float(words[:1] == [g] if yes_no else f" {g} " in f" {p} "),
-        # run_eval_batch.py's "open accuracy": the same substring test on OPEN questions
-        "open_hit": float(g in p),
-        "recall": recall, "precision": precision, "f1": f1,  # calculate_f1score, the papers' Open and F1
-        "em_score": calculate_exactmatch(p, g),  # LLaVA-Med's "exact match score" (see its docstring)
-        "exact": float(p == g),  # exact match (ours): the normalised strings are equal
-    }
-
-# -----------------------------------------------------------------------------
-# Loaders: each returns a list of {"qid": str, "image": Path, "question", "answer",
-# "answer_type": OPEN|CLOSED, "modality"?}, in the file's order. Ids are strings, so 12 and "12" match
-# (VQA-RAD mixes the two).
+# Loaders: each returns [{"qid": str, "image": Path, "question", "answer", "answer_type": OPEN|CLOSED,
+# "modality"?}], in the file's order. Ids are strings, so 12 and "12" match (VQA-RAD mixes the two).
 
 DOWNLOAD = {
     "vqa_rad": "VQA-RAD from https://osf.io/89kps/ : VQA_RAD_Dataset_Public.json and the image folder "
                "(as images/ or 'VQA_RAD Image Folder/')",
     "slake": "SLAKE 1.0 from https://www.med-vqa.com/slake/ : test.json and imgs.zip unpacked as imgs/",
-    "pathvqa": "PathVQA's test split (https://github.com/UCSD-AI4H/PathVQA) as test.json, either a list of "
-               "{image_path, question, answer, answer_type} or LLaVA-Med's converted pvqa test.json, "
-               "with its images",
+    "pathvqa": "PathVQA (github.com/UCSD-AI4H/PathVQA) as test.json, a list of {image_path, question, "
+               "answer, answer_type} or LLaVA-Med's converted pvqa test.json, with its images",
     "synth": "nothing: leave --data out and synth.synth_data() generates it",
 }
 
 
-class DataError(FileNotFoundError):
-    pass
+class DataError(UsageError):
+    """Test data missing or not in the dataset's format: a one-line user error (exit code 2)."""
+
+
+# the fields each format's loader reads (synth writes VQA-RAD's)
+FIELDS = {"vqa_rad": ("qid", "image_name", "question", "answer", "answer_type"),
+          "slake": ("qid", "img_name", "question", "answer", "answer_type", "q_lang", "modality"),
+          "pathvqa": ("image_path", "question", "answer"), "llava_med": ("id", "image", "answer_type")}
 
 
 def answer_type(t, answer):
-    """'CLOSED'/'OPEN' from the files' spellings ('CLOSED ' with a space in VQA-RAD train, 'CLOSE' in
-    BioMed-VITAL)."""
+    """'CLOSED'/'OPEN' from the files' spellings ('CLOSED ' in VQA-RAD train, 'CLOSE' in BioMed-VITAL)."""
     if t is None:  # PathVQA copies without the field: yes/no answers are the closed ones (our choice)
         return "CLOSED" if str(answer).strip().lower() in ("yes", "no") else "OPEN"
     t = str(t).strip().upper()
     if t in ("CLOSED", "CLOSE", "OPEN"):
         return "OPEN" if t == "OPEN" else "CLOSED"
-    raise ValueError(f"unknown answer_type {t!r}")
+    raise DataError(f"unknown answer_type {t!r}: expected OPEN or CLOSED")
 
 
 def _qa(qid, image, question, answer, atype, **extra):
@@ -193,8 +77,17 @@ def _read_json(path, dataset):
     if not Path(path).is_file():
         raise DataError(f"{path} not found. Download {DOWNLOAD[dataset]}, into {Path(path).parent}/ "
                         "(or pass --data DIR)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}): empty or cut short? Download {DOWNLOAD[dataset]}")
+    if not isinstance(records, list) or not records:
+        raise DataError(f"{path} holds no questions: expected a JSON list of {dataset} records")
+    conv = isinstance(records[0], dict) and ("conversations" in records[0] or "conversatons" in records[0])
+    fmt = "llava_med" if conv else "vqa_rad" if dataset == "synth" else dataset
+    runs.check_format(records, path, FIELDS, fmt)
+    return records, fmt
 
 
 def _first_dir(root, names):
@@ -207,43 +100,48 @@ def load_llava_med(records, root):
     images = _first_dir(root, ["images", "imgs"])
     out = []
     for r in records:
-        conv = r.get("conversations", r.get("conversatons"))
+        conv = r.get("conversations", r.get("conversatons")) or [{}, {}]
         question = conv[0]["value"].replace("<image>", "").strip()
         out.append(_qa(r["id"], images / r["image"], question, conv[1]["value"], r["answer_type"]))
     return out
 
 
-def load_dataset(name, data_dir=None, check_images=True):
-    """Test questions of `name` from `data_dir` (default data/<name> next to this file; synth: generated)."""
+def dataset_file(name, data_dir=None, split="test"):
+    """The JSON of `name`'s `split` in `data_dir` (a folder or a file in it; default data/<name> here; synth:
+    generated). VQA-RAD's public JSON holds both splits."""
     if data_dir is None and name == "synth":
         from synth import synth_data
         data_dir = synth_data()
     root = Path(data_dir) if data_dir is not None else Path(__file__).resolve().parent / "data" / name
-    if not root.exists():
-        raise DataError(f"{root} does not exist. Download {DOWNLOAD[name]}, into {root}/ "
-                        "(or pass --data DIR)")
-    path = root if root.is_file() else root / "test.json"
     if name == "vqa_rad" and root.is_dir() and (root / "VQA_RAD_Dataset_Public.json").exists():
-        path = root / "VQA_RAD_Dataset_Public.json"
+        return root / "VQA_RAD_Dataset_Public.json"
+    if root.is_file():
+        return root if split == "test" or root.name.startswith("VQA_RAD") else root.with_name(f"{split}.json")
+    return root / f"{split}.json"
+
+
+def load_dataset(name, data_dir=None, check_images=True, split="test"):
+    """The questions of `name`'s `split` (test or train) from `data_dir` (see dataset_file)."""
+    path = dataset_file(name, data_dir, split)
     root = path.parent
-    records = _read_json(path, name)
-    if records and ("conversations" in records[0] or "conversatons" in records[0]):
+    records, fmt = _read_json(path, name)
+    if fmt == "llava_med":
         examples = load_llava_med(records, root)
-    elif name in ("vqa_rad", "synth"):  # VQA-RAD's public JSON; the synthetic set writes the same fields
+    elif fmt == "vqa_rad":  # VQA-RAD's public JSON; the synthetic set writes the same fields
         images = _first_dir(root, ["images", "VQA_RAD Image Folder"])
-        # phrase_type "test_freeform" and "test_para" are the test questions
+        # phrase_type "test_freeform" and "test_para" are the test questions, "freeform" and "para" train's
         examples = [_qa(r["qid"], images / r["image_name"], r["question"], r["answer"], r["answer_type"],
                         question_type=r.get("question_type"), organ=r.get("image_organ"))
-                    for r in records if r.get("phrase_type", "test").startswith("test")]
-    elif name == "slake":
+                    for r in records if r.get("phrase_type", "test").startswith("test") == (split == "test")]
+    elif fmt == "slake":
         examples = [_qa(r["qid"], root / "imgs" / r["img_name"], r["question"], r["answer"], r["answer_type"],
                         modality=r["modality"], question_type=r.get("content_type"))
                     for r in records if r["q_lang"] == "en"]
-    elif name == "pathvqa":  # the id is the record's index; image paths may be written with Windows "\\"
+    elif fmt == "pathvqa":  # the id is the record's index; image paths may be written with Windows "\\"
         examples = [_qa(i, root / r["image_path"].replace("\\", "/"), r["question"], r["answer"],
                         r.get("answer_type")) for i, r in enumerate(records)]
-    else:
-        raise ValueError(f"unknown dataset {name!r}")
+    if not examples:
+        raise DataError(f"{path}: none of its {len(records)} records is a {split} question of {name}")
     missing = [str(e["image"]) for e in examples if check_images and not e["image"].is_file()]
     if missing:
         raise DataError(f"{len(missing)} image(s) missing, e.g. {missing[0]}. "
@@ -251,20 +149,21 @@ def load_dataset(name, data_dir=None, check_images=True):
     return examples
 
 # -----------------------------------------------------------------------------
-# Answer files: JSONL with question_id and text (LLaVA-Med's answer-file convention; `prediction` accepted)
+# Answer files: JSONL rows as LLaVA-Med's model_vqa.py writes them: question_id, prompt, text, answer_id,
+# model_id, metadata (read: question_id and text, or `prediction`)
+ANSWER_FIELDS = ("question_id", "prompt", "text", "model_id", "answer_id", "metadata")
 
 
-def read_answers(path):
-    """[(question_id as str, text)] in file order; a line that is not JSON names its line number."""
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                    rows.append((str(r["question_id"]), str(r["text"] if "text" in r else r["prediction"])))
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise ValueError(f"{path}:{n}: not an answer record ({e!r})") from None
+def read_answers(path, examples=None, dataset="DATASET"):
+    """[(question_id as str, text)] in file order; a bad line names its number. With `examples` (the whole
+    test set), most ids must be its questions: another dataset's file would score as all missing."""
+    if not os.path.isfile(path):
+        fail(f"answer file {path} not found (`evaluate.py {dataset} --model DIR --out {path}` writes one)")
+    rows = [(str(r["question_id"]), str(r.get("text", r.get("prediction"))))
+            for r in runs.read_output_jsonl(path, ("question_id",), repair=False)]
+    if examples is not None:
+        runs.check_overlap(path, [q for q, _ in rows], [e["qid"] for e in examples],
+                           f"{dataset} questions (another dataset's answers, or other --data?)")
     return rows
 
 
@@ -364,11 +263,9 @@ def report(name, examples, texts, match, n_boot=1000, seed=0):
             print(f"  {m:<10}{r['n_closed']:>9}{r['n_open']:>8}" + "".join(f"{_fmt(r[k], 9)}" for k in
                   ("closed_accuracy", "closed_accuracy_strict", "open_recall", "open_f1")))
     for what in ("missing", "duplicate", "unknown"):
-        if match.get(f"n_{what}"):
-            ids = match[f"{what}_ids"]
-            print(f"  WARNING: {len(ids)} {what} question id(s): "
-                  f"{', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}"
-                  + (" (scored as empty answers)" if what == "missing" else ""))
+        if ids := match.get(f"{what}_ids"):
+            print(f"  WARNING: {len(ids)} {what} question id(s): {', '.join(ids[:10])}"
+                  + " ..." * (len(ids) > 10) + (" (scored as empty answers)" if what == "missing" else ""))
     return res
 
 
@@ -453,25 +350,6 @@ def stage_table(stages, n_boot=1000, seed=0):
 # Answering with a model: batched greedy decoding (data.generate_text), written as it goes
 
 
-def done_ids(path, rewrite=True):
-    """Ids already answered in `path`; a torn last line (killed mid-write) is cut off so the file stays
-    valid (rewrite=False: only read, for a file another rank may be rewriting)."""
-    if not os.path.exists(path):
-        return set()
-    good = []
-    with open(path) as f:
-        for line in f:
-            try:
-                good.append((json.loads(line)["question_id"], line if line.endswith("\n") else line + "\n"))
-            except (json.JSONDecodeError, KeyError):
-                print(f"dropping an unreadable line of {path}: {line[:80]!r}", file=sys.stderr)
-    if not rewrite:
-        return {str(q) for q, _ in good}
-    with open(path, "w") as f:
-        f.writelines(line for _, line in good)
-    return {str(q) for q, _ in good}
-
-
 def answer(examples, model_path, out, vision_path=None, adapter=None, batch_size=8, max_new_tokens=1024,
            closed_suffix="", pad=True, device=None, dtype=None, template=None):
     """Load a checkpoint (and adapter) and answer every question not yet in `out`."""
@@ -479,8 +357,7 @@ def answer(examples, model_path, out, vision_path=None, adapter=None, batch_size
     from data import load_tokenizer
     from checkpoint import from_pretrained
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, dtype) if dtype else (
-        torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     model = from_pretrained(model_path, vision_path, dtype=dtype, device=device)
     if adapter:
         import lora
@@ -498,10 +375,9 @@ def forward_passes(reply_tokens, max_new_tokens):
 
 def answer_with(model, tokenizer, examples, out, batch_size=8, max_new_tokens=1024, closed_suffix="",
                 pad=True, model_id="model", template=None, rank=0, world=1):
-    """Answer every question not yet in `out` (JSONL, appended and flushed per batch, so reruns resume).
-    template: the prompt's; default the model's own (`model.template`, set by checkpoint.from_pretrained).
-    Over `world` ranks, rank r answers examples r, r + world, ... not yet in `out` into its own part
-    (out.rank{r}, resumable the same way); `merge_answers` joins the parts into `out`."""
+    """Answer every question not yet in `out` (JSONL, appended and fsync'd per batch, so reruns resume), with
+    `template` (default the model's own, `model.template`). Over `world` ranks, rank r answers examples r,
+    r + world, ... into its own part (out.rank{r}, resumable the same way), joined by `merge_answers`."""
     import torch
     from checkpoint import default_template
     from data import generate_text, preprocess_image
@@ -510,7 +386,9 @@ def answer_with(model, tokenizer, examples, out, batch_size=8, max_new_tokens=10
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     mine = examples[rank::world]
     path = out if world == 1 else f"{out}.rank{rank}"
-    done = done_ids(path) | (done_ids(out, rewrite=False) if world > 1 else set())
+    # read once; a torn last line (a kill mid-write) is cut off (not in `out`, which another rank may rewrite)
+    done = {str(r["question_id"]) for p in {path, out} for r in runs.read_output_jsonl(p, ("question_id",),
+                                                                                        p == path)}
     todo = [e for e in mine if e["qid"] not in done]
     print(f"{len(mine) - len(todo)} of {len(mine)} already answered in {path}", file=sys.stderr)
     t0 = time.time()
@@ -527,44 +405,26 @@ def answer_with(model, tokenizer, examples, out, batch_size=8, max_new_tokens=10
             texts = generate_text(model, tokenizer, convs, pixels, template, max_new_tokens)
             # reply lengths re-encoded from the text (generate_text returns text): exact up to the strip
             lengths = [len(tokenizer.encode(t, add_special_tokens=False).ids) for t in texts]
-            for e, q, text, n in zip(batch, questions, texts, lengths):
-                n_tok += n + 1  # + EOS
-                record = {"question_id": e["qid"], "prompt": q, "text": text, "model_id": model_id}
-                f.write(json.dumps(record) + "\n")
-            f.flush()
+            n_tok += sum(lengths) + len(batch)  # + EOS
+            # LLaVA-Med model_vqa.py's fields; its answer_id is a shortuuid, ours a hash of the row, so the
+            # same answers give the same file
+            rows = [[e["qid"], q, t, model_id] for e, q, t in zip(batch, questions, texts)]
+            sha = [hashlib.sha256(json.dumps(r).encode()).hexdigest()[:22] for r in rows]
+            runs.append_jsonl(f, [dict(zip(ANSWER_FIELDS, r + [h, {}])) for r, h in zip(rows, sha)])
             # each forward pass (prefill, then one per decode step) reads every weight once (gpt-fast's
             # "bandwidth achieved"); the KV cache reads are left out, so this is a lower bound
             n_steps += forward_passes(lengths, max_new_tokens)
             dt = time.time() - t0
             k = i + len(batch)
             print(f"[{k}/{len(todo)}] {n_tok / dt:.1f} tok/s, {weight_bytes * n_steps / dt / 1e9:.2f} GB/s "
-                  f"of weights ({n_steps} forward passes = prefill + decode steps taken, "
-                  f"each reading {weight_bytes / 1e9:.2f} GB), "
-                  f"ETA {dt / k * (len(todo) - k):.0f}s", file=sys.stderr)
+                  f"of weights ({n_steps} forward passes = prefill + decode steps taken, each reading "
+                  f"{weight_bytes / 1e9:.2f} GB), ETA {dt / k * (len(todo) - k):.0f}s", file=sys.stderr)
 
 
 def merge_answers(examples, out):
-    """Once every rank has answered: the answers of `out` and of its parts (out.rank*), one per question
-    (from `out` first, then the parts in rank order), in the test set's order, written atomically into
-    `out`; then the parts removed."""
-    import glob
-    parts = sorted(glob.glob(glob.escape(out) + ".rank*"), key=lambda p: int(p.rsplit("rank", 1)[1]))
-    if not parts:
-        return
-    rows = {}  # question id -> line
-    for p in [out, *parts]:
-        if os.path.exists(p):
-            done_ids(p)  # cut a torn last line off
-            for line in open(p):
-                rows.setdefault(str(json.loads(line)["question_id"]), line)
-    order = [str(e["qid"]) for e in examples]
-    order += sorted(set(rows) - set(order))  # answers to questions not in the test set kept, at the end
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(rows[q] for q in order if q in rows)
-    os.replace(tmp, out)
-    for p in parts:
-        os.remove(p)
+    """Once every rank has answered: the answers of `out` and of its parts (out.rank*), one per question, in
+    the test set's order, written atomically into `out`; then the parts removed (runs.merge_parts)."""
+    runs.merge_parts(out, "question_id", [e["qid"] for e in examples])
 
 
 def evaluate_model(model, tokenizer, dataset, data_dir=None, out="answers.jsonl", batch_size=32,
@@ -585,6 +445,33 @@ def evaluate_model(model, tokenizer, dataset, data_dir=None, out="answers.jsonl"
     return report(dataset, examples, texts, match, n_boot, seed)
 
 # -----------------------------------------------------------------------------
+# Downstream fine-tuning (LLaVA-Med's last stage): a train split as LLaVA conversation JSON
+
+
+def export_train(name, data_dir, out):
+    """Write `name`'s train split as LLaVA-Med's per-dataset fine-tuning data, one record per question: {id,
+    image (relative to the --image_dir printed), answer_type, conversations: [human "<image>\\n<question>",
+    gpt "<answer>"]}, the one-turn form of LLaVA-Med's converted test.json. A train question with the same
+    image file and normalised question as a test question is a leak, dropped and counted (VQA-RAD's splits
+    share images, so an image alone is no leak)."""
+    if name == "synth":
+        fail("--export_train: the synthetic train split is conversation JSON already (synth.py's train.json)")
+    key = lambda e: (str(e["image"]), normalize_word(e["question"].lower()))  # noqa: E731
+    train = load_dataset(name, data_dir, check_images=False, split="train")
+    test = {key(e) for e in load_dataset(name, data_dir, check_images=False)}
+    kept = [e for e in train if key(e) not in test]
+    image_dir = os.path.commonpath([str(e["image"].parent) for e in kept])
+    turns = lambda e: [{"from": "human", "value": "<image>\n" + e["question"]},  # noqa: E731
+                       {"from": "gpt", "value": e["answer"]}]
+    runs.replace_text(out, json.dumps([{"id": e["qid"], "image": os.path.relpath(e["image"], image_dir),
+                                        "answer_type": e["answer_type"], "conversations": turns(e)}
+                                       for e in kept], indent=1))
+    print(f"{out}: {len(kept)} {name} train questions; dropped {len(train) - len(kept)} that are test "
+          f"questions too (same image and normalised question). Train: python sft.py --data={out} "
+          f"--image_dir={image_dir}")
+    return {"n": len(kept), "n_dropped": len(train) - len(kept), "image_dir": image_dir}
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -594,51 +481,61 @@ def main(argv=None):
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--pred", help="score this answer file (JSONL: question_id, text)")
     what.add_argument("--model", help="answer with this checkpoint directory, then score")
-    what.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                      help="paired difference B - A of two answer files")
+    what.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired difference B - A of two files")
+    what.add_argument("--export_train", metavar="JSON",
+                      help="write the train split, less test questions, as conversation JSON for sft.py")
     ap.add_argument("--data", help="dataset directory or test JSON (default data/<dataset>)")
-    ap.add_argument("--vision_path",
-                    help="local CLIP checkpoint when the model directory has no vision tower")
+    ap.add_argument("--vision_path", help="local CLIP checkpoint, if the model directory has no vision tower")
     ap.add_argument("--adapter", help="LoRA adapter directory (PEFT layout) applied on top of --model")
     ap.add_argument("--out", help="answer file to write (default answers-<dataset>.jsonl)")
+    ap.add_argument("--overwrite", action="store_true", help="answer afresh, whatever --out holds")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=1024, help="the authors' value")
-    ap.add_argument("--limit", type=int, help="only the first N test questions (answering and scoring)")
-    ap.add_argument("--closed_suffix", default="",
-                    help='appended to CLOSED questions, e.g. " Answer with yes or no."')
-    ap.add_argument("--no_pad", action="store_true",
-                    help="centre-crop images instead of padding them to square")
-    ap.add_argument("--device")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--template", help="conversation template of the prompts (a data.TEMPLATES key); "
-                    "default the model's own (config.json conv_template)")
-    ap.add_argument("--bootstrap", type=int, default=1000,
-                    help="bootstrap resamples for the 95%% CIs (0: none)")
+    ap.add_argument("--limit", type=int, help="only the first N >= 1 test questions (answering and scoring)")
+    ap.add_argument("--closed_suffix", default="", help='for CLOSED questions, e.g. " Answer yes or no."')
+    ap.add_argument("--no_pad", action="store_true", help="centre-crop images instead of padding to square")
+    ap.add_argument("--device", help="default: cuda if available, else cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda")
+    ap.add_argument("--template", help="prompt template, a data.TEMPLATES key (default the model's own)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% CIs (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the result JSON here")
     ap.add_argument("--report", help="also write an HTML report here (report.py), with a per-question JSONL")
     args = ap.parse_args(argv)
-    try:
-        examples = load_dataset(args.dataset, args.data, check_images=args.model is not None)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    examples = examples[:args.limit] if args.limit else examples
+    runs.at_least(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    runs.at_least(0, bootstrap=args.bootstrap)
+    if args.export_train:
+        return export_train(args.dataset, args.data, args.export_train)
+    if args.model:  # everything answering needs is checked before a weight is read
+        from data import TEMPLATES
+        if args.template and args.template not in TEMPLATES:
+            fail(f"--template={args.template}: unknown; valid: {', '.join(TEMPLATES)}")
+        device = str(runs.check_device(args.device))
+        runs.check_model_dir(args.model, "--model", args.adapter, args.vision_path)
+        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    every = load_dataset(args.dataset, args.data, check_images=args.model is not None)
+    examples = every[:args.limit] if args.limit else every
     if args.compare:
-        (ta, ma), (tb, mb) = (match_answers(examples, read_answers(p)) for p in args.compare)
+        (ta, ma), (tb, mb) = (match_answers(examples, read_answers(p, every, args.dataset))
+                              for p in args.compare)
         print(f"\n{args.dataset}: {args.compare[1]} (B) vs {args.compare[0]} (A), {len(examples)} questions")
-        res = {"dataset": args.dataset, "a": ma, "b": mb,
-               **compare(examples, ta, tb, args.bootstrap, args.seed)}
+        res = dict(dataset=args.dataset, a=ma, b=mb, **compare(examples, ta, tb, args.bootstrap, args.seed))
         if args.report:
             scores = (score(examples, ta), score(examples, tb))
             R.write_comparison(args.report, res, examples, (ta, tb), scores, LABELS, args.compare)
     else:
         pred = args.pred
-        if args.model:
+        if args.model:  # the answer file records what made it: the same inputs resume it, others are refused
             pred = args.out or f"answers-{args.dataset}.jsonl"
+            fp = runs.fingerprint(model=identity(args.model), adapter=identity(args.adapter), dtype=dtype,
+                                  vision_path=identity(args.vision_path), dataset=args.dataset,
+                                  data=identity(str(dataset_file(args.dataset, args.data))),
+                                  template=args.template or "the model's own", pad=not args.no_pad,
+                                  max_new_tokens=args.max_new_tokens, closed_suffix=args.closed_suffix)
+            runs.start_or_resume(pred, fp, args.overwrite, "--overwrite (or another --out)")
             answer(examples, args.model, pred, args.vision_path, args.adapter, args.batch_size,
-                   args.max_new_tokens, args.closed_suffix, not args.no_pad, args.device, args.dtype,
-                   args.template)
-        texts, match = match_answers(examples, read_answers(pred))
+                   args.max_new_tokens, args.closed_suffix, not args.no_pad, device, dtype, args.template)
+        texts, match = match_answers(examples, read_answers(pred, every, args.dataset))
         res = report(args.dataset, examples, texts, match, args.bootstrap, args.seed)
         if args.report:
             R.write_evaluation(args.report, res, examples, texts, score(examples, texts), summarize, LABELS)
@@ -650,4 +547,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runs.run_main(main)

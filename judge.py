@@ -36,6 +36,7 @@ import numpy as np
 
 import evaluate as E
 from chat import ChatClient, ChatError, Fatal, JsonlLog, Ledger, image_bytes, scrub
+from runs import fail, read_records, run_main
 
 log = logging.getLogger("judge")
 
@@ -428,32 +429,6 @@ def _oracle(facts_path=None):
     return OracleJudge(score_answer, json.loads(path.read_text()))
 
 
-def read_records(path, need=()):
-    """The records of a JSONL file or a JSON list, each an object with the fields `need`; else the run stops
-    with one line (file, line, what is wrong), before anything is paid for."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise SystemExit(f"judge: cannot read {path}: {e.strerror or e}")
-    if text.lstrip().startswith("["):  # a JSON list: the whole text is one value, starting on line 1
-        numbered = [(1, text)]
-    else:
-        numbered = enumerate(text.splitlines(), 1)
-    out = []
-    for n, line in numbered:
-        try:
-            rs = json.loads(line) if line.strip() else []
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"judge: {path}, line {n + e.lineno - 1}: not JSON ({e.msg})")
-        if not isinstance(rs, list):
-            rs = [rs]
-        for r in rs:
-            if not (isinstance(r, dict) and set(need) <= r.keys()):
-                raise SystemExit(f"judge: {path}, line {n}: a record needs {', '.join(need) or 'an object'}")
-            out.append(r)
-    return out
-
-
 def _pick(rec, *names):
     return next((rec[n] for n in names if n in rec), None)
 
@@ -461,8 +436,14 @@ def _pick(rec, *names):
 def winrate_pairs(a, b, questions, include_closed=False):
     """Pairs for win_items from two answer files ({id: {"text"|"pred"}}, evaluate.py's format) and the test
     set's questions ({id: {"image"|"image_name", "question", "answer"|"gt", "answer_type"}}). Closed questions
-    are skipped by default, as BioMed-VITAL does (a yes/no answer leaves the judge little to weigh)."""
+    are skipped by default, as BioMed-VITAL does (a yes/no answer leaves the judge little to weigh). A
+    question one side lacks is left out and reported; none shared stops the run."""
     pairs = []
+    lacks = {"A": [q for q in questions if q not in a], "B": [q for q in questions if q not in b]}
+    if lacks["A"] or lacks["B"]:
+        print("winrate: left out " + "; ".join(f"{len(ids)} questions {side} has no answer to (e.g. "
+                                               f"{', '.join(ids[:5])})" for side, ids in lacks.items()
+                                               if ids))
     for q, m in questions.items():
         if q not in a or q not in b:
             continue
@@ -518,19 +499,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.cmd == "rate":  # everything that can be checked is checked before the first paid call
-        items = read_records(args.input, ("image", "question", "answers"))
-        if not items or not all(isinstance(it["answers"], list) and len(it["answers"]) > 1 for it in items):
-            raise SystemExit(f'judge: {args.input}: no items, or "answers" not a list of two')
+        two = lambda r: None if isinstance(r["answers"], list) and len(r["answers"]) > 1 else (  # noqa: E731
+            '"answers" is not a list of two')
+        items = read_records(args.input, ("image", "question", "answers"), two)
+        if not items:
+            fail(f"{args.input}: no items")
         folder = Path(args.out).absolute().parent
         if not os.access(folder, os.W_OK):
-            raise SystemExit(f"judge: cannot write {args.out}: {folder} is not a writable folder")
+            fail(f"cannot write {args.out}: {folder} is not a writable folder")
     else:
         a = _by_id(args.a)
         b = _by_id(args.b)
         qs = _by_id(args.questions)
         pairs = winrate_pairs(a, b, qs, args.include_closed)
         if not pairs:
-            raise SystemExit("judge: no question answered by both models")
+            fail(f"no {'' if args.include_closed else 'open '}question of {args.questions} is answered in "
+                 f"both {args.a} and {args.b}")
     cache = Cache(args.cache) if args.cache else None
     if args.judge == "oracle":
         judge = _oracle(args.facts)
@@ -563,9 +547,11 @@ def main(argv=None):
     except Fatal as e:  # one line, the whole run: every further call would be refused the same way
         raise SystemExit(f"judge: stopped: {e}")
     print(summary(stats, judge, args.price_in, args.price_out))
-    if stats["failed_items"] == stats["items"]:
-        raise SystemExit(f"judge: every item failed ({stats['items']}); the reasons are in the output")
+    if stats["failed_items"] == stats["items"]:  # an unreachable server, a wrong model name, ...: exit 1
+        n = stats["items"]
+        why = f"; e.g. {next(r['error'] for r in out)[:200]}; all in {args.out}" if args.cmd == "rate" else ""
+        raise SystemExit(f"judge: every item failed ({n} of {n}, after retries){why}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,7 +1,8 @@
 """
 Run bookkeeping shared by every job: one-line user errors (exit code 2), fingerprints that say what made an
-output, the lock that keeps two runs out of one out_dir, and the effective settings as config.json.
-No torch here, so judge.py can use it too.
+output, the lock that keeps two runs out of one out_dir, the effective settings as config.json, inputs checked
+before expensive work (model directories, devices, record formats), and JSONL outputs that survive a kill.
+No torch at import (check_device imports it when a torch job calls), so judge.py can use it too.
 
     from runs import fail, fingerprint, check_reuse, lock_out_dir
     fp = fingerprint(model=identity(cfg.model), data=identity(cfg.data), n_questions=cfg.n_questions)
@@ -98,6 +99,17 @@ def check_reuse(output, fp, overwrite=False, hint="--overwrite"):
     return True
 
 
+def start_or_resume(output, fp, overwrite=False, hint="--overwrite"):
+    """check_reuse, then: a fresh start removes the old output (a file); the fingerprint is recorded either
+    way, before any work, so a killed run's output still says what made it. True: resuming."""
+    reuse = check_reuse(output, fp, overwrite, hint)
+    if not reuse and os.path.isfile(output):
+        os.remove(output)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    write_fingerprint(output, fp)
+    return reuse
+
+
 def write_fingerprint(output, fp):
     """Record `fp` for `output` (atomically, so a kill leaves the old record or the new one)."""
     path = fingerprint_path(output)
@@ -155,3 +167,165 @@ def write_config(out_dir, settings, marked=()):
     with open(tmp, "w") as f:
         json.dump({"settings": settings, "synthetic_default": sorted(marked)}, f, indent=1)
     os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Inputs checked before expensive work, and JSONL outputs that survive a kill at any instant
+
+MADE_BY = {  # where the README's model directories come from, for the "does not exist" message
+    "base": "`python sft.py` (the synthetic base model, out/sft/base)",
+    "merged": "`python sft.py --merge` (out/sft/merged) or `python dpo.py` (out/dpo/merged, its train step)",
+    "final": "the end of `python sft.py` (out/sft/final) or `python dpo.py train` (out/dpo/final)",
+}
+
+
+def check_model_dir(path, flag="--model", adapter=None, vision_path=None):
+    """Stop with one line unless `path` is a model directory (config.json and a tokenizer), `adapter` (if
+    given) a PEFT LoRA directory and `vision_path` a directory. Names the command that writes a missing README
+    directory, and what to pass instead of a LoRA adapter directory."""
+    if adapter and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        fail(f"--adapter {adapter}: no adapter_config.json (a PEFT LoRA directory, e.g. out/sft/final)")
+    if vision_path and not os.path.isdir(vision_path):
+        fail(f"--vision_path {vision_path} does not exist (a local CLIP checkpoint directory)")
+    if not os.path.isdir(path):
+        made = MADE_BY.get(os.path.basename(os.path.normpath(path)))
+        fail(f"{flag} {path} does not exist" + (f"; it is written by {made}" if made else ""))
+    if not os.path.exists(os.path.join(path, "config.json")):
+        if os.path.exists(os.path.join(path, "adapter_config.json")):
+            base = json.load(open(os.path.join(path, "adapter_config.json"))).get("base_model_name_or_path")
+            merged = os.path.join(os.path.dirname(os.path.normpath(path)), "merged")
+            fail(f"{flag} {path} is a LoRA adapter, not a model: pass {flag}={base or '<its base model>'} "
+                 f"--adapter={path}" + (f", or the merged model {flag}={merged}" if os.path.isdir(merged)
+                                        else ""))
+        fail(f"{flag} {path} is not a model directory (no config.json)")
+    if not any(os.path.exists(os.path.join(path, t)) for t in ("tokenizer.json", "tokenizer.model")):
+        fail(f"{flag} {path} has no tokenizer (tokenizer.json or tokenizer.model): copy its base model's")
+
+
+def check_device(device, flag="--device"):
+    """Stop with one line unless torch can use `device` ("" or None: cuda if available, else cpu); returns
+    the torch.device. torch is imported here only, when a torch job calls."""
+    import torch
+    try:
+        d = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        fail(f"{flag}={device}: not a torch device (cpu, cuda, cuda:1, ...)")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        fail(f"{flag}={device}: torch {torch.__version__} sees no CUDA GPU"
+             + (" (a CPU-only build)" if torch.version.cuda is None else "") + f"; pass {flag}=cpu")
+    return d
+
+
+def at_least(low=1, **values):
+    """Stop naming the first flag whose value (None = not given) is below `low`."""
+    for flag, v in values.items():
+        if v is not None and v < low:
+            fail(f"--{flag}={v}: must be at least {low}")
+
+
+def check_format(records, path, formats, fmt):
+    """Stop at the first record without a field of format `fmt` ({name: fields} in `formats`), naming the
+    format whose fields it has, if any."""
+    for i, r in enumerate(records):
+        if missing := [f for f in formats[fmt] if not isinstance(r, dict) or f not in r]:
+            like = [n for n, fs in formats.items() if isinstance(r, dict) and set(fs) <= r.keys()]
+            fail(f"{path} record {i} has no {missing[0]!r} field, so it is not {fmt} data"
+                 + (f"; it looks like {like[0]} data" if like else ""))
+
+
+def check_overlap(path, ids, known, what):
+    """Stop unless most ids of an input file are `known` (else its rows would all count as missing), naming
+    how many match and one that does not."""
+    ids = set(ids)
+    hit = ids & set(known)
+    if len(hit) < max(1, len(ids) / 2):
+        fail(f"{path}: only {len(hit)} of its {len(ids)} ids are {what}"
+             + (f" (e.g. {sorted(ids - hit)[0]!r} is not)" if ids - hit else ""))
+
+
+def read_records(path, need=(), check=None):
+    """The records of a JSONL file or a JSON list, each an object with the fields `need` (and no problem
+    `check(record)` names); else the run stops with one line (file, line, what is wrong), before any work."""
+    try:
+        text = open(path).read()
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror or e}")
+    # a JSON list is one value starting on line 1
+    numbered = [(1, text)] if text.lstrip().startswith("[") else enumerate(text.splitlines(), 1)
+    out = []
+    for n, line in numbered:
+        try:
+            rs = json.loads(line) if line.strip() else []
+        except json.JSONDecodeError as e:
+            fail(f"{path}, line {n + e.lineno - 1}: not JSON ({e.msg})")
+        for r in rs if isinstance(rs, list) else [rs]:
+            if not (isinstance(r, dict) and set(need) <= r.keys()):
+                fail(f"{path}, line {n}: a record needs {', '.join(need) or 'to be an object'}")
+            if check and (problem := check(r)):
+                fail(f"{path}, line {n}: {problem}")
+            out.append(r)
+    return out
+
+
+def read_output_jsonl(path, need=(), repair=True):
+    """The records of a JSONL output this project appends to. A torn last line (a kill mid-write) is dropped
+    with a note and, with `repair`, the file rewritten without it, atomically; any other unreadable line
+    stops naming its file and line (nothing is dropped silently). [] when the file does not exist."""
+    if not os.path.exists(path):
+        return []
+    lines = open(path).readlines()
+    rows, good = [], []
+    for n, line in enumerate(lines, 1):
+        try:
+            r = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            r = False
+        if isinstance(r, dict) and set(need) <= r.keys():
+            rows.append(r)
+            good.append(line if line.endswith("\n") else line + "\n")
+        elif r is not None and not (n == len(lines) and not line.endswith("\n")):
+            fail(f"{path}, line {n}: not a record with {', '.join(need) or 'JSON'}; fix or delete that line")
+    if lines and not lines[-1].endswith("\n"):  # a kill mid-write: the line is torn, or only its "\n" lost
+        kept = good[-1:] == [lines[-1] + "\n"]
+        print(f"note: {path}: {'kept' if kept else 'dropped'} the last line, left unfinished by a killed run "
+              f"({lines[-1][:60]!r})", file=sys.stderr)
+        if repair:
+            replace_text(path, "".join(good))
+    return rows
+
+
+def append_jsonl(f, rows):
+    """Append rows to the open file `f` and make them durable (flush + fsync): a kill loses at most the rows
+    not yet appended."""
+    f.write("".join(json.dumps(r) + "\n" for r in rows))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def replace_text(path, text):
+    """Write `path` atomically: a temporary file beside it, fsync'd, then os.replace."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def merge_parts(out, key, order):
+    """Join the JSONL parts `out.rank0`, `out.rank1`, ... (one per rank) into `out`, one row per `key` (from
+    `out` first, then the parts in rank order), in `order` (rows with keys outside it kept at the end),
+    written atomically; then the parts are removed."""
+    import glob
+    parts = sorted(glob.glob(glob.escape(out) + ".rank*"), key=lambda p: int(p.rsplit("rank", 1)[1]))
+    if not parts:
+        return
+    rows = {}  # key -> row
+    for p in [out, *parts]:
+        for r in read_output_jsonl(p, (key,)):  # a torn last line is cut off
+            rows.setdefault(str(r[key]), r)
+    order = [str(k) for k in order]
+    order += sorted(set(rows) - set(order))
+    replace_text(out, "".join(json.dumps(rows[k]) + "\n" for k in order if k in rows))
+    for p in parts:
+        os.remove(p)

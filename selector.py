@@ -37,6 +37,7 @@ mao1207/BioMed-VITAL @ f6ccf75, filter/train_clip_filter.py (training) and filte
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import report as R
+import runs
 import synth as S
 from checkpoint import from_pretrained
 from data import load_tokenizer, preprocess_image
+from runs import fail
 
 
 def pairwise_loss(f_i, f_j, s_i, s_j, w):
@@ -190,9 +193,19 @@ def train_selector(x_i, x_j, s_i, s_j, human, w=400.0, epochs=6, lr=1e-4, batch=
 def read_pairs(path):
     """Pairs JSONL: {"items": [x_i, x_j], "scores": [R_i, R_j], "source": "human" | "model"}, x = {"image",
     "conversations"}; or `judge.py rate` rows {"image", "question", "answers": [a1, a2], "scores"} (model
-    pairs unless "source" says otherwise). Rows with an "error" are skipped."""
+    pairs unless "source" says otherwise). Rows with an "error" (judge failures) are skipped and counted; a
+    malformed row stops the run naming its line."""
+    def problem(r):
+        if "error" in r:
+            return None
+        if not ("items" in r and len(r["items"]) == 2 or {"image", "question", "answers"} <= r.keys()):
+            return 'a pair needs "items": [x_i, x_j], or "image", "question" and "answers"'
+        if not (isinstance(r.get("scores"), list) and len(r["scores"]) == 2
+                and all(isinstance(x, (int, float)) for x in r["scores"])):
+            return 'a pair needs "scores": [R_i, R_j], two numbers'
     pairs = []
-    for r in (json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()):
+    rows = runs.read_records(path, check=problem)
+    for r in rows:
         if "error" in r:
             continue
         items = r.get("items") or [
@@ -201,6 +214,10 @@ def read_pairs(path):
             for a in r["answers"][:2]]
         scores = [float(s) for s in r["scores"]]
         pairs.append({"items": items, "scores": scores, "source": r.get("source", "model")})
+    if len(pairs) < len(rows):
+        print(f"selector: {len(rows) - len(pairs)} of {len(rows)} rows of {path} are judge failures, skipped")
+    if not pairs:
+        fail(f"{path}: no rated pair to train the selector on")
     return pairs
 
 
@@ -280,16 +297,25 @@ def select_main(args):
     top K%."""
     data_path, pairs_path, image_dir = args.data, args.pairs, args.image_dir
     out = Path(args.out)
+    # every flag and input is checked before the seconds of features and training
+    runs.at_least(clusters=args.clusters, epochs=args.epochs, batch=args.batch)
+    if not (0 < args.top <= 1 and 0 <= args.holdout < 1):
+        fail(f"--top={args.top} must lie in (0, 1] and --holdout={args.holdout} in [0, 1)")
+    device = runs.check_device(args.device)
+    runs.check_model_dir(args.model)
+    if args.tokenizer and not os.path.exists(args.tokenizer):
+        fail(f"--tokenizer {args.tokenizer} does not exist")
     if not data_path:  # the synthetic default
         data_path, pairs_path, image_dir = synthetic_selection_data(out.parent, seed=args.seed)
     elif not pairs_path:
-        raise SystemExit("selector.py: --data needs --pairs (rated pairs to train the selector on)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = from_pretrained(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+        fail("--data needs --pairs (rated pairs to train the selector on)")
+    records = runs.read_records(data_path, ("conversations",))
+    if not records or args.clusters > len(records):
+        fail(f"--clusters={args.clusters}: {data_path} has {len(records)} records, k-means needs at least k")
+    pairs = read_pairs(pairs_path)
+    model = from_pretrained(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                             device=device)
     tok = args.tokenizer or args.model
-    records = json.loads(Path(data_path).read_text())
-    pairs = read_pairs(pairs_path)
     items, ij, rows = index_samples(pairs, records)
     s = torch.tensor([p["scores"] for p in pairs])  # (P, 2)
     human = torch.tensor([p["source"] == "human" for p in pairs])
@@ -363,4 +389,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runs.run_main(main)

@@ -50,8 +50,10 @@ import dpo
 import evaluate as E
 import judge
 import lora as L
+import metrics as MET
 import model as M
 import report as R
+import runs
 import selector as SEL
 import sft
 import synth as SY
@@ -3029,15 +3031,15 @@ def test_bad_input_stops_before_any_call(env, fake, capsys):
     for name, text, want in cases:
         if text is not None:
             (env / name).write_text(text)
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(runs.UsageError) as e:  # one line, exit code 2 from the command line
             judge.main(["rate", str(env / name), "--out", str(env / "out.jsonl"), "--base_url", fake.url,
                         "--api_key_env", "JUDGE_TEST_KEY", "--cache", ""])
-        assert want in str(e.value.code) and "\n" not in str(e.value.code)
+        assert want in str(e.value) and "\n" not in str(e.value)
     (env / "in.jsonl").write_text(good + "\n")
-    with pytest.raises(SystemExit) as e:  # the output folder is checked before any call
+    with pytest.raises(runs.UsageError) as e:  # the output folder is checked before any call
         judge.main(["rate", str(env / "in.jsonl"), "--out", str(env / "nowhere" / "out.jsonl"),
                     "--base_url", fake.url, "--api_key_env", "JUDGE_TEST_KEY", "--cache", ""])
-    assert "nowhere" in str(e.value.code) and not fake.log
+    assert "nowhere" in str(e.value) and not fake.log
 
 
 def test_failures_are_kept_and_reasked_only_on_request(env, fake, no_waits, capsys):
@@ -3407,13 +3409,13 @@ def write_answers(path, pairs):
     ("2.5.", "2.5"),                   # a period before a digit survives, the final one does not
 ])
 def test_normalize_word(raw, expected):
-    assert E.normalize_word(raw.lower()) == expected
+    assert MET.normalize_word(raw.lower()) == expected
 
 
 def test_period_limit_is_32():
     # re.UNICODE (=32) is passed as `count`: only the first 32 periods not followed by a digit go
     s = " ".join(["x."] * 40)
-    assert E.normalize_word(s).count(".") == 40 - 32
+    assert MET.normalize_word(s).count(".") == 40 - 32
 
 
 def prf(tp, fp, fn):
@@ -3433,22 +3435,23 @@ def prf(tp, fp, fn):
     ("heart", "liver", 0, 1, 1),             # nothing shared -> all zero
 ])
 def test_f1score(pred, gt, tp, fp, fn):
-    assert E.calculate_f1score(pred.lower(), gt.lower()) == pytest.approx(prf(tp, fp, fn))
+    assert MET.calculate_f1score(pred.lower(), gt.lower()) == pytest.approx(prf(tp, fp, fn))
 
 
 def test_empty_prediction_scores_zero():
-    s = E.score_item("", "yes")
+    s = MET.score_item("", "yes")
     assert (s["closed"], s["closed_run_eval"], s["closed_strict"], s["f1"], s["recall"],
             s["em_score"]) == (0,) * 6
     # a gt that normalises to nothing scores 0 too
-    assert E.calculate_f1score("lung", "the") == (0.0, 0.0, 0.0)
+    assert MET.calculate_f1score("lung", "the") == (0.0, 0.0, 0.0)
 
 
 def test_exact_match_score():
     # distinct gt words present in the prediction / number of prediction words
-    assert E.calculate_exactmatch("left lung left", "left lung") == pytest.approx(2 / 3)
-    assert E.calculate_exactmatch("lung", "left lung lung") == pytest.approx(1 / 1)
-    assert E.score_item("The Lung.", "lung")["exact"] == 1.0 and E.score_item("lungs", "lung")["exact"] == 0.0
+    assert MET.calculate_exactmatch("left lung left", "left lung") == pytest.approx(2 / 3)
+    assert MET.calculate_exactmatch("lung", "left lung lung") == pytest.approx(1 / 1)
+    assert MET.score_item("The Lung.", "lung")["exact"] == 1.0
+    assert MET.score_item("lungs", "lung")["exact"] == 0.0
 
 
 @pytest.mark.parametrize("pred, gt, official, run_eval, strict", [
@@ -3464,7 +3467,7 @@ def test_exact_match_score():
     ("", "no", 0, 0, 0),
 ])
 def test_closed_rules(pred, gt, official, run_eval, strict):
-    s = E.score_item(pred, gt)
+    s = MET.score_item(pred, gt)
     assert (s["closed"], s["closed_run_eval"], s["closed_strict"]) == (official, run_eval, strict)
 
 
@@ -3580,7 +3583,7 @@ def test_compare_is_paired(tmp_path, capsys):
     assert same["closed_accuracy"]["ci"] == [0.0, 0.0]  # paired: no noise
     res = E.main(["vqa_rad", "--compare", str(tmp_path / "no.jsonl"), str(tmp_path / "gt.jsonl")] + data)
     closed = [e for e in ex if e["answer_type"] == "CLOSED"]
-    always_no = 100 * sum(E.normalize_word(e["answer"].lower()) in "no" for e in closed) / len(closed)
+    always_no = 100 * sum(MET.normalize_word(e["answer"].lower()) in "no" for e in closed) / len(closed)
     d = res["closed_accuracy"]
     assert d["a"] == pytest.approx(always_no, abs=1e-3)
     assert d["diff"] == pytest.approx(100 - always_no, abs=1e-3)
@@ -3805,7 +3808,7 @@ def wrong_ids(examples, texts):
     """The questions failing any rule of their answer type, from LLaVA-Med's rules (score_item) directly."""
     rules = {"CLOSED": ("closed", "closed_run_eval", "closed_strict"), "OPEN": ("recall", "open_hit")}
     return [e["qid"] for e, t in zip(examples, texts)
-            if any(E.score_item(t, e["answer"])[k] < 1 for k in rules[e["answer_type"]])]
+            if any(MET.score_item(t, e["answer"])[k] < 1 for k in rules[e["answer_type"]])]
 
 
 @pytest.fixture(scope="module")
@@ -3852,7 +3855,7 @@ def test_evaluation_report_shows_every_wrong_answer_once_with_evaluates_numbers(
             assert cells and all(c["attrs"]["data-value"] == str(sub[c["attrs"]["data-key"]]) for c in cells)
     # a question type's closed accuracy, by hand from the rules
     qtype = r["examples"][0]["question_type"]
-    closed = [E.score_item(t, e["answer"])["closed"] for e, t in zip(r["examples"], r["texts"])
+    closed = [MET.score_item(t, e["answer"])["closed"] for e, t in zip(r["examples"], r["texts"])
               if e["question_type"] == qtype and e["answer_type"] == "CLOSED"]
     cell = doc.find("td", data_group=f"question_type={qtype}", data_key="closed_accuracy")[0]
     assert float(cell["attrs"]["data-value"]) == pytest.approx(100 * sum(closed) / len(closed), abs=1e-3)
@@ -3862,11 +3865,11 @@ def test_evaluation_report_shows_every_wrong_answer_once_with_evaluates_numbers(
     for x, e, t in zip(rows, r["examples"], r["texts"]):
         assert (x["question"], x["ground_truth"], x["prediction"], x["answer_type"]) == (
             e["question"], e["answer"], t, e["answer_type"])
-        assert x["hits"] == E.score_item(t, e["answer"])
+        assert x["hits"] == MET.score_item(t, e["answer"])
     # markup in an answer reaches the page as text; "normal" for "no" passes the papers' rule, not the strict
     assert '<img src=x onerror="alert(1)"> & </div>' in "".join(c["text"] for c in doc.cards("wrong"))
     normal = [i for i, (e, t) in enumerate(zip(r["examples"], r["texts"]))
-              if t == "normal" and E.normalize_word(e["answer"].lower()) == "no"]
+              if t == "normal" and MET.normalize_word(e["answer"].lower()) == "no"]
     if name == "vqa_rad":
         assert normal
     for i in normal:
@@ -3880,7 +3883,7 @@ def test_comparison_report_lists_the_fixed_and_broken_questions(eval_reports):
     fixed, broken = [], []
     for e, ta, tb in zip(r["examples"], *r["texts"]):
         key = "closed" if e["answer_type"] == "CLOSED" else "recall"
-        a, b = E.score_item(ta, e["answer"])[key], E.score_item(tb, e["answer"])[key]
+        a, b = MET.score_item(ta, e["answer"])[key], MET.score_item(tb, e["answer"])[key]
         (fixed if b > a else broken if b < a else []).append(e["qid"])
     assert fixed and broken
     assert [c["attrs"]["data-qid"] for c in doc.cards("fixed")] == fixed
@@ -4079,6 +4082,308 @@ def test_gallery_filter_hides_the_other_answer_type_in_a_browser(eval_reports, t
     assert shown == {"OPEN"} and len(cards) == len(HtmlDoc(text).cards("wrong"))
 
 
+# ----------------------------------------------------------------------------- the jobs as a user runs them
+# Through the real command lines, as subprocesses: a user mistake stops before any expensive work with one
+# line on stderr (exit code 2) naming the culprit, no traceback, nothing already written lost; an output made
+# from other inputs is refused naming the difference; the same inputs resume it.
+
+def cli(script, *args):
+    return subprocess.run([sys.executable, str(HERE / script), *map(str, args)], capture_output=True,
+                          text=True, cwd=HERE, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "NO_PROXY": "127.0.0.1"})
+
+
+def assert_user_error(r, *culprits, code=2, one_line=True):
+    """Exit `code`, no traceback, stderr's last line (its only one, for a user error) names each culprit."""
+    assert r.returncode == code, (r.returncode, r.stdout[-1500:], r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines and (len(lines) == 1 or not one_line), r.stderr
+    assert all(str(c) in lines[-1] for c in culprits), (culprits, lines[-1])
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory, synth):
+    """A user's folder: a tiny model (and a LoRA adapter beside it, as sft.py writes out/sft/final), the
+    synthetic test set, answer files, and broken inputs of every kind."""
+    d = tmp_path_factory.mktemp("user")
+    model = save_tiny(d / "out" / "sft" / "merged", synth)
+    adapter = d / "out" / "sft" / "final"
+    adapter.mkdir()
+    m = C.from_pretrained(str(model), dtype=torch.float32)
+    L.add_lora(m, L.lora_targets(r=2, alpha=4, vit_r=2, vit_alpha=4))
+    L.save_adapter(m, str(adapter))
+    ex = E.load_dataset("synth", str(synth))
+    write_answers(d / "synth_answers.jsonl", [(e["qid"], e["answer"]) for e in ex])
+    write_answers(d / "other_answers.jsonl", [(f"other-{i}", "yes") for i in range(len(ex))])
+    (d / "empty.json").write_text("")
+    (d / "cut.json").write_text((synth / "test.json").read_text()[:500])
+    (d / "none.json").write_text("[]")
+    (d / "slake_like.json").write_text(json.dumps([{"qid": 1, "img_name": "a/source.jpg", "question": "q?",
+                                                    "answer": "yes", "answer_type": "CLOSED", "q_lang": "en",
+                                                    "modality": "CT"}]))
+    return d
+
+
+def test_answer_rows_are_kill_safe_o_n_and_carry_llava_meds_fields(synth, tmp_path, monkeypatch):
+    """Resume reads the answer file once and appends; the file is never reopened for writing ("w"); rows have
+    LLaVA-Med model_vqa.py's fields; a torn last line is dropped with a note, a garbage line elsewhere stops
+    the run naming its line and leaves the file as it was."""
+    tok = D.load_tokenizer(synth / "tokenizer.json")
+    model = C.from_pretrained(str(save_tiny(tmp_path / "m", synth)), dtype=torch.float32).eval()
+    ex = E.load_dataset("synth", str(synth))[:6]
+    out = tmp_path / "a.jsonl"
+    E.answer_with(model, tok, ex[:3], str(out), batch_size=1, max_new_tokens=3)
+    reads, opened = [], []
+    real_read, real_open = runs.read_output_jsonl, open
+    monkeypatch.setattr(runs, "read_output_jsonl", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    monkeypatch.setattr("builtins.open", lambda f, mode="r", *a, **k: opened.append((str(f), mode))
+                        or real_open(f, mode, *a, **k))
+    E.answer_with(model, tok, ex, str(out), batch_size=1, max_new_tokens=3)
+    monkeypatch.undo()
+    assert reads == [str(out)] and (str(out), "w") not in opened and (str(out), "a") in opened
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [e["qid"] for e in ex]
+    assert all(set(r) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} for r in rows)
+    assert len({r["answer_id"] for r in rows}) == 6 and rows[0]["metadata"] == {}
+    good = out.read_text()
+    out.write_text(good + good.splitlines()[0][:20])  # killed mid-write
+    E.answer_with(model, tok, ex, str(out), batch_size=1, max_new_tokens=3)  # nothing left to answer
+    assert out.read_text() == good
+    out.write_text("garbage\n" + good)
+    with pytest.raises(runs.UsageError, match="a.jsonl, line 1"):
+        E.answer_with(model, tok, ex, str(out), batch_size=1, max_new_tokens=3)
+    assert out.read_text() == "garbage\n" + good
+
+
+@pytest.mark.parametrize("case, args, culprits", [
+    ("missing --pred", ["synth", "--pred", "{d}/nope.jsonl"], ["nope.jsonl", "not found"]),
+    ("every id missing", ["synth", "--pred", "{d}/other_answers.jsonl", "--data", "{synth}"],
+     ["other_answers.jsonl", "only 0 of its", "synth questions"]),
+    ("--compare across datasets", ["synth", "--compare", "{d}/synth_answers.jsonl", "{d}/other_answers.jsonl",
+                                   "--data", "{synth}"], ["other_answers.jsonl", "only 0 of its"]),
+    ("--limit 0", ["synth", "--pred", "{d}/synth_answers.jsonl", "--limit", "0"],
+     ["--limit=0", "at least 1"]),
+    ("--limit -5", ["synth", "--pred", "{d}/synth_answers.jsonl", "--limit", "-5"], ["--limit=-5"]),
+    ("--batch_size 0", ["synth", "--model", "{d}/out/sft/merged", "--batch_size", "0"], ["--batch_size=0"]),
+    ("empty test JSON", ["vqa_rad", "--pred", "{d}/synth_answers.jsonl", "--data", "{d}/empty.json"],
+     ["empty.json", "not valid JSON"]),
+    ("truncated test JSON", ["synth", "--pred", "{d}/synth_answers.jsonl", "--data", "{d}/cut.json"],
+     ["cut.json", "not valid JSON"]),
+    ("[] test file", ["slake", "--pred", "{d}/synth_answers.jsonl", "--data", "{d}/none.json"],
+     ["none.json", "no questions"]),
+    ("SLAKE data under vqa_rad", ["vqa_rad", "--pred", "{d}/synth_answers.jsonl", "--data",
+                                  "{d}/slake_like.json"],
+     ["slake_like.json", "record 0", "'image_name'", "looks like slake"]),
+    ("--model before it exists", ["synth", "--model", "{d}/out/dpo/merged"], ["out/dpo/merged", "dpo.py"]),
+    ("an adapter as --model", ["synth", "--model", "{d}/out/sft/final"],
+     ["out/sft/final", "LoRA adapter", "--adapter=", "out/sft/merged"]),
+    ("unknown --template", ["synth", "--model", "{d}/out/sft/merged", "--template=vicuna"],
+     ["--template=vicuna", "vicuna_v1", "mistral_instruct"]),
+    ("--device cuda on a CPU build", ["synth", "--model", "{d}/out/sft/merged", "--device", "cuda"],
+     ["--device=cuda", "no CUDA GPU", "--device=cpu"]),
+    ("--export_train of synth", ["synth", "--export_train", "{d}/t.json"], ["synth", "conversation JSON"]),
+])
+def test_evaluate_user_errors_are_one_line(user, synth, case, args, culprits):
+    if case == "--device cuda on a CPU build" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    before = {p: p.read_bytes() for p in user.rglob("*") if p.is_file()}
+    r = cli("evaluate.py", *[a.format(d=user, synth=synth) for a in args])
+    assert_user_error(r, *culprits)
+    assert {p: p.read_bytes() for p in user.rglob("*") if p.is_file()} == before  # nothing written or lost
+
+
+def test_evaluate_answer_file_reuse(user, synth, tmp_path):
+    """Answering records a fingerprint: the same inputs resume, another model, setting or test file is refused
+    naming it (the file unchanged), --overwrite starts afresh."""
+    model = user / "out" / "sft" / "merged"
+    other = save_tiny(tmp_path / "other", synth, "mistral")
+    data = tmp_path / "data"
+    shutil.copytree(synth, data, ignore=shutil.ignore_patterns("images"))
+    (data / "images").symlink_to(synth / "images")
+    run = ["synth", "--data", data, "--limit", "2", "--max_new_tokens", "2", "--bootstrap", "0",
+           "--device", "cpu", "--out", tmp_path / "answers.jsonl"]
+    r = cli("evaluate.py", *run, "--model", model)
+    assert r.returncode == 0, r.stderr[-3000:]
+    answers = (tmp_path / "answers.jsonl").read_text()
+    assert len(answers.splitlines()) == 2
+    r = cli("evaluate.py", *run, "--model", model, "--limit", "3")  # same inputs, one more question: resumed
+    assert r.returncode == 0 and "2 of 3 already answered" in r.stderr, r.stderr[-3000:]
+    assert (tmp_path / "answers.jsonl").read_text().startswith(answers)
+    answers = (tmp_path / "answers.jsonl").read_text()
+    tests = json.loads((data / "test.json").read_text())
+    (data / "test.json").write_text(json.dumps(tests[::-1]))
+    for extra, named in ((["--model", other], "model ("), (["--model", model, "--max_new_tokens", "3"],
+                         "max_new_tokens (2 -> 3)"), (["--model", model, "--closed_suffix", " Yes or no?"],
+                         "closed_suffix"), (["--model", model, "--data", tmp_path / "nowhere"], "")):
+        r = cli("evaluate.py", *run, *extra)
+        if named:
+            assert_user_error(r, "answers.jsonl", "other inputs", named, "--overwrite")
+        else:
+            assert r.returncode == 2 and "nowhere" in r.stderr
+        assert (tmp_path / "answers.jsonl").read_text() == answers
+    (data / "test.json").write_text(json.dumps(tests))  # data back as it was, but touched: changed since
+    r = cli("evaluate.py", *run, "--model", model)
+    assert_user_error(r, "data (", "changed since")
+    r = cli("evaluate.py", *run, "--model", other, "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {x["model_id"] for x in rows} == {"other"}
+    (tmp_path / "old.jsonl").write_text(answers)  # an answer file from before fingerprints
+    r = cli("evaluate.py", *run[:-1], tmp_path / "old.jsonl", "--model", other)
+    assert_user_error(r, "old.jsonl", "no fingerprint")
+
+
+def test_judge_and_selector_user_errors(user, tmp_path):
+    good = json.dumps({"image": "img.png", "question": "q?", "answers": ["a", "b"]})
+    (tmp_path / "in.jsonl").write_text(good + "\n" + good + "\n")
+    (tmp_path / "garbage.jsonl").write_text(good + "\nnot json\n" + good + "\n")
+    (tmp_path / "img.png").write_bytes(PNG)
+    rate = ["--out", tmp_path / "out.jsonl", "--cache", "", "--api_key_env", "JUDGE_TEST_KEY"]
+    assert_user_error(cli("judge.py", "rate", tmp_path / "nope.jsonl", *rate), "nope.jsonl", "cannot read")
+    assert_user_error(cli("judge.py", "rate", tmp_path / "garbage.jsonl", *rate), "garbage.jsonl, line 2")
+    # an unreachable server: every item fails after its retries, exit 1 with a one-line summary
+    port = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    url = f"http://127.0.0.1:{port.server_address[1]}/v1"
+    port.server_close()
+    r = subprocess.run([sys.executable, str(HERE / "judge.py"), "rate", str(tmp_path / "in.jsonl"),
+                        "--image_dir", str(tmp_path), "--base_url", url, "--max_tries", "2", "--timeout", "2",
+                        *map(str, rate)], capture_output=True, text=True, cwd=HERE, timeout=120,
+                       env={**os.environ, "JUDGE_TEST_KEY": KEY, "NO_PROXY": "127.0.0.1"})
+    assert_user_error(r, "every item failed (2 of 2", "out.jsonl", code=1, one_line=False)
+    # winrate: a question one side lacks is reported, none shared is refused
+    test = [{"qid": i, "image_name": "img.png", "question": f"q{i}", "answer": "x", "answer_type": "OPEN"}
+            for i in range(4)]
+    (tmp_path / "test.json").write_text(json.dumps(test))
+    write_answers(tmp_path / "a.jsonl", [("0", "x"), ("1", "y")])
+    write_answers(tmp_path / "b.jsonl", [("2", "x"), ("3", "y")])
+    r = cli("judge.py", "winrate", tmp_path / "a.jsonl", tmp_path / "b.jsonl", "--questions",
+            tmp_path / "test.json", "--judge", "oracle", "--cache", "")
+    assert_user_error(r, "no open question", "a.jsonl", "b.jsonl")
+    assert "2 questions A has no answer to (e.g. 2, 3)" in r.stdout
+    # selector: --clusters 0, a malformed pairs file, --model that does not exist, all before any work
+    pair = json.dumps({"items": [{}, {}], "scores": [1, 2]})
+    (tmp_path / "pairs.jsonl").write_text(pair + '\n{"scores": 3}\n')
+    (tmp_path / "data.json").write_text(json.dumps([{"image": "img.png", "conversations": []}]))
+    sel = ["--model", user / "out" / "sft" / "merged", "--data", tmp_path / "data.json", "--pairs",
+           tmp_path / "pairs.jsonl", "--clusters", "1", "--device", "cpu"]
+    assert_user_error(cli("selector.py", *sel, "--clusters", "0"), "--clusters=0")
+    assert_user_error(cli("selector.py", *sel), "pairs.jsonl, line 2", "items")
+    assert_user_error(cli("selector.py", *sel, "--model", "out/nowhere/base"), "out/nowhere/base",
+                      "does not exist")
+    assert_user_error(cli("selector.py", *sel, "--clusters", "5"), "--clusters=5", "1 records")
+
+
+def questioning_llava(tmp_path, synth):
+    """A tiny random llava-hf model saved by transformers (with the synthetic tokenizer), rigged so that it
+    always writes "?": the decoder blocks add nothing to the residual (o_proj, down_proj = 0), the final norm
+    keeps one embedding dimension, positive for every token, and only "?" reads it. Its sampled questions
+    are then well formed ("????", kept by stage 2's filter), whatever the image; a random model asks none."""
+    tok = D.load_tokenizer(synth / "tokenizer.json")
+    hf = tiny_hf_llava(vocab=tok.get_vocab_size(), image_token_id=SY.SYNTH_IMAGE_TOKEN_ID)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "language_model" in name and name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        hf.get_input_embeddings().weight[:, 0] = 1.0
+        norm = hf.model.language_model.norm.weight
+        norm.zero_()
+        norm[0] = 1.0
+        hf.lm_head.weight[:, 0] = 0.0
+        hf.lm_head.weight[tok.token_to_id("?"), 0] = 20.0
+    hf.save_pretrained(tmp_path)
+    shutil.copy(synth / "tokenizer.json", tmp_path / "tokenizer.json")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def vqa_rad_sft(tmp_path_factory, synth):
+    """VQA-RAD's train split exported by evaluate.py, then two sft.py steps (--merge) on 8 of its questions
+    from a tiny llava-hf model: (folder, export's stdout, image folder)."""
+    d = tmp_path_factory.mktemp("vqa_rad_sft")
+    r = cli("evaluate.py", "vqa_rad", "--data", SHARED / "vqa_rad", "--export_train", d / "train.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (d / "small.json").write_text(json.dumps(json.loads((d / "train.json").read_text())[:8]))
+    questioning_llava(d / "base", synth)
+    image_dir = r.stdout.split("--image_dir=")[1].split()[0]
+    s = cli("sft.py", f"--model={d / 'base'}", f"--data={d / 'small.json'}", f"--image_dir={image_dir}",
+            f"--out_dir={d / 'sft'}", "--max_steps=2", "--global_batch=4", "--micro_batch=2",
+            "--max_length=256", "--merge", "--save_every=100")
+    assert s.returncode == 0, s.stdout[-2000:] + s.stderr[-3000:]
+    return d, r.stdout, image_dir
+
+
+@needs_shared
+def test_downstream_fine_tuning_on_vqa_rad_train_then_test(vqa_rad_sft):
+    """LLaVA-Med's last stage through the CLIs: VQA-RAD's train split as conversation JSON, with no test
+    question in it (same image and normalised question); a few sft.py steps on it (the fixture); then
+    evaluate.py on the test split."""
+    d, stdout, _ = vqa_rad_sft
+    train = json.loads((d / "train.json").read_text())
+    raw = _vqa_rad()
+    n_train = sum(not x["phrase_type"].startswith("test") for x in raw)
+    test = {(x["image_name"], MET.normalize_word(x["question"].strip().lower())) for x in raw
+            if x["phrase_type"].startswith("test")}
+    got = {(t["image"], MET.normalize_word(t["conversations"][0]["value"][len("<image>\n"):].lower()))
+           for t in train}
+    dropped = n_train - len(train)
+    assert not got & test and f"dropped {dropped} that are test questions" in stdout and n_train == 1797
+    assert {x["image"] for x in train} <= {x["image_name"] for x in raw} and len(train) > 1500
+    first = next(x for x in raw if not x["phrase_type"].startswith("test")
+                 and (x["image_name"], MET.normalize_word(x["question"].strip().lower())) not in test)
+    assert train[0] == {"id": first["qid"], "image": first["image_name"], "answer_type": first["answer_type"],
+                        "conversations": [{"from": "human", "value": "<image>\n" + first["question"].strip()},
+                                          {"from": "gpt", "value": str(first["answer"]).strip()}]}
+    r = cli("evaluate.py", "vqa_rad", "--model", d / "sft" / "merged", "--data", SHARED / "vqa_rad",
+            "--limit", "4", "--max_new_tokens", "2", "--bootstrap", "0", "--device", "cpu",
+            "--out", d / "answers.jsonl")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["n"] == 4 and res["n_missing"] == 0
+
+
+@needs_shared
+def test_paper_path_end_to_end(vqa_rad_sft, env, fake):
+    """The paper's path as a user runs it, one process a step (no torchrun): stage 1 on real VQA-RAD images
+    (the fixture: sft.py --merge), then dpo.py generate, dpo.py judge against a fake OpenAI-compatible server
+    (every verdict request must reach it), dpo.py train, and evaluate.py on the DPO output."""
+    d, _, image_dir = vqa_rad_sft
+    common = [f"--model={d / 'sft' / 'merged'}", f"--data={d / 'small.json'}", f"--image_dir={image_dir}",
+              f"--out_dir={d / 'dpo'}"]
+    r = cli("dpo.py", "generate", *common, "--n_images=2", "--n_questions=2", "--describe_tokens=4",
+            "--q_max_tokens=6", "--a_max_tokens=4", "--gen_batch=2")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [json.loads(x) for x in (d / "dpo" / "generations.jsonl").read_text().splitlines()]
+    asked = [x for x in rows if "question" in x]
+    assert len(asked) >= 2, rows
+    images = []  # the image each request carried
+    fake.reply = lambda body: images.append(body["messages"][-1]["content"][1]["image_url"]["url"]) or (
+        OK_REPLY)
+    r = subprocess.run([sys.executable, str(HERE / "dpo.py"), "judge", *common, f"--base_url={fake.url}",
+                        "--judge_model=gpt-4o", "--api_key_env=JUDGE_TEST_KEY", "--max_tries=2",
+                        "--timeout=5"],
+                       capture_output=True, text=True, cwd=HERE, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert len(fake.log) == len(asked) == len(images)  # each verdict asked once
+    want = {base64.b64encode((Path(image_dir) / x["image"]).read_bytes()).decode() for x in asked}
+    assert {u.split(",")[1] for u in images} == want and all(u.startswith("data:image/jpeg") for u in images)
+    pairs = [json.loads(x) for x in (d / "dpo" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == len(asked)  # the fake's "8 6": no ties
+    r = cli("dpo.py", "train", *common, "--max_steps=1", "--global_batch=2", "--micro_batch=2",
+            "--max_length=256")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = cli("evaluate.py", "vqa_rad", "--model", d / "dpo" / "merged", "--data", SHARED / "vqa_rad",
+            "--limit", "3", "--max_new_tokens", "2", "--bootstrap", "0", "--device", "cpu",
+            "--out", d / "dpo_answers.jsonl")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 3
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(d / "dpo" / "merged")
+    assert hf.config.text_config.vocab_size == D.load_tokenizer(d / "dpo" / "merged").get_vocab_size()
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(d / "sft" / "merged")
+    assert isinstance(peft.PeftModel.from_pretrained(base, d / "dpo" / "final"), peft.PeftModel)
+
+
 # ----------------------------------------------------------------------------- bench.py
 
 @pytest.fixture(scope="module")
@@ -4207,7 +4512,7 @@ def test_readme_line_counts_are_current():
         assert len((root / name).read_text().splitlines()) == int(n), f"README says {name} has {n} lines"
 
 
-BLOCKS = ("model", "checkpoint", "lora", "data", "train", "synth", "chat", "runs", "report")
+BLOCKS = ("model", "checkpoint", "lora", "data", "train", "synth", "chat", "runs", "report", "metrics")
 JOBS = ("sft", "dpo", "judge", "selector", "evaluate")
 
 
@@ -4235,7 +4540,7 @@ def test_imports_point_one_way():
     r = subprocess.run([sys.executable, "-c", "import judge, sys; assert 'torch' not in sys.modules"],
                        cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert project_imports("runs") == set() and project_imports("report") == set()
+    assert project_imports("runs") == project_imports("report") == project_imports("metrics") == set()
     r = subprocess.run([sys.executable, "-c", "import report, sys; assert 'torch' not in sys.modules"],
                        cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
