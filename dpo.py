@@ -40,7 +40,7 @@ import judge as J
 import report as R
 import synth as S
 from checkpoint import from_pretrained, save_pretrained, template_of
-from runs import fail, identity, run_main
+from runs import check_reuse, fail, fingerprint, identity, read_records, run_main, write_fingerprint
 from lora import add_lora, disable_lora, lora_targets, mark_trainable, merge_lora, save_adapter
 from train import (atomic_save, autocast, fit, format_plan, memory_plan, param_groups, parse_config, print0,
                    setup_distributed, shard_model, token_nll)
@@ -114,6 +114,7 @@ class Config:
     save_every: int = 50
     resume: bool = False
     log_every: int = 5
+    overwrite: bool = False  # start afresh where out_dir holds outputs made from other inputs
 
 
 # The synthetic default: the tiny model, the oracle judge and CPU-sized settings (each overridable).
@@ -504,7 +505,21 @@ def main(argv=None):
     # each other on a gloo group with a long one
     wait = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7)) if world > 1 else None
     # one copy of the stage-1 model serves the "before" scores and the sampling
+    # what makes the generations: a rerun with other inputs is refused, the same inputs resume
+    gen_fp = fingerprint(model=identity(cfg.model), data=identity(cfg.data) or S.SYNTH_VERSION,
+                         images=[len(images), images[:1], images[-1:]], template=cfg.template, seed=cfg.seed,
+                         **{k: getattr(cfg, k) for k in ("n_questions", "describe_tokens", "q_temperature",
+                            "q_top_k", "q_top_p", "q_max_tokens", "a_temperature", "a_top_k", "a_top_p",
+                            "a_max_tokens", "answer_seeds", "gen_batch")})
     if "generate" in steps:
+        if not check_reuse(gen_path, gen_fp, cfg.overwrite) and rank == 0:  # afresh: no old batch survives
+            for p in [gen_path, *part_paths(gen_path)]:
+                if os.path.exists(p):
+                    os.remove(p)
+        if rank == 0:
+            write_fingerprint(gen_path, gen_fp)
+        if wait is not None:
+            torch.distributed.barrier(group=wait)
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         model = from_pretrained(cfg.model, dtype=dtype, device=device)
         # the oracle judge can only score questions of the synthetic grammar: keep those
@@ -516,14 +531,20 @@ def main(argv=None):
         if rank == 0:
             merge_parts(gen_path)
     if "judge" in steps and rank == 0:
+        if not os.path.exists(gen_path):
+            fail(f"no {gen_path}: run `python dpo.py generate` with the same --out_dir first")
         rows = [r for r in read_batches(gen_path) if "question" in r]
+        if not rows:
+            fail(f"{gen_path} holds no questions to judge (every sampled question was dropped as malformed)")
         judge_step(cfg, rows, image_dir, make_judge(cfg, synth), pairs_path)
     if wait is not None:
         torch.distributed.barrier(group=wait)  # the judge runs on rank 0: HTTP-bound, one process is enough
     if "train" in steps:
-        pairs = [json.loads(x) for x in open(pairs_path)]
+        if not os.path.exists(pairs_path):
+            fail(f"no {pairs_path}: run `python dpo.py judge` with the same --out_dir first")
+        pairs = read_records(pairs_path, need=("image", "question", "chosen", "rejected"))
         if not pairs:
-            raise SystemExit(f"no preference pairs in {pairs_path}")
+            fail(f"no preference pairs in {pairs_path}: every verdict was a tie or failed")
         model = train_step(cfg, pairs, tokenizer, image_dir, device, rank, world)
         if rank == 0:
             save_adapter(model, os.path.join(cfg.out_dir, "final"))

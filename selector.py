@@ -7,7 +7,7 @@ sample x = (image, instruction + response), then keeps the top K% of every k-mea
 mao1207/BioMed-VITAL @ f6ccf75, filter/train_clip_filter.py (training) and filter/filter.py (selection).
 
     python selector.py --model DIR --data instruct.json --image_dir D --pairs pairs.jsonl --top 0.5
-    python selector.py --model out/sft/base    # synthetic default: corrupted toy data + oracle-rated pairs
+    python selector.py --model synth_base    # synthetic default: corrupted toy data + oracle-rated pairs
 
 - Features, frozen, from our model.py: the vision tower's patch features mean-pooled, concatenated with the
   decoder's final-norm hidden states averaged over the real tokens of "Question: q / Answer: a" text (no image
@@ -363,7 +363,7 @@ def select_main(args):
 
 def main(argv=None):
     s = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    s.add_argument("--model", default="out/sft/base",
+    s.add_argument("--model", default="synth_base",
                    help="model.py checkpoint whose frozen towers give the features")
     s.add_argument("--tokenizer", default="",
                    help="default: the model folder's (synthetic default: the toy one)")

@@ -29,7 +29,7 @@ then 2e-5 for three; the full fine-tune sharded, as its FSDP run):
         --image_dir=images/ --train=llm --template=vicuna_v1 --no-question_loss --lr=2e-5 --epochs=3 \
         --shard=fsdp --out_dir=out/instruct
 
-On the synthetic data, where <synth> is the directory `synth.synth_data()` returns and out/sft/base is the
+On the synthetic data, where <synth> is the directory `synth.synth_data()` returns and synth_base/ is the
 shipped base model, the same with the tiny model's learning rates:
 
     python sft.py --model=synth_base --data=<synth>/captions.json --image_dir=<synth>/images \
@@ -54,7 +54,7 @@ import synth as S
 from checkpoint import from_pretrained, save_pretrained
 from lora import add_lora, lora_targets, mark_trainable, merge_lora, save_adapter
 from model import CONFIGS, Llava
-from runs import fail, identity, run_main
+from runs import check_model_dir, fail, identity, read_records, run_main
 from train import (fit, format_plan, memory_plan, param_groups, parse_config, plan_row, print0,
                    setup_distributed, shard_model, token_nll)
 
@@ -71,6 +71,7 @@ class Config:
     # llm = LLaVA-Med's instruction tuning (projector + LLM, tower frozen, cfg.lr for all); full = everything
     train: str = "lora"
     question_loss: bool = True  # STLLaVA-Med: supervise VUSER questions too; off = plain LLaVA answers-only
+    lm_loss: bool = False  # every text token supervised, as a language model pretrains (the synthetic base)
     # LLaVA-Med concept alignment: each caption record gets a "describe" instruction, drawn per epoch from
     # the paper's brief (< 30 words) or detailed list (data.caption_to_alignment)
     align_captions: bool = False
@@ -117,9 +118,10 @@ class Config:
 SYNTH_OVERRIDES = dict(global_batch=16, micro_batch=16, epochs=3, lr=2e-3, vision_lr=2e-3, projector_lr=2e-3,
                        max_length=512, save_every=100, log_every=20,
                        grad_ckpt=False)  # the tiny model fits anyway: recomputing only costs time
-# --make_base: the tiny model from scratch, every weight, on clean captions and answers
-SYNTH_BASE = dict(train="full", question_loss=False, sq_r=0.0, template="vicuna_v1", lr=1e-3, vision_lr=1e-3,
-                  projector_lr=1e-3, global_batch=32, micro_batch=32, epochs=8, save_every=500)
+# --make_base: the tiny model from scratch, every weight, as a language model of single-turn captions and QA
+SYNTH_BASE = dict(train="full", question_loss=False, lm_loss=True, sq_r=0.0, template="vicuna_v1", lr=1.5e-3,
+                  vision_lr=1.5e-3, projector_lr=1.5e-3, global_batch=32, micro_batch=32, epochs=8,
+                  save_every=500)
 
 # -----------------------------------------------------------------------------
 # Stage 1 pieces: trainable set, encoding, the loss
@@ -162,6 +164,8 @@ def make_sft_prepare(examples, tokenizer, cfg, model_cfg, device):
                 cfg.max_length, return_question_mask=True)
             if not cfg.question_loss:
                 labels = [-100 if q else lab for lab, q in zip(labels, is_question)]
+            if cfg.lm_loss:
+                labels = [-100 if t == model_cfg.image_token_id else t for t in ids]
             items.append({"input_ids": ids, "labels": labels, "question_mask": is_question,
                           "image": ex["image"]})
         b = D.collate(items, padding_side="right", image_size=cfg.image_size or model_cfg.vision.image_size)
@@ -213,6 +217,12 @@ def main(argv=None):
     if bool(cfg.model) != bool(cfg.data) or (cfg.make_base and not synthetic):
         fail("give --model and --data together (stage 1 on your data), or neither (the synthetic default; "
              "--make_base trains its base)")
+    if cfg.train not in ("lora", "projector", "llm", "full") or cfg.shard not in ("ddp", "fsdp"):
+        fail(f"--train must be lora, projector, llm or full (not {cfg.train!r}); --shard ddp or fsdp "
+             f"(not {cfg.shard!r})")
+    if not synthetic:
+        check_model_dir(cfg.model, vision_path=cfg.vision_path)
+        read_records(cfg.data, need=("conversations",))  # a bad record stops here, named, before any weight
     if synthetic:  # the synthetic default's values, for every key the command line did not set
         synth_values = {**SYNTH_OVERRIDES, **(SYNTH_BASE if cfg.make_base else {})}
         world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun, the global batch split over the ranks
@@ -224,8 +234,7 @@ def main(argv=None):
     tokenizer = D.load_tokenizer(S.synth_data() / "tokenizer.json" if synthetic else cfg.model)
     if synthetic:
         synth = S.synth_data()
-        if not cfg.make_base and (synth / "tokenizer.json").read_text() != \
-                (S.BASE_DIR / "tokenizer.json").read_text():
+        if not cfg.make_base and D.load_tokenizer(S.BASE_DIR).to_str() != tokenizer.to_str():
             fail(f"{S.BASE_DIR} was made for another synthetic world than {synth.name}: "
                  "remake it with `python sft.py --make_base` (see its README.md)")
         cfg = replace(cfg, model="" if cfg.make_base else str(S.BASE_DIR), image_dir=str(synth / "images"),

@@ -13,7 +13,9 @@ convention, where the patient's left is on the image's right), to keep the toy u
     python -c "import synth; print(synth.synth_data())"   # where the files are (generated on first use)
 
 Three kinds of text, as in the paper's story. pretrain.json is the general-purpose LLaVA's data: clean
-captions and answers on images of their own, what the shipped base model (synth_base/) was trained on.
+single-turn captions and answers on images of their own, what the shipped base model (synth_base/) was
+trained on, as a language model over the whole text (`sft.py --make_base`): it reads and writes questions,
+but has never gone on after an answer, let alone asked as the VUSER.
 train.json is the stage-1 instruction data and, like LLaVA-Med's GPT-written conversations, imperfect: most
 answers add a hedge or an unasked finding, wrong half the time (`_flaw`), which the stage-1 model imitates and
 the oracle judge (correctness and concision) penalises, so stage 2 has something to correct. test.json's
@@ -347,10 +349,14 @@ def _synth_generate(root, seed):
             caption = {"id": f"cap_{split}_{i:05d}", "image": name, "conversations": [
                 {"from": "human", "value": "<image>\n" + CAPTION_INSTRUCTION},
                 {"from": "gpt", "value": synth_caption(facts)}]}
-            if split == "pretrain":  # the general-purpose base: clean, and more closed questions
-                turns = _synth_conversation(facts, rng, bag, closed_share=0.6)
-                out["pretrain"] += [caption, {"id": f"pre_{i:05d}", "image": name, "conversations": turns}]
-                corpus.append(_render(turns))
+            if split == "pretrain":  # the general-purpose base: single-turn, clean, more closed questions
+                asked = set()
+                qa = [(rng.choice([CAPTION_INSTRUCTION, D.DESCRIBE]), synth_caption(facts))] + [
+                    _synth_qa(facts, rng.random() < 0.6, bag, rng, asked)[2:] for _ in range(3)]
+                out["pretrain"] += [{"id": f"pre_{i:05d}_{k}", "image": name, "conversations": [
+                    {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]}
+                    for k, (q, a) in enumerate(qa)]
+                corpus += [_render(r["conversations"]) for r in out["pretrain"][-4:]]
             elif split == "train":
                 out["captions"].append(caption)
                 for k in range(SYNTH_CONVS_PER_IMAGE):
