@@ -69,14 +69,20 @@ def fingerprint_path(output):
 
 
 def differences(old, new):
-    """The top-level keys whose values differ, as `key (old -> new)` strings."""
+    """The top-level keys whose values differ, as `key (old -> new)` strings, or `key (path changed since)`
+    for a file or directory whose identity changed at the same path."""
     keys = sorted(set(old) | set(new))
-    return [f"{k} ({_short(old.get(k))} -> {_short(new.get(k))})" for k in keys if old.get(k) != new.get(k)]
+    return [f"{k} ({old[k]['path']} changed since)" if _same_path(old.get(k), new.get(k)) else
+            f"{k} ({_short(old.get(k))} -> {_short(new.get(k))})" for k in keys if old.get(k) != new.get(k)]
+
+
+def _same_path(a, b):
+    return isinstance(a, dict) and isinstance(b, dict) and "path" in a and a.get("path") == b.get("path")
 
 
 def _short(v):
     if isinstance(v, dict) and "path" in v:
-        return v["path"] + (" (changed since)" if "files" in v or "size" in v else "")
+        return v["path"]
     text = json.dumps(v)
     return text if len(text) <= 60 else text[:57] + "..."
 
