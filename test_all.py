@@ -2653,6 +2653,74 @@ def test_directory_swap_recovers_from_a_kill_at_every_instant(tmp_path):
     assert (path / "meta.pt").read_text() == "3"
 
 
+# ----------------------------------------------------------------------------- files others load
+# Oracles: transformers' AutoProcessor + LlavaForConditionalGeneration read a merged model, PEFT's
+# AutoPeftModel classes read an adapter, offline; their logits and greedy tokens equal ours.
+
+def trained_tiny(tiny_dir):
+    """tiny_dir's model with the paper's LoRA (small ranks), B and the projector randomised: as if trained."""
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    L.add_lora(model, L.lora_targets(4, 8, 0.0, 2, 4, 0.0))
+    L.mark_trainable(model)
+    return randomize_lora(model).eval()
+
+
+def prompt_and_image(synth):
+    """A vicuna_v1 prompt with "<image>", and a non-square image (the processor must pad it as LLaVA does)."""
+    img = Image.open(synth / "images" / sorted(os.listdir(synth / "images"))[0]).convert("RGB")
+    return "USER: <image>\nWhat organ is shown? ASSISTANT:", img.crop((0, 0, img.width, img.height * 3 // 4))
+
+
+def test_merged_model_loads_with_autoprocessor_and_generates(tiny_dir, synth, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours = trained_tiny(tiny_dir)
+    merged = tmp_path / "merged"
+    C.save_pretrained(L.merge_lora(ours), merged)
+    D.copy_tokenizer(tiny_dir, merged)  # what sft.py and dpo.py do after save_pretrained
+    processor = transformers.AutoProcessor.from_pretrained(merged)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(merged).eval()
+    text, img = prompt_and_image(synth)
+    x = processor(images=img, text=text, return_tensors="pt")
+    cfg = ours.config
+    assert int((x["input_ids"] == cfg.image_token_id).sum()) == cfg.image_seq_length == 36
+    assert (x["pixel_values"][0] - D.preprocess_image(img, cfg.vision.image_size)).abs().max() < 1e-5
+    with torch.no_grad():
+        theirs = hf(**x).logits
+        mine = ours(x["input_ids"], x["pixel_values"])
+    assert (theirs - mine).abs().max() < 1e-4
+    new = hf.generate(**x, max_new_tokens=5, do_sample=False, eos_token_id=None)[:, x["input_ids"].shape[1]:]
+    assert torch.equal(new, M.generate(ours, x["input_ids"], x["pixel_values"], max_new_tokens=5))
+
+
+@pytest.mark.parametrize("loader", ["AutoPeftModel", "AutoPeftModelForCausalLM", "PeftModel"])
+def test_adapter_loads_with_peft_offline_from_its_recorded_base(tiny_dir, synth, tmp_path, monkeypatch,
+                                                                 loader):
+    """adapter_config.json names the directory the base was loaded from, so PEFT finds it without the hub:
+    AutoPeftModel (and ...ForCausalLM: transformers maps llava there too) load base and adapter in one call;
+    PeftModel.from_pretrained over LlavaForConditionalGeneration is the explicit form."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours = trained_tiny(tiny_dir)
+    L.save_adapter(ours, str(tmp_path / "adapter"))
+    D.copy_tokenizer(tiny_dir, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_dir)
+    if loader == "PeftModel":
+        base = transformers.LlavaForConditionalGeneration.from_pretrained(config["base_model_name_or_path"])
+        pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    else:
+        pm = getattr(peft, loader).from_pretrained(str(tmp_path / "adapter"))
+    pm.eval()
+    assert isinstance(pm.base_model.model, transformers.LlavaForConditionalGeneration)
+    text, img = prompt_and_image(synth)
+    x = transformers.AutoProcessor.from_pretrained(tiny_dir)(images=img, text=text, return_tensors="pt")
+    ids, pixels = x["input_ids"], x["pixel_values"]
+    with torch.no_grad():
+        assert (pm(input_ids=ids, pixel_values=pixels).logits - ours(ids, pixels)).abs().max() < 1e-4
+    new = pm.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=5, do_sample=False,
+                      eos_token_id=None)[:, ids.shape[1]:]
+    assert torch.equal(new, M.generate(ours, ids, pixels, max_new_tokens=5))
+
+
 # ----------------------------------------------------------------------------- judge.py
 # Tests for judge.py against a fake OpenAI-compatible server on 127.0.0.1 (http.server in a thread).
 #

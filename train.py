@@ -348,6 +348,7 @@ def gather_model(model):
     for n, p in plain.named_parameters():
         p.requires_grad_(trains[n])
     plain.language_model.gradient_checkpointing = model.language_model.gradient_checkpointing
+    plain.template, plain.name_or_path = (getattr(model, k, None) for k in ("template", "name_or_path"))
     return plain
 
 
@@ -414,8 +415,7 @@ class Logger:
     def log(self, step, **m):
         if int(os.environ.get("RANK", 0)) != 0:
             return
-        done = step + 1 - self.start
-        eta = (time.time() - self.t0) / done * (self.total - step - 1)
+        eta = (time.time() - self.t0) / (step + 1 - self.start) * (self.total - step - 1)
         metrics = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
         print(f"step {step + 1}/{self.total} {metrics} eta {eta / 60:.1f}m", flush=True)
         with open(self.path, "a") as f:
