@@ -274,15 +274,16 @@ RESUMABLE = ("out_dir", "resume", "overwrite", "save_every", "log_every", "max_s
              "retry_failed", "price_in", "price_out", "gen_batch", "gen_tokens")
 
 
-def run_fingerprint(cfg, n_examples, total):
+def run_fingerprint(cfg, n_examples, total, inputs=None):
     """What a checkpoint's trajectory depends on: the model and data files (runs.identity), the number of
-    examples, the schedule's length and every setting not in RESUMABLE. A checkpoint records it; a resume, or
-    a fresh run into its out_dir, with another one is refused with the difference named."""
+    examples, the schedule's length, every setting not in RESUMABLE and the caller's `inputs` (more
+    identities). A checkpoint records it; a resume, or a fresh run into its out_dir, with another one is
+    refused with the difference named."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
-    for k in ("model", "vision_path", "data"):
+    for k in ("model", "vision_path", "data", "image_dir"):
         if k in settings:
             settings[k] = identity(settings[k])
-    return fingerprint(**settings, n_examples=n_examples, schedule_steps=total)
+    return fingerprint(**settings, **(inputs or {}), n_examples=n_examples, schedule_steps=total)
 
 
 def open_run(cfg, out_dir, fp, ckpt_path, other, marked=()):

@@ -2509,7 +2509,7 @@ def test_sigkill_at_random_instants_then_resume_is_bit_identical(tiny_dir, small
     assert not [n for n in left if ".tmp" in n or n.endswith(".old") or n == ".lock"], left
 
 
-def fit_tiny(tiny_dir, synth, data, out, max_steps=4, stop_after=None, **kw):
+def fit_tiny(tiny_dir, synth, data, out, max_steps=4, stop_after=None, inputs=None, **kw):
     """train.fit in this process on the tiny model, as sft.py calls it, stopped right after the checkpoint of
     step `stop_after`; `kw` sets Config fields (and `overwrite`, which sft.Config does not have yet)."""
     @dataclass
@@ -2532,7 +2532,7 @@ def fit_tiny(tiny_dir, synth, data, out, max_steps=4, stop_after=None, **kw):
             raise KeyboardInterrupt
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(T, "atomic_save", save_then_stop)
-        T.fit(cfg, model, len(recs), prepare, sft.sft_loss, groups, str(out), marked=("lr",))
+        T.fit(cfg, model, len(recs), prepare, sft.sft_loss, groups, str(out), marked=("lr",), inputs=inputs)
     return model
 
 
@@ -2582,6 +2582,8 @@ def test_every_reuse_case_of_a_checkpoint(tiny_dir, small_data, synth, tmp_path)
             fit_tiny(tiny_dir, synth, small_data, out, resume=True)
     finally:
         os.utime(tiny_dir / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(runs.UsageError, match=re.escape('pairs (null -> "sha256:0")')):  # a caller's input
+        fit_tiny(tiny_dir, synth, small_data, out, resume=True, inputs={"pairs": "sha256:0"})
     with pytest.raises(runs.UsageError, match="pass one of them"):
         fit_tiny(tiny_dir, synth, small_data, out, resume=True, overwrite=True)
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4  # nothing was touched

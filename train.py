@@ -441,7 +441,7 @@ def autocast(cfg, device):
 
 
 def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, rank=0, device="cpu",
-        marked=()):
+        marked=(), inputs=None):
     """The training loop both stages share.
 
     Each step takes `global_batch` example indices (a seeded permutation per epoch, so the data position
@@ -455,13 +455,12 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
     any world size resumes, and the return value is the trained model gathered on rank 0 (`gather_model`;
     None elsewhere).
 
-    Kill-safe: `--resume` continues bit for bit from the last checkpoint, logs each step once and refuses
-    changed inputs (runs.open_run; `marked`: keys the synthetic default set). A run that dies frees out_dir.
-    """
+    Kill-safe: `--resume` continues bit for bit, logs each step once, refuses changed inputs (runs.open_run;
+    `marked`: keys the synthetic default set; `inputs`: more identities, e.g. a hash of DPO's pairs)."""
     fsdp = cfg.shard == "fsdp"
     ckpt_path = os.path.join(out_dir, "checkpoint" if fsdp else "checkpoint.pt")
     other = os.path.join(out_dir, "checkpoint.pt" if fsdp else "checkpoint")
-    fp = run_fingerprint(cfg, n_examples, schedule(cfg, n_examples, world)[1])
+    fp = run_fingerprint(cfg, n_examples, schedule(cfg, n_examples, world)[1], inputs)
     box = [None]
     try:
         if rank == 0:
