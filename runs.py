@@ -311,5 +311,9 @@ def open_run(cfg, out_dir, fp, ckpt_path, other, marked=()):
 
 
 def first_line(e):
-    """An exception's first line, for a one-line error."""
+    """An exception's first line, for a one-line error; of the first rank's failure in a
+    torch.distributed.checkpoint CheckpointException (its `failures`: {rank: (exception, traceback)})."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))[0]
     return (str(e).strip().splitlines() or [type(e).__name__])[0]

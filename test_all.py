@@ -2522,7 +2522,7 @@ def fit_tiny(tiny_dir, synth, data, out, max_steps=4, stop_after=None, inputs=No
     torch.manual_seed(0)
     model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
     recs = D.read_conversations(data, synth / "images")
-    groups = sft.setup_trainable(model, cfg)
+    groups = T.shard_model(model, cfg, "cpu", sft.setup_trainable(model, cfg))
     prepare = sft.make_sft_prepare(recs, D.load_tokenizer(tiny_dir), cfg, model.config, "cpu")
     save = T.atomic_save
 
@@ -2596,6 +2596,19 @@ def test_every_reuse_case_of_a_checkpoint(tiny_dir, small_data, synth, tmp_path)
     (out / "checkpoint.pt").write_bytes(data[:len(data) // 2])
     with pytest.raises(runs.UsageError, match=re.escape(f"--resume: {out / 'checkpoint.pt'} cannot be read")):
         fit_tiny(tiny_dir, synth, small_data, out, resume=True, lr=0.5)
+
+
+def test_a_truncated_sharded_checkpoint_is_named(tiny_dir, small_data, synth, tmp_path):
+    T.setup_distributed("fsdp")
+    try:
+        fit_tiny(tiny_dir, synth, small_data, tmp_path, max_steps=1, shard="fsdp")
+        shard = tmp_path / "checkpoint" / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:100])
+        named = re.escape(f"--resume: {tmp_path / 'checkpoint'} cannot be read")
+        with pytest.raises(runs.UsageError, match=named):
+            fit_tiny(tiny_dir, synth, small_data, tmp_path, max_steps=1, shard="fsdp", resume=True)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_second_run_into_a_busy_out_dir_is_refused_and_stale_files_are_removed(tiny_dir, small_data, synth,

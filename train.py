@@ -387,7 +387,7 @@ def load_sharded(model, opt, path, rank):
     state = {"model": model_state, "optimizer": optim_state}
     try:
         dcp.load(state, checkpoint_id=path)  # fails on any key the checkpoint lacks
-    except Exception as e:  # a truncated or foreign .distcp: name the path, in one line
+    except (Exception, dcp.CheckpointException) as e:  # a truncated .distcp (the latter: a BaseException)
         fail(f"--resume: {path} cannot be read ({first_line(e)}); pass --overwrite to start afresh")
     # not strict: the frozen weights are not in the checkpoint, they stay as loaded
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
