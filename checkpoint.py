@@ -6,7 +6,8 @@ SQ-LLaVA's `cluster` projector), read into and written from model.py's `Llava`.
 - from_pretrained: either layout, single-file or sharded safetensors, with the CLIP tower inside the
   checkpoint or beside it (`vision_path`); built on the meta device so the weights exist once. Nothing is
   downloaded.
-- save_pretrained: either layout, sharded above 5 GiB with an index; the llava-hf one loads in transformers.
+- save_pretrained: either layout, sharded above 5 GiB with an index; the llava-hf one loads in transformers,
+  with the processor's files (`AutoProcessor.from_pretrained`, once the tokenizer is copied beside them).
 - The conversation template travels with the model: config.json's "conv_template" (ours; LLaVA passes
   `--conv-mode` by hand instead, `llava/eval/model_vqa.py`), read back by `template_of`.
 
@@ -20,6 +21,7 @@ from dataclasses import asdict
 
 import torch
 
+from data import CLIP_MEAN, CLIP_STD, IMAGE_TAG
 from model import Llava, LlavaConfig, TextConfig, VisionConfig
 
 # CLIP towers that LLaVA checkpoints name by hub id; only the config, nothing is downloaded
@@ -203,7 +205,28 @@ def from_pretrained(path, vision_path=None, dtype=torch.bfloat16, device=None):
     if config.text.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
     model.template = template_of(path)  # a plain attribute: save_pretrained writes it back
+    model.name_or_path = os.path.abspath(path)  # as transformers' name_or_path: save_adapter names its base
     return model.eval()
+
+
+def write_processor_config(cfg, path):
+    """The files `transformers.AutoProcessor` reads for a llava-hf checkpoint: preprocessor_config.json (the
+    image processor: data.preprocess_image's steps, LLaVA's pad to square included, `do_pad` in transformers'
+    LlavaImageProcessor) and processor_config.json (how many "<image>" tokens one image expands to: (size /
+    patch)² + CLS, less the CLS that the "default" strategy drops). The tokenizer comes from the same
+    directory (data.copy_tokenizer)."""
+    v = cfg.vision
+    image = dict(image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor", do_pad=True,
+                 do_convert_rgb=True, do_resize=True, size={"shortest_edge": v.image_size},
+                 resample=3,  # PIL's bicubic
+                 do_center_crop=True, crop_size={"height": v.image_size, "width": v.image_size},
+                 do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN),
+                 image_std=list(CLIP_STD))
+    processor = dict(processor_class="LlavaProcessor", image_token=IMAGE_TAG, patch_size=v.patch_size,
+                     vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    for name, content in (("preprocessor_config.json", image), ("processor_config.json", processor)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(content, f, indent=2)
 
 
 def save_pretrained(model, path, layout="llava-hf", max_shard_bytes=5 * 1024**3, template=None):
@@ -270,6 +293,8 @@ def save_pretrained(model, path, layout="llava-hf", max_shard_bytes=5 * 1024**3,
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    if layout == "llava-hf":
+        write_processor_config(cfg, path)
     shards = [{}]  # greedy split in key order
     size = 0
     for k, x in out.items():

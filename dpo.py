@@ -23,6 +23,7 @@ Without --data each step runs on the synthetic default (`synth.synth_data()`) wi
 Every step resumes where a killed run stopped, and the judge never pays for a verdict twice.
 """
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -40,7 +41,8 @@ import judge as J
 import report as R
 import synth as S
 from checkpoint import from_pretrained, save_pretrained, template_of
-from runs import check_reuse, fail, fingerprint, identity, read_records, run_main, write_fingerprint
+from runs import (check_reuse, fail, fingerprint, identity, read_records, remove_output, run_main,
+                  write_fingerprint)
 from lora import add_lora, disable_lora, lora_targets, mark_trainable, merge_lora, save_adapter
 from train import (atomic_save, autocast, fit, format_plan, memory_plan, param_groups, parse_config, print0,
                    setup_distributed, shard_model, token_nll)
@@ -403,7 +405,7 @@ def encode_pair_batch(pairs, tokenizer, model_cfg, image_dir, image_size, max_le
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
-def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
+def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1, marked=()):
     """DPO of a fresh LoRA (+ projector) on the merged stage-1 model; returns the trained model (under
     --shard=fsdp gathered on rank 0, None on the other ranks)."""
     model = from_pretrained(cfg.model, dtype=torch.float32, device=device)
@@ -457,7 +459,9 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1):
                    "tokens": int(b["attention_mask"].sum())}
         return loss_sum, metrics
 
-    return fit(cfg, model, len(pairs), prepare, micro_loss, groups, cfg.out_dir, world, rank, device)
+    digest = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()  # judge rewrites the file
+    return fit(cfg, model, len(pairs), prepare, micro_loss, groups, cfg.out_dir, world, rank, device,
+               marked, {"pairs": digest})
 
 # -----------------------------------------------------------------------------
 # Entry point
@@ -488,6 +492,8 @@ def main(argv=None):
             fail("without --data the synthetic data is judged by the offline oracle: give --data and --model "
                  "to judge your data with the server, or --judge=gpt to send the synthetic answers to it")
         cfg = replace(cfg, judge="oracle")
+    marked = [k for k in SYNTH_OVERRIDES if default and k not in given]  # starred in config.json
+    marked += ["judge"] * (synthetic and "judge" not in given)
     if default:
         cfg = replace(cfg, **{k: v for k, v in SYNTH_OVERRIDES.items() if k not in given})
     cfg = replace(cfg, model=cfg.model or "out/sft/merged")
@@ -504,7 +510,6 @@ def main(argv=None):
     # generation and judging outlast NCCL's default 10-minute timeout: between the steps the ranks wait for
     # each other on a gloo group with a long one
     wait = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7)) if world > 1 else None
-    # one copy of the stage-1 model serves the "before" scores and the sampling
     # what makes the generations: a rerun with other inputs is refused, the same inputs resume
     gen_fp = fingerprint(model=identity(cfg.model), data=identity(cfg.data) or S.SYNTH_VERSION,
                          images=[len(images), images[:1], images[-1:]], template=cfg.template, seed=cfg.seed,
@@ -514,16 +519,14 @@ def main(argv=None):
     if "generate" in steps:
         if not check_reuse(gen_path, gen_fp, cfg.overwrite) and rank == 0:  # afresh: no old batch survives
             for p in [gen_path, *part_paths(gen_path)]:
-                if os.path.exists(p):
-                    os.remove(p)
+                remove_output(p)
         if rank == 0:
             write_fingerprint(gen_path, gen_fp)
         if wait is not None:
             torch.distributed.barrier(group=wait)
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         model = from_pretrained(cfg.model, dtype=dtype, device=device)
-        # the oracle judge can only score questions of the synthetic grammar: keep those
-        keep = is_synth_question if synthetic else None
+        keep = is_synth_question if synthetic else None  # the oracle scores the grammar's questions only
         generate_step(cfg, model, tokenizer, images, image_dir, gen_path, device, keep, rank, world)
         del model
         if wait is not None:
@@ -545,9 +548,10 @@ def main(argv=None):
         pairs = read_records(pairs_path, need=("image", "question", "chosen", "rejected"))
         if not pairs:
             fail(f"no preference pairs in {pairs_path}: every verdict was a tie or failed")
-        model = train_step(cfg, pairs, tokenizer, image_dir, device, rank, world)
+        model = train_step(cfg, pairs, tokenizer, image_dir, device, rank, world, marked)
         if rank == 0:
             save_adapter(model, os.path.join(cfg.out_dir, "final"))
+            D.copy_tokenizer(cfg.model, os.path.join(cfg.out_dir, "final"))  # the adapter loads alone
             merged = os.path.join(cfg.out_dir, "merged")
             save_pretrained(merge_lora(model), merged)
             D.copy_tokenizer(cfg.model, merged)

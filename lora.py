@@ -203,11 +203,14 @@ def from_hf_name(name: str) -> str:
                      f"model.language_model, lm_head): an adapter for another architecture?")
 
 
-def save_adapter(model: nn.Module, path: str, full: tuple = ("projector",)):
+def save_adapter(model: nn.Module, path: str, full: tuple = ("projector",), base: str = None):
     """Write adapter_model.safetensors + adapter_config.json exactly as PEFT saves a LoRA of
     LlavaForConditionalGeneration: `base_model.model.<hf name>.lora_A.weight` / `.lora_B.weight` (PEFT
     drops the adapter name on save) and the modules in `full` as PEFT `modules_to_save`
-    (`base_model.model.<hf name>.weight`), so `PeftModel.from_pretrained` restores them too."""
+    (`base_model.model.<hf name>.weight`), so `PeftModel.from_pretrained` restores them too.
+    base_model_name_or_path is `base`, else the directory the model was loaded from
+    (`checkpoint.from_pretrained` records it as `model.name_or_path`): `peft.AutoPeftModel` loads the
+    adapter with its base offline, where null sent it to the hub."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers: call add_lora first")
@@ -223,7 +226,8 @@ def save_adapter(model: nn.Module, path: str, full: tuple = ("projector",)):
     # the commonest (r, alpha) is the default, the rest go in rank/alpha_pattern (in a 7B: the LLM's)
     r, alpha, dropout = Counter((m.r, m.alpha, m.dropout_p) for m in layers.values()).most_common(1)[0][0]
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
+        "peft_type": "LORA", "task_type": None,
+        "base_model_name_or_path": base or getattr(model, "name_or_path", None),
         "auto_mapping": {"base_model_class": HF_CLASS,
                          "parent_library": "transformers.models.llava.modeling_llava"},
         # PEFT has one dropout for all layers (the paper: two)

@@ -12,7 +12,10 @@ No torch at import (check_device imports it when a torch job calls), so judge.py
 import atexit
 import json
 import os
+import re
+import shutil
 import sys
+from dataclasses import asdict
 
 
 class UsageError(Exception):
@@ -67,14 +70,20 @@ def fingerprint_path(output):
 
 
 def differences(old, new):
-    """The top-level keys whose values differ, as `key (old -> new)` strings."""
+    """The top-level keys whose values differ, as `key (old -> new)` strings, or `key (path changed since)`
+    for a file or directory whose identity changed at the same path."""
     keys = sorted(set(old) | set(new))
-    return [f"{k} ({_short(old.get(k))} -> {_short(new.get(k))})" for k in keys if old.get(k) != new.get(k)]
+    return [f"{k} ({old[k]['path']} changed since)" if _same_path(old.get(k), new.get(k)) else
+            f"{k} ({_short(old.get(k))} -> {_short(new.get(k))})" for k in keys if old.get(k) != new.get(k)]
+
+
+def _same_path(a, b):
+    return isinstance(a, dict) and isinstance(b, dict) and "path" in a and a.get("path") == b.get("path")
 
 
 def _short(v):
     if isinstance(v, dict) and "path" in v:
-        return v["path"] + (" (changed since)" if "files" in v or "size" in v else "")
+        return v["path"]
     text = json.dumps(v)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -142,8 +151,18 @@ def lock_out_dir(out_dir):
             continue
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
-        atexit.register(lambda: os.path.exists(path) and os.remove(path))
+        atexit.register(unlock_out_dir, out_dir)
         return path
+
+
+def unlock_out_dir(out_dir):
+    """Give out_dir back: remove its lock if this process holds it (never another run's)."""
+    path = os.path.join(out_dir, ".lock")
+    try:
+        if int(open(path).read().strip() or 0) == os.getpid():
+            os.remove(path)
+    except (OSError, ValueError):
+        pass
 
 
 def _alive(pid):
@@ -329,3 +348,144 @@ def merge_parts(out, key, order):
     replace_text(out, "".join(json.dumps(rows[k]) + "\n" for k in order if k in rows))
     for p in parts:
         os.remove(p)
+
+# Surviving a kill at any instant: temporary files, directory swaps, logs cut back to a checkpoint
+
+
+def remove_stale_temps(folder):
+    """Remove `<name>.tmp<pid>` files (atomic writes' temporaries, gigabytes for a 7B checkpoint) whose writer
+    is dead: a kill between the write and the rename leaves them, and nothing else would."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = re.fullmatch(r".+\.tmp(\d+)", name)
+        if m and not _alive(int(m[1])) and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+
+
+def _complete(folder, marker):
+    return os.path.isfile(os.path.join(folder, marker))
+
+
+def remove_dir(folder, marker):
+    """rmtree that removes `marker` first: a kill part-way leaves a directory that says it is incomplete."""
+    if os.path.exists(os.path.join(folder, marker)):
+        os.remove(os.path.join(folder, marker))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def replace_dir(tmp, path, marker):
+    """Swap the finished directory `tmp` (its `marker` file written last) in for `path`. A directory cannot
+    be replaced in one rename: `path` moves to `path`.old first. A kill at any instant leaves a state that
+    `recover_dir` finishes or undoes; a leftover .old from an earlier kill is cleared first (it used to make
+    every later save fail with "Directory not empty")."""
+    old = path + ".old"
+    if os.path.exists(old):  # a swap killed after its first rename: tmp, complete, supersedes both
+        if not _complete(path, marker):
+            remove_dir(path, marker)
+        remove_dir(old, marker)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    remove_dir(old, marker)
+
+
+def recover_dir(path, marker):
+    """Finish or undo a `replace_dir` that a kill interrupted, so that `path` is the newest complete
+    directory (a complete `path`, else `path`.tmp, else `path`.old), and no .tmp or .old is left over."""
+    tmp, old = path + ".tmp", path + ".old"
+    if not _complete(path, marker):
+        done = next((d for d in (tmp, old) if _complete(d, marker)), None)
+        if done is not None:
+            if os.path.exists(path):
+                remove_dir(path, marker)
+            os.replace(done, path)
+    for d in (tmp, old):
+        if os.path.exists(d):
+            remove_dir(d, marker)
+
+
+def remove_output(output, marker="meta.pt"):
+    """Remove an output (a file or a directory) and its fingerprint, to start it afresh."""
+    path = fingerprint_path(output)
+    if os.path.isdir(output):
+        remove_dir(output, marker)
+    elif os.path.exists(output):
+        os.remove(output)
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def cut_log(path, step):
+    """Keep the rows of a JSONL log up to `step` (their "step" <= step), atomically: a run resumed from a
+    checkpoint at `step` logs each later step again, so each step then appears once. A line cut by a kill
+    is dropped too."""
+    if not os.path.exists(path):
+        return
+    rows = []
+    for line in open(path):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            rows.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# A training run's out_dir (train.fit)
+
+# Settings that --resume may change: bookkeeping and memory knobs (grad_ckpt, cpu_offload: the same
+# arithmetic, though not bit for bit on a GPU), generation and judging knobs, and the steps to stop at
+# (epochs, max_steps): the schedule's length they set is fingerprinted itself, so a resume may stop later or
+# earlier only where that leaves the cosine schedule unchanged. The format (shard) has a check of its own.
+RESUMABLE = ("out_dir", "resume", "overwrite", "save_every", "log_every", "max_steps", "epochs", "merge",
+             "plan", "world", "grad_ckpt", "cpu_offload", "shard", "workers", "timeout", "max_tries",
+             "retry_failed", "price_in", "price_out", "gen_batch", "gen_tokens")
+
+
+def run_fingerprint(cfg, n_examples, total, inputs=None):
+    """What a checkpoint's trajectory depends on: the model and data files (runs.identity), the number of
+    examples, the schedule's length, every setting not in RESUMABLE and the caller's `inputs` (more
+    identities). A checkpoint records it; a resume, or a fresh run into its out_dir, with another one is
+    refused with the difference named."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
+    for k in ("model", "vision_path", "data", "image_dir"):
+        if k in settings:
+            settings[k] = identity(settings[k])
+    return fingerprint(**settings, **(inputs or {}), n_examples=n_examples, schedule_steps=total)
+
+
+def open_run(cfg, out_dir, fp, ckpt_path, other, marked=()):
+    """Rank 0, before anything loads: take out_dir (runs.lock_out_dir), remove dead runs' temporary files,
+    finish or undo a sharded checkpoint's interrupted swap, then check the checkpoint's fingerprint: --resume
+    needs the same one; a fresh run refuses a checkpoint of other inputs unless --overwrite, and removes an
+    old one (fit's Logger then empties the log). Writes out_dir/config.json (`marked`: keys the synthetic
+    default set, starred)."""
+    lock_out_dir(out_dir)
+    remove_stale_temps(out_dir)
+    recover_dir(os.path.join(out_dir, "checkpoint"), "meta.pt")
+    overwrite = getattr(cfg, "overwrite", False)
+    if cfg.resume and overwrite:
+        fail("--resume continues the checkpoint and --overwrite starts afresh: pass one of them")
+    if cfg.resume and not os.path.exists(ckpt_path) and os.path.exists(other):
+        shard = "fsdp" if other.endswith("checkpoint") else "ddp"
+        fail(f"--resume: {other} was written with --shard={shard}; resume with that")
+    if not (cfg.resume and check_reuse(ckpt_path, fp, hint="--overwrite instead of --resume")):
+        for path in (ckpt_path, other):  # a fresh start (or nothing to resume)
+            check_reuse(path, fp, overwrite)  # other inputs: refused, naming what differs
+            remove_output(path)
+        if ckpt_path.endswith(".pt"):
+            write_fingerprint(ckpt_path, fp)  # beside checkpoint.pt; a sharded one holds its own
+    write_config(out_dir, asdict(cfg), marked)
+
+
+def first_line(e):
+    """An exception's first line, for a one-line error; of the first rank's failure in a
+    torch.distributed.checkpoint CheckpointException (its `failures`: {rank: (exception, traceback)})."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))[0]
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -29,14 +29,7 @@ then 2e-5 for three; the full fine-tune sharded, as its FSDP run):
         --image_dir=images/ --train=llm --template=vicuna_v1 --no-question_loss --lr=2e-5 --epochs=3 \
         --shard=fsdp --out_dir=out/instruct
 
-On the synthetic data, where <synth> is the directory `synth.synth_data()` returns and synth_base/ is the
-shipped base model, the same with the tiny model's learning rates:
-
-    python sft.py --model=synth_base --data=<synth>/captions.json --image_dir=<synth>/images \
-        --train=projector --align_captions --template=vicuna_v1 --no-question_loss --projector_lr=2e-3 \
-        --no-grad_ckpt --out_dir=out/align
-    python sft.py --model=out/align/final --data=<synth>/train.json --image_dir=<synth>/images --train=llm \
-        --template=vicuna_v1 --no-question_loss --lr=1e-3 --no-grad_ckpt --out_dir=out/instruct
+The same on the synthetic data, with the tiny model's learning rates: README.md, LLaVA-Med's curriculum.
 """
 import json
 import os
@@ -105,6 +98,7 @@ class Config:
     # bookkeeping
     save_every: int = 200
     resume: bool = False
+    overwrite: bool = False  # start afresh where out_dir holds a checkpoint made from other inputs
     merge: bool = False  # also write the merged model (llava-hf layout) after LoRA training
     log_every: int = 10
     # --plan: print the memory plan of --model, a name in model.CONFIGS, on the meta device, and exit
@@ -228,6 +222,7 @@ def main(argv=None):
         world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun, the global batch split over the ranks
         synth_values["micro_batch"] = max(1, given.get("global_batch", synth_values["global_batch"]) // world)
         cfg = replace(cfg, **{k: v for k, v in synth_values.items() if k not in given})
+    marked = [k for k in synth_values if k not in given] if synthetic else []  # starred in config.json
     rank, world, device = setup_distributed(cfg.shard)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
@@ -256,7 +251,8 @@ def main(argv=None):
     print0(format_plan(memory_plan(model, cfg, world)))
     prepare = make_sft_prepare(examples, tokenizer, cfg, model.config, device)
     # under fsdp: the trained model gathered on rank 0 (None on the others)
-    model = fit(cfg, model, len(examples), prepare, sft_loss, groups, cfg.out_dir, world, rank, device)
+    model = fit(cfg, model, len(examples), prepare, sft_loss, groups, cfg.out_dir, world, rank, device,
+                marked)
     if rank == 0:
         final = os.path.join(cfg.out_dir, "final")
         if cfg.train == "lora":

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -53,6 +53,8 @@ import lora as L
 import metrics as MET
 import model as M
 import report as R
+
+
 import runs
 import selector as SEL
 import sft
@@ -2519,6 +2521,313 @@ def test_fsdp_shards_frozen_weights_too_and_gathers_them_back(tiny_dir):
     assert isinstance(plain.language_model.layers[0].mlp.up_proj, LoRALinear)
     for n, (p, trains) in after.items():
         assert type(p) is torch.nn.Parameter and torch.equal(p, before[n][0]) and trains == before[n][1], n
+
+
+# ----------------------------------------------------------------------------- train.py resume, kill-safety
+# Checkpoints that a SIGKILL at any instant leaves resumable, and the checks --resume and fresh runs make
+# (runs.open_run): a checkpoint's fingerprint of inputs and settings, the out_dir lock, config.json.
+
+KILL_ARGS = ["--global_batch=4", "--micro_batch=2", "--max_steps=6", "--lora_r=4", "--lora_alpha=8",
+             "--vit_lora_r=2", "--vit_lora_alpha=4"]
+
+
+def launch(args, nproc):
+    """sft.py as a user starts it (torchrun for two processes), in its own process group, so that a kill
+    reaches every process."""
+    cmd = [sys.executable, str(HERE / "sft.py")] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(HERE / "sft.py")]
+    return subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def logged_steps(out):
+    """The steps in out/log.jsonl, read while a run may be writing it."""
+    try:
+        lines = (Path(out) / "log.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    return [json.loads(x)["step"] for x in lines if x.endswith("}")]
+
+
+def run_killed(args, nproc, out, kills):
+    """Run, and SIGKILL the whole job at each (step, when, delay) of `kills`, resuming after each; then resume
+    to the end. when="logged": `delay` s after the step's log row is written (before its checkpoint, or in
+    it); when="saving": `delay` s after its checkpoint's temporary file or directory appears."""
+    for k, when, delay in kills:
+        p = launch(args, nproc)
+        while p.poll() is None:
+            ready = k in logged_steps(out)  # k is past every step an earlier run logged
+            if when == "saving":
+                ready = ready and (any(Path(out).glob("checkpoint.pt.tmp*")) or
+                                   (Path(out) / "checkpoint.tmp").exists())
+            if ready:
+                time.sleep(delay)
+                os.killpg(p.pid, 9)
+            time.sleep(0.0005)
+        p.stdout.close()
+        assert p.wait() == -9, "the job ended before its kill"
+        args = [*args, "--resume"] if "--resume" not in args else args
+    p = launch(args, nproc)
+    text = p.stdout.read()
+    p.stdout.close()
+    assert p.wait() == 0, text[-3000:]
+    return text
+
+
+@pytest.mark.parametrize("nproc,shard", [(1, "ddp"), (2, "ddp"), (2, "fsdp")])
+def test_sigkill_at_random_instants_then_resume_is_bit_identical(tiny_dir, small_data, synth, tmp_path,
+                                                                 nproc, shard):
+    """Killed at seeded instants, resumed each time: during a checkpoint write (the resumed run logs that
+    step again), and in one process also just after a step's log row (before or in its checkpoint write).
+    The same final weights, bit for bit, as an uninterrupted run, a log with each step exactly once, and no
+    temporary file, half-swapped checkpoint or lock left behind. (Two kills on two processes would double
+    the time of torchrun's starts.)"""
+    rng = random.Random(nproc * 10 + len(shard))
+    k1 = rng.randint(1, 3)
+    kills = [(k1, "logged", rng.uniform(0, 0.005))] if nproc == 1 else []
+    kills += [(rng.randint(k1 + 1, 5), "saving", rng.uniform(0, 0.005))]
+
+    def args(out):
+        return sft_args(tiny_dir, small_data, synth, out, *KILL_ARGS, f"--shard={shard}")
+    run_killed(args(tmp_path / "full"), nproc, tmp_path / "full", [])
+    run_killed(args(tmp_path / "cut"), nproc, tmp_path / "cut", kills)
+    la, lb = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [x["step"] for x in lb] == [1, 2, 3, 4, 5, 6]
+    assert [{k: v for k, v in x.items() if k != "tok_s"} for x in la] == \
+        [{k: v for k, v in x.items() if k != "tok_s"} for x in lb]
+    wa = load_file(tmp_path / "full" / "final" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "cut" / "final" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    left = sorted(p.name for p in (tmp_path / "cut").iterdir())
+    assert not [n for n in left if ".tmp" in n or n.endswith(".old") or n == ".lock"], left
+
+
+def fit_tiny(tiny_dir, synth, data, out, max_steps=4, stop_after=None, inputs=None, **kw):
+    """train.fit in this process on the tiny model, as sft.py calls it, stopped right after the checkpoint of
+    step `stop_after`; `kw` sets Config fields (and `overwrite`, which sft.Config does not have yet)."""
+    @dataclass
+    class Cfg(sft.Config):
+        overwrite: bool = False
+    base = dict(model=str(tiny_dir), data=str(data), out_dir=str(out), global_batch=8, micro_batch=4,
+                max_steps=max_steps, epochs=2, image_size=48, max_length=512, lr=1e-2, log_every=1,
+                save_every=1, lora_r=4, lora_alpha=8, vit_lora_r=2, vit_lora_alpha=4)
+    cfg = replace(Cfg(), **{**base, **kw})
+    torch.manual_seed(0)
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    recs = D.read_conversations(data, synth / "images")
+    groups = T.shard_model(model, cfg, "cpu", sft.setup_trainable(model, cfg))
+    prepare = sft.make_sft_prepare(recs, D.load_tokenizer(tiny_dir), cfg, model.config, "cpu")
+    save = T.atomic_save
+
+    def save_then_stop(obj, path):
+        save(obj, path)
+        if obj["step"] == stop_after:
+            raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "atomic_save", save_then_stop)
+        T.fit(cfg, model, len(recs), prepare, sft.sft_loss, groups, str(out), marked=("lr",), inputs=inputs)
+    return model
+
+
+def test_resume_refuses_changed_settings_from_the_command_line(tiny_dir, small_data, synth, tmp_path):
+    """The issue's `--resume --lr=0.5 --global_batch=32`: refused, both named, nothing trained."""
+    run_sft(sft_args(tiny_dir, small_data, synth, tmp_path, *KILL_ARGS, "--max_steps=1"))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    r = subprocess.run([sys.executable, "sft.py", *sft_args(tiny_dir, small_data, synth, tmp_path, *KILL_ARGS,
+                        "--max_steps=1", "--resume", "--lr=0.5", "--global_batch=8")],
+                       capture_output=True, text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert "global_batch (4 -> 8)" in r.stderr and "lr (0.01 -> 0.5)" in r.stderr, r.stderr[-2000:]
+    assert str(tmp_path / "checkpoint.pt") in r.stderr and "--overwrite instead of --resume" in r.stderr
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_every_reuse_case_of_a_checkpoint(tiny_dir, small_data, synth, tmp_path):
+    """Same inputs: resumed (settings that leave the trajectory alone may change). Changed model, data or
+    setting: refused with the difference named, on --resume and on a fresh run into that out_dir.
+    --overwrite: a fresh run. A truncated checkpoint: a one-line error naming it."""
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        fit_tiny(tiny_dir, synth, small_data, out, stop_after=2)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["settings"]["lr"] == 1e-2 and conf["synthetic_default"] == ["lr"]
+    # bookkeeping may change; so may max_steps where the schedule stays (2 epochs of 2 steps = 4)
+    fit_tiny(tiny_dir, synth, small_data, out, max_steps=-1, resume=True, save_every=3, log_every=3)
+    assert [x["step"] for x in read_log(out)] == [1, 2, 3, 4]
+    other_model = tmp_path / "model"
+    shutil.copytree(tiny_dir, other_model)
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(json.loads(small_data.read_text())[:8]))
+    changes = [(dict(lr=0.5), "lr (0.01 -> 0.5)"), (dict(seed=1), "seed (0 -> 1)"),
+               (dict(max_steps=3), "schedule_steps (4 -> 3)"), (dict(train="full"), "train (")]
+    for kw, named in changes:
+        for resume in (True, False):
+            with pytest.raises(runs.UsageError, match=re.escape(named)):
+                fit_tiny(tiny_dir, synth, small_data, out, resume=resume, **kw)
+    with pytest.raises(runs.UsageError, match=re.escape(f"model ({tiny_dir} -> {other_model})")):
+        fit_tiny(tiny_dir, synth, small_data, out, resume=True, model=str(other_model))
+    with pytest.raises(runs.UsageError, match=r"data \(.*; n_examples \(16 -> 8\)"):
+        fit_tiny(tiny_dir, synth, fewer, out, resume=True)
+    st = os.stat(tiny_dir / "model.safetensors")
+    try:  # the same path, rewritten since (its size and mtime say so)
+        os.utime(tiny_dir / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+        with pytest.raises(runs.UsageError, match=re.escape(f"model ({tiny_dir} changed since)")):
+            fit_tiny(tiny_dir, synth, small_data, out, resume=True)
+    finally:
+        os.utime(tiny_dir / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(runs.UsageError, match=re.escape('pairs (null -> "sha256:0")')):  # a caller's input
+        fit_tiny(tiny_dir, synth, small_data, out, resume=True, inputs={"pairs": "sha256:0"})
+    with pytest.raises(runs.UsageError, match="pass one of them"):
+        fit_tiny(tiny_dir, synth, small_data, out, resume=True, overwrite=True)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4  # nothing was touched
+    fit_tiny(tiny_dir, synth, small_data, out, lr=0.5, overwrite=True)  # --overwrite: afresh
+    assert [x["step"] for x in read_log(out)] == [1, 2, 3, 4] and read_log(out)[0]["lr"] == 0.5
+    with pytest.raises(KeyboardInterrupt):  # the same inputs afresh: starts over (the log too)
+        fit_tiny(tiny_dir, synth, small_data, out, lr=0.5, stop_after=1)
+    assert [x["step"] for x in read_log(out)] == [1]
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(runs.UsageError, match=re.escape(f"--resume: {out / 'checkpoint.pt'} cannot be read")):
+        fit_tiny(tiny_dir, synth, small_data, out, resume=True, lr=0.5)
+
+
+def test_a_truncated_sharded_checkpoint_is_named(tiny_dir, small_data, synth, tmp_path):
+    T.setup_distributed("fsdp")
+    try:
+        fit_tiny(tiny_dir, synth, small_data, tmp_path, max_steps=1, shard="fsdp")
+        shard = tmp_path / "checkpoint" / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:100])
+        named = re.escape(f"--resume: {tmp_path / 'checkpoint'} cannot be read")
+        with pytest.raises(runs.UsageError, match=named):
+            fit_tiny(tiny_dir, synth, small_data, tmp_path, max_steps=1, shard="fsdp", resume=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused_and_stale_files_are_removed(tiny_dir, small_data, synth,
+                                                                                  tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        (out / ".lock").write_text(str(other.pid))  # another run, alive, holds out_dir
+        with pytest.raises(runs.UsageError, match=f"in use by another run \\(pid {other.pid}\\)"):
+            fit_tiny(tiny_dir, synth, small_data, out)
+        assert (out / ".lock").read_text() == str(other.pid)  # and keeps it
+        (out / ".lock").write_text(str(dead.pid))  # a killed run's lock is taken over
+        (out / f"checkpoint.pt.tmp{dead.pid}").write_bytes(b"half a checkpoint")
+        (out / f"checkpoint.pt.tmp{other.pid}").write_bytes(b"a live writer's")
+        fit_tiny(tiny_dir, synth, small_data, out)
+        assert not (out / f"checkpoint.pt.tmp{dead.pid}").exists()
+        assert (out / f"checkpoint.pt.tmp{other.pid}").exists()
+        assert (out / ".lock").read_text() == str(os.getpid())  # held until this process exits
+    finally:
+        other.kill()
+        other.wait()
+    runs.unlock_out_dir(out)
+
+
+def test_directory_swap_recovers_from_a_kill_at_every_instant(tmp_path):
+    """save_sharded's swap (runs.replace_dir) stopped after each of its operations: recover_dir leaves the
+    newest complete checkpoint in place and nothing else; a leftover .old no longer breaks the next save."""
+    def ckpt(d, step, complete=True):
+        d.mkdir()
+        (d / "__0_0.distcp").write_text(str(step))
+        if complete:
+            (d / "meta.pt").write_text(str(step))  # the mark, written last
+
+    path = tmp_path / "checkpoint"
+    tmp, old = Path(f"{path}.tmp"), Path(f"{path}.old")
+    states = {  # what a kill leaves -> the step recover_dir must keep
+        "tmp half written": (lambda: (ckpt(path, 1), ckpt(tmp, 2, complete=False)), "1"),
+        "after the first rename": (lambda: (ckpt(old, 1), ckpt(tmp, 2)), "2"),
+        "after the second rename": (lambda: (ckpt(old, 1), ckpt(path, 2)), "2"),
+        "old half removed": (lambda: (ckpt(old, 1, complete=False), ckpt(path, 2)), "2"),
+        "first save, tmp done": (lambda: ckpt(tmp, 1), "1"),
+    }
+    for name, (make, step) in states.items():
+        for d in (path, tmp, old):
+            shutil.rmtree(d, ignore_errors=True)
+        make()
+        runs.recover_dir(str(path), "meta.pt")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"], name
+        assert (path / "meta.pt").read_text() == step == (path / "__0_0.distcp").read_text(), name
+    ckpt(old, 0)  # the issue's leftover: every later save failed with "Directory not empty"
+    ckpt(tmp, 3)
+    runs.replace_dir(str(tmp), str(path), "meta.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert (path / "meta.pt").read_text() == "3"
+
+
+# ----------------------------------------------------------------------------- files others load
+# Oracles: transformers' AutoProcessor + LlavaForConditionalGeneration read a merged model, PEFT's
+# AutoPeftModel classes read an adapter, offline; their logits and greedy tokens equal ours.
+
+def trained_tiny(tiny_dir):
+    """tiny_dir's model with the paper's LoRA (small ranks), B and the projector randomised: as if trained."""
+    model = C.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    L.add_lora(model, L.lora_targets(4, 8, 0.0, 2, 4, 0.0))
+    L.mark_trainable(model)
+    return randomize_lora(model).eval()
+
+
+def prompt_and_image(synth):
+    """A vicuna_v1 prompt with "<image>", and a non-square image (the processor must pad it as LLaVA does)."""
+    img = Image.open(synth / "images" / sorted(os.listdir(synth / "images"))[0]).convert("RGB")
+    return "USER: <image>\nWhat organ is shown? ASSISTANT:", img.crop((0, 0, img.width, img.height * 3 // 4))
+
+
+def test_merged_model_loads_with_autoprocessor_and_generates(tiny_dir, synth, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours = trained_tiny(tiny_dir)
+    merged = tmp_path / "merged"
+    C.save_pretrained(L.merge_lora(ours), merged)
+    D.copy_tokenizer(tiny_dir, merged)  # what sft.py and dpo.py do after save_pretrained
+    processor = transformers.AutoProcessor.from_pretrained(merged)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(merged).eval()
+    text, img = prompt_and_image(synth)
+    x = processor(images=img, text=text, return_tensors="pt")
+    cfg = ours.config
+    assert int((x["input_ids"] == cfg.image_token_id).sum()) == cfg.image_seq_length == 36
+    assert (x["pixel_values"][0] - D.preprocess_image(img, cfg.vision.image_size)).abs().max() < 1e-5
+    with torch.no_grad():
+        theirs = hf(**x).logits
+        mine = ours(x["input_ids"], x["pixel_values"])
+    assert (theirs - mine).abs().max() < 1e-4
+    new = hf.generate(**x, max_new_tokens=5, do_sample=False, eos_token_id=None)[:, x["input_ids"].shape[1]:]
+    assert torch.equal(new, M.generate(ours, x["input_ids"], x["pixel_values"], max_new_tokens=5))
+
+
+@pytest.mark.parametrize("loader", ["AutoPeftModel", "AutoPeftModelForCausalLM", "PeftModel"])
+def test_adapter_loads_with_peft_offline_from_its_recorded_base(tiny_dir, synth, tmp_path, monkeypatch,
+                                                                 loader):
+    """adapter_config.json names the directory the base was loaded from, so PEFT finds it without the hub:
+    AutoPeftModel (and ...ForCausalLM: transformers maps llava there too) load base and adapter in one call;
+    PeftModel.from_pretrained over LlavaForConditionalGeneration is the explicit form."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours = trained_tiny(tiny_dir)
+    L.save_adapter(ours, str(tmp_path / "adapter"))
+    D.copy_tokenizer(tiny_dir, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_dir)
+    if loader == "PeftModel":
+        base = transformers.LlavaForConditionalGeneration.from_pretrained(config["base_model_name_or_path"])
+        pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    else:
+        pm = getattr(peft, loader).from_pretrained(str(tmp_path / "adapter"))
+    pm.eval()
+    assert isinstance(pm.base_model.model, transformers.LlavaForConditionalGeneration)
+    text, img = prompt_and_image(synth)
+    x = transformers.AutoProcessor.from_pretrained(tiny_dir)(images=img, text=text, return_tensors="pt")
+    ids, pixels = x["input_ids"], x["pixel_values"]
+    with torch.no_grad():
+        assert (pm(input_ids=ids, pixel_values=pixels).logits - ours(ids, pixels)).abs().max() < 1e-4
+    new = pm.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=5, do_sample=False,
+                      eos_token_id=None)[:, ids.shape[1]:]
+    assert torch.equal(new, M.generate(ours, ids, pixels, max_new_tokens=5))
 
 
 # ----------------------------------------------------------------------------- judge.py

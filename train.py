@@ -9,10 +9,10 @@ parameter groups, the schedule, atomic and sharded checkpoints, FSDP2 and loggin
 - checkpoints: atomic_save (one file, DDP), save_sharded / load_sharded (torch.distributed.checkpoint, FSDP2);
   shard_model and gather_model put a Llava into FSDP2 units and back.
 - fit: gradient accumulation over a global batch dealt round-robin to the ranks, one mean loss over the whole
-  global batch, gradient clipping, exact resume (weights, optimizer, RNG states, data position = step).
+  global batch, gradient clipping, exact and kill-safe resume (weights, optimizer, RNG states, step; checked
+  against the fingerprint of the inputs and settings, runs.open_run).
 - flop_terms / step_flops / peak_flops: a step's model FLOPs (6 per trained weight and token, 4 per frozen one
-  that a gradient passes, 2 otherwise, plus attention's 12·L·H·Q·T), for the MFU that fit logs on GPU beside
-  tok/s, both over the whole step.
+  that a gradient passes, 2 otherwise, plus attention's 12·L·H·Q·T), for fit's MFU on GPU, beside tok/s.
 - memory_plan / format_plan / plan_row: GB per GPU of weights, gradients, AdamW state, activations and
   stage 2's KV cache, from the parameter counts (of a model on the meta device: `sft.py --plan`).
 
@@ -24,7 +24,6 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import time
 import warnings
@@ -37,6 +36,8 @@ import torch.nn.functional as F
 
 from lora import LoRASpec, add_lora, lora_layers, param_report
 from model import Llava
+from runs import (UsageError, cut_log, fail, first_line, open_run, remove_dir, replace_dir, run_fingerprint,
+                  unlock_out_dir, write_fingerprint)
 
 # -----------------------------------------------------------------------------
 # Config from the command line, and torchrun
@@ -301,8 +302,7 @@ def shard_model(model, cfg, device, groups):
         if cfg.cpu_offload:
             raise ValueError("--cpu_offload needs --shard=fsdp")
         return groups
-    # imported here, as in the other FSDP helpers: they bring in DTensor, a second of imports that only
-    # fsdp runs need
+    # imported here, as in the other FSDP helpers: DTensor costs a second of imports that only fsdp needs
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     device = torch.device(device)
@@ -313,8 +313,7 @@ def shard_model(model, cfg, device, groups):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()
-    # pinned host memory speeds the copies to the GPU; without a GPU there is none to pin (and offloading
-    # does nothing)
+    # pinned host memory speeds the copies to the GPU; without a GPU there is none to pin (nor offloading)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
     # the tower returns x[:, 1:], a view that FSDP2 warns about; nothing writes to it in place (Llava.embed
@@ -339,8 +338,7 @@ def gather_model(model):
         return None
     with torch.device("meta"):  # the module tree without memory; the gathered tensors are assigned into it
         plain = Llava(model.config)
-        # the same layers with the same specs: each full name, escaped, is a pattern that matches only
-        # itself
+        # the same layers with the same specs: each full name, escaped, is a pattern matching only itself
         specs = {re.escape(n): LoRASpec(m.r, m.alpha, m.dropout_p) for n, m in lora_layers(model).items()}
         add_lora(plain, specs)
     plain.load_state_dict(state, assign=True)
@@ -350,31 +348,29 @@ def gather_model(model):
     for n, p in plain.named_parameters():
         p.requires_grad_(trains[n])
     plain.language_model.gradient_checkpointing = model.language_model.gradient_checkpointing
+    plain.template, plain.name_or_path = (getattr(model, k, None) for k in ("template", "name_or_path"))
     return plain
 
 
 def save_sharded(model, opt, path, meta, rank):
     """FSDP checkpoint (torch.distributed.checkpoint): every rank writes its shards of what trains and of the
     optimizer state, with the metadata that lets any number of ranks read them back. Written to `path`.tmp,
-    then rank 0 swaps the directory in, so a crash never leaves a half-written `path`. On several nodes,
-    out_dir must be shared."""
+    where rank 0 adds meta["fingerprint"] and, last, meta.pt (the mark of a complete directory), then swaps it
+    in (runs.replace_dir): a kill at any instant leaves a complete checkpoint that fit's start recovers. On
+    several nodes, out_dir must be shared."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     tmp = path + ".tmp"
-    old = path + ".old"
     if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # a killed save's leftovers
+        remove_dir(tmp, "meta.pt")  # a killed save's leftovers
     dist.barrier()
     model_state, optim_state = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
     # returns once all ranks wrote
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     if rank == 0:
-        torch.save(meta, os.path.join(tmp, "meta.pt"))
-        if os.path.exists(path):
-            # a directory cannot be replaced in one rename; load_sharded falls back on .old
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        write_fingerprint(tmp, meta["fingerprint"])
+        atomic_save(meta, os.path.join(tmp, "meta.pt"))
+        replace_dir(tmp, path, "meta.pt")
     dist.barrier()
 
 
@@ -383,14 +379,16 @@ def load_sharded(model, opt, path, rank):
     saved shards that overlap its own); returns the step, or 0 if there is no checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-    # killed between save_sharded's two renames
-    if not os.path.exists(path) and os.path.exists(path + ".old"):
-        path += ".old"
-    if not os.path.exists(path):
+    if not os.path.exists(path):  # a half-done swap was recovered at fit's start (runs.recover_dir)
         return 0
+    if not os.path.exists(os.path.join(path, "meta.pt")):
+        fail(f"--resume: {path} is incomplete (no meta.pt); pass --overwrite to start afresh")
     model_state, optim_state = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=path)  # fails on any key the checkpoint lacks
+    try:
+        dcp.load(state, checkpoint_id=path)  # fails on any key the checkpoint lacks
+    except (Exception, dcp.CheckpointException) as e:  # a truncated .distcp (the latter: a BaseException)
+        fail(f"--resume: {path} cannot be read ({first_line(e)}); pass --overwrite to start afresh")
     # not strict: the frozen weights are not in the checkpoint, they stay as loaded
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
@@ -411,12 +409,13 @@ class Logger:
         self.start = start_step
         self.t0 = time.time()
         self.path = os.path.join(out_dir, "log.jsonl")
+        if int(os.environ.get("RANK", 0)) == 0:  # a resumed run logs the steps after its checkpoint again
+            cut_log(self.path, start_step)
 
     def log(self, step, **m):
         if int(os.environ.get("RANK", 0)) != 0:
             return
-        done = step + 1 - self.start
-        eta = (time.time() - self.t0) / done * (self.total - step - 1)
+        eta = (time.time() - self.t0) / (step + 1 - self.start) * (self.total - step - 1)
         metrics = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
         print(f"step {step + 1}/{self.total} {metrics} eta {eta / 60:.1f}m", flush=True)
         with open(self.path, "a") as f:
@@ -441,7 +440,8 @@ def autocast(cfg, device):
     return torch.autocast(kind, dtype=torch.bfloat16, enabled=amp == "bf16" or (amp == "" and kind == "cuda"))
 
 
-def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, rank=0, device="cpu"):
+def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, rank=0, device="cpu",
+        marked=(), inputs=None):
     """The training loop both stages share.
 
     Each step takes `global_batch` example indices (a seeded permutation per epoch, so the data position
@@ -454,9 +454,34 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
     Under `--shard=fsdp` the model comes sharded (`shard_model`), checkpoints are sharded DCP directories that
     any world size resumes, and the return value is the trained model gathered on rank 0 (`gather_model`;
     None elsewhere).
-    """
+
+    Kill-safe: `--resume` continues bit for bit, logs each step once, refuses changed inputs (runs.open_run;
+    `marked`: keys the synthetic default set; `inputs`: more identities, e.g. a hash of DPO's pairs)."""
     fsdp = cfg.shard == "fsdp"
-    micro_per_step = cfg.global_batch // cfg.micro_batch
+    ckpt_path = os.path.join(out_dir, "checkpoint" if fsdp else "checkpoint.pt")
+    other = os.path.join(out_dir, "checkpoint.pt" if fsdp else "checkpoint")
+    fp = run_fingerprint(cfg, n_examples, schedule(cfg, n_examples, world)[1], inputs)
+    box = [None]
+    try:
+        if rank == 0:
+            open_run(cfg, out_dir, fp, ckpt_path, other, marked)
+    except UsageError as e:
+        box = [str(e)]
+        unlock_out_dir(out_dir)  # a refused run holds nothing (a lock held by another run stays)
+    if dist.is_initialized():  # every rank stops with rank 0's message, or none does
+        dist.broadcast_object_list(box)
+    if box[0]:
+        fail(box[0])
+    try:
+        return _fit(cfg, model, n_examples, prepare, micro_loss, groups, ckpt_path, fp, world, rank, device)
+    except BaseException:
+        if rank == 0:
+            unlock_out_dir(out_dir)  # the run is over: a rerun in this process's lifetime may take out_dir
+        raise
+
+
+def schedule(cfg, n_examples, world):
+    """(steps per epoch, total steps, warmup steps), after checking that the global batch splits."""
     if cfg.global_batch % (cfg.micro_batch * world):
         raise ValueError(f"global_batch {cfg.global_batch} is not divisible by micro_batch {cfg.micro_batch} "
                          f"x world size {world}")
@@ -466,7 +491,14 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
     total = math.ceil(steps_per_epoch * cfg.epochs)
     if cfg.max_steps > 0:
         total = min(total, cfg.max_steps)
-    warmup = math.ceil(cfg.warmup_ratio * total)
+    return steps_per_epoch, total, math.ceil(cfg.warmup_ratio * total)
+
+
+def _fit(cfg, model, n_examples, prepare, micro_loss, groups, ckpt_path, fp, world, rank, device):
+    """fit once out_dir is checked: the optimizer, the resume, the steps."""
+    fsdp = cfg.shard == "fsdp"
+    micro_per_step = cfg.global_batch // cfg.micro_batch
+    steps_per_epoch, total, warmup = schedule(cfg, n_examples, world)
     # fused kernels on GPU, multi-tensor ops on CPU (where --cpu_offload keeps the weights AdamW updates)
     cuda = torch.device(device).type == "cuda" and not cfg.cpu_offload
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=cuda,
@@ -477,26 +509,20 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
     if world > 1 and not fsdp:
         device_ids = [device] if device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "checkpoint" if fsdp else "checkpoint.pt")
     step = 0
-    other = os.path.join(out_dir, "checkpoint.pt" if fsdp else "checkpoint")
-    if cfg.resume and not os.path.exists(ckpt_path) and os.path.exists(other):
-        raise ValueError(f"--resume: {other} was written with --shard={'ddp' if fsdp else 'fsdp'}; "
-                         "resume with that")
     if cfg.resume and fsdp:
         step = load_sharded(model, opt, ckpt_path, rank)
     elif cfg.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in ck["trainable"]:
-                    p.copy_(ck["trainable"][n])
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated (a full disk, a torn copy): torch's zip error names no file
+            fail(f"--resume: {ckpt_path} cannot be read ({first_line(e)}); pass --overwrite to start afresh")
+        model.load_state_dict(ck["trainable"], strict=False)  # what trains; the rest stays as loaded
         opt.load_state_dict(ck["optimizer"])
         set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
         step = ck["step"]
         print0(f"resumed from {ckpt_path} at step {step}")
-    logger = Logger(out_dir, total, step)
+    logger = Logger(os.path.dirname(ckpt_path), total, step)
     peak = peak_flops(device)
     terms = flop_terms(model)
     print0("model FLOPs per step = images·(P+1)·{per_vision_token:.3g} + images·(P+1)²·{vision_attention:.3g}"
@@ -531,8 +557,7 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
                 ddp.require_backward_grad_sync = j == len(batches) - 1
             with amp:
                 loss_sum, metrics = micro_loss(ddp, b)
-            # DDP and FSDP average gradients over ranks; the world factor turns that average back into the
-            # global sum
+            # DDP and FSDP average gradients over ranks; the world factor turns it back into the global sum
             (loss_sum * world / count).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -541,8 +566,7 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
             tokens_sq = tokens_sq + (rows * rows).sum()
             images += 0 if b["pixel_values"] is None else len(b["pixel_values"])
         sums.update(tokens_sq=float(tokens_sq), images=float(images))
-        # with FSDP the gradients are DTensor shards: the norm is a DTensor whose value is the norm of the
-        # full model
+        # with FSDP the gradients are DTensor shards: the norm is a DTensor, the full model's norm
         norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -563,13 +587,12 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
             logger.log(step - 1, **summarize(sums), lr=opt.param_groups[0]["lr"], grad_norm=float(norm),
                        **speed)
         if step % cfg.save_every == 0 or step == total:
-            rngs = [None] * world
+            rngs = [rng_state()] * world  # several ranks: each one's own, gathered
             if world > 1:
                 dist.all_gather_object(rngs, rng_state())
-            else:
-                rngs = [rng_state()]
             if fsdp:
-                save_sharded(model, opt, ckpt_path, {"step": step, "rng": rngs, "config": asdict(cfg)}, rank)
+                meta = {"step": step, "rng": rngs, "config": asdict(cfg), "fingerprint": fp}
+                save_sharded(model, opt, ckpt_path, meta, rank)
             elif rank == 0:
                 atomic_save({"trainable": trainable_state(model), "optimizer": opt.state_dict(), "step": step,
                              "rng": rngs, "config": asdict(cfg)}, ckpt_path)
