@@ -120,9 +120,7 @@ class Config:
 
 
 # The synthetic default: the tiny model, the oracle judge and CPU-sized settings (each overridable).
-# Questions and answers are sampled as the paper samples answers (synth.QUESTION_SAMPLING: T 1.2, top-k 100,
-# top-p 0.95). The learning rate: at 5e-4 DPO pushed both answers' likelihoods down and moved the mass to
-# other tokens (closed accuracy 53 -> 10.5).
+# Questions are sampled cooler than the paper's (synth.QUESTION_SAMPLING says why), answers as the paper's.
 SYNTH_OVERRIDES = dict(n_images=800, n_questions=5, describe_tokens=48,
                        **{f"q_{k}": v for k, v in S.QUESTION_SAMPLING.items()}, q_max_tokens=24,
                        a_max_tokens=24, gen_batch=200,

@@ -34,6 +34,7 @@ The same on the synthetic data, with the tiny model's learning rates: README.md,
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -107,9 +108,10 @@ class Config:
     make_base: bool = False  # synthetic: train the base from scratch on pretrain.json (made synth_base/)
 
 
-# Where --model is empty the synthetic default replaces the paper-scale values above, unless the
-# command line sets them: a tiny model, a small batch and larger learning rates train in minutes on a CPU.
-SYNTH_OVERRIDES = dict(global_batch=16, micro_batch=16, epochs=3, lr=2e-3, vision_lr=2e-3, projector_lr=2e-3,
+# With neither --model nor --data the synthetic default replaces the paper-scale values above, unless the
+# command line sets them: a small batch and larger learning rates train the tiny model in minutes on a CPU.
+# The LLM LoRA's 1e-3 (closed accuracy 81.0 after stage 1; 76.9 at 2e-3, 79.6 at 5e-4; base 86.6).
+SYNTH_OVERRIDES = dict(global_batch=16, micro_batch=16, epochs=3, lr=1e-3, vision_lr=2e-3, projector_lr=2e-3,
                        max_length=512, save_every=100, log_every=20,
                        grad_ckpt=False)  # the tiny model fits anyway: recomputing only costs time
 # --make_base: the tiny model from scratch, every weight, as a language model of single-turn captions and QA
@@ -269,7 +271,7 @@ def main(argv=None):
         if cfg.make_base:
             with open(os.path.join(final, "README.md"), "w") as f:
                 f.write(f"The synthetic default's base model ({S.SYNTH_VERSION}), trained from scratch by\n\n"
-                        f"    python sft.py {' '.join(f'--{k}={v}' for k, v in given.items())}\n\n"
+                        f"    python sft.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n"
                         f"seed {cfg.seed}, {minutes:.1f} min on {world} {device.type} process(es).\n")
         elif synthetic:
             stages["stage 1"] = E.synth_stage(model.eval(), tokenizer, synth,

@@ -1797,9 +1797,9 @@ def test_make_base_trains_a_base_that_loads_alone(synth, tmp_path):
     assert D.load_tokenizer(base).get_vocab() == D.load_tokenizer(synth / "tokenizer.json").get_vocab()
     model = C.from_pretrained(str(base))
     assert model.config.text.vocab_size == D.load_tokenizer(base).get_vocab_size()
-    assert "python sft.py --make_base=True --out_dir=" in (base / "README.md").read_text()
+    assert f"python sft.py --make_base --out_dir={tmp_path} " in (base / "README.md").read_text()
     log = read_log(tmp_path)
-    assert len(log) == 2 and "question_loss" not in log[0]  # answers only, as a general-purpose LLaVA
+    assert log[-1]["step"] == 2 and "question_loss" not in log[-1]  # no VUSER turn: never asked
 
 
 def test_shipped_base_matches_the_synthetic_world_and_transformers(synth):
