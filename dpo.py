@@ -321,7 +321,9 @@ def judge_step(cfg, rows, image_dir, judge, pairs_path):
             failed += 1
             continue
         s1, s2 = r["scores"]
-        if s1 == s2:  # the paper is silent on ties; a tie says nothing about which answer is better
+        # the paper is silent on ties (they say nothing about which answer is better); an empty answer has no
+        # tokens for DPO's log-probability
+        if s1 == s2 or not all(a.strip() for a in r["answers"]):
             ties += 1
             continue
         win = 0 if s1 > s2 else 1
@@ -332,8 +334,8 @@ def judge_step(cfg, rows, image_dir, judge, pairs_path):
         f.writelines(json.dumps(p) + "\n" for p in pairs)
     os.replace(tmp, pairs_path)
     print0(J.summary(stats, judge, cfg.price_in, cfg.price_out))
-    print0(f"judge: {len(pairs)} preference pairs, {ties} ties dropped, {failed} failed verdicts dropped "
-           f"-> {pairs_path}")
+    print0(f"judge: {len(pairs)} preference pairs, {ties} ties or empty answers and {failed} failed verdicts "
+           f"dropped -> {pairs_path}")
     R.write_verdicts(cfg.out_dir, rated, image_dir)  # verdicts.jsonl and the run's report.html
     return pairs
 

@@ -110,8 +110,9 @@ class Config:
 
 # With neither --model nor --data the synthetic default replaces the paper-scale values above, unless the
 # command line sets them: a small batch and larger learning rates train the tiny model in minutes on a CPU.
-# The LLM LoRA's 1e-3 (closed accuracy 81.0 after stage 1; 76.9 at 2e-3, 79.6 at 5e-4; base 86.6).
-SYNTH_OVERRIDES = dict(global_batch=16, micro_batch=16, epochs=3, lr=1e-3, vision_lr=2e-3, projector_lr=2e-3,
+# The LLM LoRA at 7e-4: closed accuracy after stage 1 (base 86.6) moves with the seed by a few points at
+# every rate tried (seed 0: 76.9 at 2e-3, 81.0 at 1e-3, 79.6 at 5e-4; seed 1: 76.8 at 1e-3, 82.2 at 7e-4).
+SYNTH_OVERRIDES = dict(global_batch=16, micro_batch=16, epochs=3, lr=7e-4, vision_lr=2e-3, projector_lr=2e-3,
                        max_length=512, save_every=100, log_every=20,
                        grad_ckpt=False)  # the tiny model fits anyway: recomputing only costs time
 # --make_base: the tiny model from scratch, every weight, as a language model of single-turn captions and QA

@@ -2303,12 +2303,15 @@ def test_generation_budget_from_the_flag_or_memory(tiny_dir):
     assert dpo.gen_token_budget(dpo.Config(), model, "cpu") == (4 << 30) // (2 * 2 * 2 * t.head_dim * 4)
 
 
+SYNTH_SAMPLING = SY.QUESTION_SAMPLING
+
+
 def test_the_short_synthetic_pipeline_does_each_stages_job(synth, tmp_path):
     """The synthetic default in seconds: from the shipped base, a short stage 1 teaches the model to ask
     (well-formed questions sampled at stage 2's settings rise from the base's), and a short stage 2 on the
     pairs the oracle judge decides widens DPO's reward margin on them."""
     sampling = dict(SY.QUESTION_SAMPLING, seed=0)
-    images = sorted(os.listdir(synth / "images"))[-40:]  # test images
+    images = sorted(i for i in os.listdir(synth / "images") if "_test_" in i)[:40]
 
     def wellformed(model_dir):
         model = C.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -2319,13 +2322,14 @@ def test_the_short_synthetic_pipeline_does_each_stages_job(synth, tmp_path):
         return sum(SY.parse_question(q) is not None for q in asked) / len(asked)
     stage1 = tmp_path / "sft"
     sft.main([f"--model={SY.BASE_DIR}", f"--data={synth / 'train.json'}", f"--image_dir={synth / 'images'}",
-              f"--out_dir={stage1}", "--merge", "--max_steps=40", "--no-grad_ckpt", "--global_batch=16",
-              "--micro_batch=16", "--lr=2e-3", "--vision_lr=2e-3", "--projector_lr=2e-3", "--max_length=512"])
+              f"--out_dir={stage1}", "--merge", "--max_steps=100", "--no-grad_ckpt", "--global_batch=16",
+              "--micro_batch=16", "--lr=1e-3", "--vision_lr=2e-3", "--projector_lr=2e-3", "--max_length=512"])
     base, asks = wellformed(SY.BASE_DIR), wellformed(stage1 / "merged")
     assert base < 0.1 and asks > base + 0.4, (base, asks)
-    dpo.main([f"--model={stage1 / 'merged'}", f"--out_dir={tmp_path / 'dpo'}", "--n_images=48",
+    q = [f"--q_{k}={v}" for k, v in SYNTH_SAMPLING.items()]
+    dpo.main([f"--model={stage1 / 'merged'}", f"--out_dir={tmp_path / 'dpo'}", "--n_images=48", *q,
               "--gen_batch=48", "--describe_tokens=48", "--q_max_tokens=24", "--a_max_tokens=24",
-              "--global_batch=16", "--micro_batch=16", "--lr=5e-5", "--vision_lr=5e-5", "--projector_lr=5e-5",
+              "--global_batch=16", "--micro_batch=16", "--lr=5e-4", "--vision_lr=5e-4", "--projector_lr=5e-4",
               "--epochs=2", "--log_every=1", "--no-grad_ckpt", "--lora_dropout=0", "--vit_lora_dropout=0"])
     log = read_log(tmp_path / "dpo")
     assert len(log) >= 4 and log[-1]["margin"] > log[0]["margin"] + 0.05 and log[-1]["reward_acc"] > 0.6
