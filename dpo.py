@@ -14,13 +14,10 @@ Stage 2 of STLLaVA-Med: preference revelation (STLLaVA-Med §2, stage 2).
     torchrun --standalone --nproc_per_node=8 dpo.py generate ...   # each rank samples its share of the images
     OPENAI_API_KEY=... python dpo.py judge --data=instruct.json --image_dir=images/ \
         --base_url=https://api.openai.com/v1 --judge_model=gpt-4o
-    torchrun --standalone --nproc_per_node=8 dpo.py train --model=out/sft/merged --data=instruct.json \
-        --image_dir=images/
-    torchrun --standalone --nproc_per_node=8 dpo.py train --shard=fsdp ...   # FSDP2: the policy sharded
+    torchrun --standalone --nproc_per_node=8 dpo.py train --model=out/sft/merged --data=... --shard=fsdp
 
-Without --data each step runs on the synthetic default (`synth.synth_data()`) with the oracle judge.
-
-Every step resumes where a killed run stopped, and the judge never pays for a verdict twice.
+Without --data, the synthetic data and the oracle judge. Every step resumes where a killed run stopped (the
+same inputs; others are refused), and the judge never pays for a verdict twice.
 """
 import glob
 import hashlib
@@ -565,15 +562,13 @@ def main(argv=None):
 
 
 def report(policy, tokenizer, cfg, synth, device):
-    """The synthetic default's table: the base and stage 1 from sft.py's scorecard (when it was made with
-    this stage-1 model; otherwise stage 1 is scored here), and the stage-2 policy, with paired intervals;
-    then out_dir/report.html: the questions that changed, and the training curves."""
+    """The synthetic default's table: the base and stage 1 from sft.py's scorecard (when made with this
+    stage-1 model, else stage 1 is scored here) and the stage-2 policy, with paired intervals; the report."""
     sampling = dict(S.QUESTION_SAMPLING, seed=cfg.seed)
     sft_dir = os.path.dirname(os.path.abspath(cfg.model))
-    path = os.path.join(sft_dir, "scorecard.json")
-    card = json.load(open(path)) if os.path.exists(path) else {}
-    before = os.path.join(sft_dir, "answers_stage1.jsonl")
-    if card.get("model") == identity(cfg.model) and os.path.exists(before):
+    before, card = os.path.join(sft_dir, "answers_stage1.jsonl"), os.path.join(sft_dir, "scorecard.json")
+    card = json.load(open(card)) if os.path.exists(card) and os.path.exists(before) else {}
+    if card.get("model") == identity(cfg.model):
         stages = card["stages"]
     else:
         print0(f"no scorecard of {cfg.model} beside it: scoring stage 1 here")
@@ -585,15 +580,20 @@ def report(policy, tokenizer, cfg, synth, device):
     table = E.stage_table(stages)
     with open(os.path.join(cfg.out_dir, "scorecard.json"), "w") as f:
         json.dump({"model": identity(os.path.join(cfg.out_dir, "merged")), "table": table}, f)
-    print0(json.dumps(table))
+    write_run_report(cfg, synth, before, after)
+
+
+def write_run_report(cfg, synth, before, after):
+    """out_dir/report.html: the synthetic test questions that changed between two answer files, the curves."""
     examples = E.load_dataset("synth", str(synth))
     ta, _ = E.match_answers(examples, E.read_answers(before))
     tb, _ = E.match_answers(examples, E.read_answers(after))
     diff = E.compare(examples, ta, tb)
-    scores = (E.score(examples, ta), E.score(examples, tb))  # out_dir/report.html: what changed, the curves
+    scores = (E.score(examples, ta), E.score(examples, tb))
     changed = R.comparison(diff, examples, (ta, tb), scores, E.LABELS, ("stage 1", "stage 2"))
-    stage1 = R.training_curves(Path(sft_dir) / "log.jsonl", "Stage 1 training curves")
+    stage1 = R.training_curves(Path(cfg.model).parent / "log.jsonl", "Stage 1 training curves")
     R.write_run(cfg.out_dir, [changed[0], stage1], changed[1:])
+    print0(json.dumps({"difference": diff}))
 
 
 if __name__ == "__main__":

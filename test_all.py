@@ -4222,7 +4222,7 @@ def test_large_galleries_are_capped_with_a_note(eval_reports, tmp_path):
 def run_reports(tiny_dir, small_data, synth, tmp_path_factory):
     """Stage 1 for 3 steps; stage 2's generate and judge on 6 images with the tiny model (a stand-in expert
     scores by answer length, and fails on one question), DPO on the pairs; then the synthetic run's end
-    (dpo.report) on perturbed answer files. Returns the directories and what dpo.report printed."""
+    (dpo.write_run_report) on perturbed answer files. Returns the directories and what it printed."""
     root = tmp_path_factory.mktemp("run_reports")
     sft.main(sft_args(tiny_dir, small_data, synth, root / "sft"))
     tok = D.load_tokenizer(tiny_dir)
@@ -4252,11 +4252,10 @@ def run_reports(tiny_dir, small_data, synth, tmp_path_factory):
     for stage in (1, 2):
         texts.append(perturbed(ex, stage))
         write_answers(out / f"answers_stage{stage}.jsonl", [(e["qid"], t) for e, t in zip(ex, texts[-1])])
-    before, after = (E.report("synth", ex, t, {}, n_boot=0) for t in texts)
     buf = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "stdout", buf)
-        dpo.report(before, after, cfg, synth)
+        dpo.write_run_report(cfg, synth, out / "answers_stage1.jsonl", out / "answers_stage2.jsonl")
     printed = json.loads(buf.getvalue().strip().splitlines()[-1])
     r = subprocess.run([sys.executable, "report.py", str(root / "sft")], cwd=HERE, capture_output=True,
                        text=True)
