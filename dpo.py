@@ -23,6 +23,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -298,6 +299,9 @@ def make_judge(cfg, synth=None):
                                    ledger=ledger))
 
 
+ROLE_TAG = re.compile(r"</s>|\b(?:V?USER|ASSISTANT):|\[/?INST\]")  # where the templates' masking splits
+
+
 def judge_step(cfg, rows, image_dir, judge, pairs_path):
     """Rate every (question, answers) row; write preference pairs. Ties and failures are dropped and
     counted; a refused key, or every item failing, stops the run."""
@@ -318,9 +322,8 @@ def judge_step(cfg, rows, image_dir, judge, pairs_path):
             failed += 1
             continue
         s1, s2 = r["scores"]
-        # the paper is silent on ties (they say nothing about which answer is better); an empty answer has no
-        # tokens for DPO's log-probability
-        if s1 == s2 or not all(a.strip() for a in r["answers"]):
+        # ties say nothing (the paper is silent); an empty answer or one with a role tag DPO cannot encode
+        if s1 == s2 or not all(a.strip() and not ROLE_TAG.search(a) for a in r["answers"]):
             ties += 1
             continue
         win = 0 if s1 > s2 else 1
@@ -480,8 +483,7 @@ def main(argv=None):
         steps = [argv[0]]
         argv = argv[1:]
     cfg, given = parse_config(Config, argv)
-    # without --data, the synthetic data, judged by the offline oracle unless --judge=gpt is given; with
-    # neither --model nor --data, the synthetic default: its CPU-sized settings too (each flag given stays)
+    # no --data: the synthetic data and oracle judge; no --model either: the default's settings too
     synthetic = not cfg.data
     default = synthetic and not cfg.model
     if synthetic and "judge" not in given:
