@@ -192,7 +192,7 @@ def write_config(out_dir, settings, marked=()):
 # Inputs checked before expensive work, and JSONL outputs that survive a kill at any instant
 
 MADE_BY = {  # where the README's model directories come from, for the "does not exist" message
-    "base": "`python sft.py` (the synthetic base model, out/sft/base)",
+    "synth_base": "the repository (the synthetic base model; `python sft.py --make_base` remakes it)",
     "merged": "`python sft.py --merge` (out/sft/merged) or `python dpo.py` (out/dpo/merged, its train step)",
     "final": "the end of `python sft.py` (out/sft/final) or `python dpo.py train` (out/dpo/final)",
 }
