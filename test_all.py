@@ -4610,18 +4610,17 @@ def questioning_llava(tmp_path, synth):
 
 @pytest.fixture(scope="module")
 def vqa_rad_sft(tmp_path_factory, synth):
-    """VQA-RAD's train split exported by evaluate.py, then two sft.py steps (--merge) on 8 of its questions
-    from a tiny llava-hf model: (folder, export's stdout, image folder)."""
+    """VQA-RAD's train split exported by evaluate.py, then two sft.py steps (torchrun, two processes, --merge)
+    on 8 of its questions from a tiny llava-hf model: (folder, export's stdout, image folder)."""
     d = tmp_path_factory.mktemp("vqa_rad_sft")
     r = cli("evaluate.py", "vqa_rad", "--data", SHARED / "vqa_rad", "--export_train", d / "train.json")
     assert r.returncode == 0, r.stderr[-3000:]
     (d / "small.json").write_text(json.dumps(json.loads((d / "train.json").read_text())[:8]))
     questioning_llava(d / "base", synth)
     image_dir = r.stdout.split("--image_dir=")[1].split()[0]
-    s = cli("sft.py", f"--model={d / 'base'}", f"--data={d / 'small.json'}", f"--image_dir={image_dir}",
-            f"--out_dir={d / 'sft'}", "--max_steps=2", "--global_batch=4", "--micro_batch=2",
-            "--max_length=256", "--merge", "--save_every=100")
-    assert s.returncode == 0, s.stdout[-2000:] + s.stderr[-3000:]
+    run_sft([f"--model={d / 'base'}", f"--data={d / 'small.json'}", f"--image_dir={image_dir}",
+             f"--out_dir={d / 'sft'}", "--max_steps=2", "--global_batch=4", "--micro_batch=2",
+             "--max_length=256", "--merge", "--save_every=100"], nproc=2)  # as the paper trains: torchrun
     return d, r.stdout, image_dir
 
 
@@ -4655,9 +4654,9 @@ def test_downstream_fine_tuning_on_vqa_rad_train_then_test(vqa_rad_sft):
 
 
 @needs_shared
-def test_paper_path_end_to_end(vqa_rad_sft, env, fake):
-    """The paper's path as a user runs it, one process a step (no torchrun): stage 1 on real VQA-RAD images
-    (the fixture: sft.py --merge), then dpo.py generate, dpo.py judge against a fake OpenAI-compatible server
+def test_paper_path_end_to_end(vqa_rad_sft, env, fake, monkeypatch):
+    """The paper's path as a user runs it: stage 1 on real VQA-RAD images (the fixture: torchrun sft.py
+    --merge), then dpo.py generate, dpo.py judge against a fake OpenAI-compatible server
     (every verdict request must reach it), dpo.py train, and evaluate.py on the DPO output."""
     d, _, image_dir = vqa_rad_sft
     common = [f"--model={d / 'sft' / 'merged'}", f"--data={d / 'small.json'}", f"--image_dir={image_dir}",
@@ -4690,10 +4689,19 @@ def test_paper_path_end_to_end(vqa_rad_sft, env, fake):
             "--out", d / "dpo_answers.jsonl")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 3
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(d / "dpo" / "merged")
-    assert hf.config.text_config.vocab_size == D.load_tokenizer(d / "dpo" / "merged").get_vocab_size()
-    base = transformers.LlavaForConditionalGeneration.from_pretrained(d / "sft" / "merged")
-    assert isinstance(peft.PeftModel.from_pretrained(base, d / "dpo" / "final"), peft.PeftModel)
+    # every output loads in transformers (merged) or PEFT (adapter), offline, and generates what ours does
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    img = Image.open(Path(image_dir) / asked[0]["image"]).convert("RGB")
+    x = transformers.AutoProcessor.from_pretrained(d / "sft" / "merged")(
+        images=img, text="USER: <image>\nIs there a mass? ASSISTANT:", return_tensors="pt")
+    for stage in ("sft", "dpo"):
+        ours = C.from_pretrained(str(d / stage / "merged"), dtype=torch.float32).eval()
+        want = M.generate(ours, x["input_ids"], x["pixel_values"], max_new_tokens=4)
+        hf = transformers.LlavaForConditionalGeneration.from_pretrained(d / stage / "merged").eval()
+        pm = peft.AutoPeftModel.from_pretrained(str(d / stage / "final")).eval()
+        for other in (hf, pm):
+            new = other.generate(**x, max_new_tokens=4, do_sample=False, eos_token_id=None)
+            assert torch.equal(new[:, x["input_ids"].shape[1]:], want), (stage, type(other).__name__)
 
 
 # ----------------------------------------------------------------------------- bench.py
