@@ -26,9 +26,10 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +40,11 @@ import judge as J
 import report as R
 import synth as S
 from checkpoint import from_pretrained, save_pretrained, template_of
-from runs import (check_reuse, fail, fingerprint, identity, read_records, remove_output, run_main,
-                  write_fingerprint)
+from runs import (append_jsonl, check_reuse, content_hash, fail, fingerprint, fingerprint_path, identity,
+                  lock_out_dir, parse_config, read_records, remove_output, replace_text, run_main,
+                  write_config, write_fingerprint)
 from lora import add_lora, disable_lora, lora_targets, mark_trainable, merge_lora, save_adapter
-from train import (atomic_save, autocast, fit, format_plan, memory_plan, param_groups, parse_config, print0,
+from train import (atomic_save, autocast, fit, format_plan, memory_plan, param_groups, print0,
                    setup_distributed, shard_model, token_nll)
 
 
@@ -50,71 +52,72 @@ from train import (atomic_save, autocast, fit, format_plan, memory_plan, param_g
 class Config:
     model: str = ""  # the merged stage-1 model; "" = out/sft/merged, what `python sft.py` writes
     data: str = ""  # LLaVA conversation JSON whose images are used; "" = the synthetic default (oracle judge)
-    image_dir: str = ""
-    out_dir: str = "out/dpo"
+    image_dir: str = ""  # the folder --data's image paths are relative to; "" = the JSON's own folder
+    out_dir: str = "out/dpo"  # generations, pairs, judge cache, checkpoint, final/ and merged/ go here
     # generation (visual_sq.py, model_collectA.py)
-    n_images: int = 10000  # visual_sq.py takes os.listdir(image_folder)[10000:20000]
-    n_questions: int = 5  # n_shot
-    describe_tokens: int = 1024
-    q_temperature: float = 1.2
-    q_top_k: int = 300
-    q_top_p: float = 0.95
-    q_max_tokens: int = 300
-    a_temperature: float = 1.2  # the paper: "temperature 1.2, TopK=100, TopP=0.95"
-    a_top_k: int = 100
-    a_top_p: float = 0.95
-    a_max_tokens: int = 1024
-    answer_seeds: str = "40,42"  # model_collectA.py: set_seed(40), then set_seed(42)
+    n_images: int = 10000  # images to ask about (visual_sq.py takes os.listdir(image_folder)[10000:20000])
+    n_questions: int = 5  # questions sampled per image (visual_sq.py's n_shot)
+    describe_tokens: int = 1024  # new tokens of the image description that precedes the questions
+    q_temperature: float = 1.2  # question sampling temperature (visual_sq.py)
+    q_top_k: int = 300  # question sampling top-k
+    q_top_p: float = 0.95  # question sampling top-p
+    q_max_tokens: int = 300  # new tokens a question may take
+    a_temperature: float = 1.2  # answer sampling (the paper: "temperature 1.2, TopK=100, TopP=0.95")
+    a_top_k: int = 100  # answer sampling top-k
+    a_top_p: float = 0.95  # answer sampling top-p
+    a_max_tokens: int = 1024  # new tokens an answer may take
+    answer_seeds: str = "40,42"  # one seed per answer (model_collectA.py: set_seed(40), then set_seed(42))
     gen_batch: int = 16  # images a batch (each written whole, so a killed run loses at most one)
     gen_tokens: int = 0  # KV-cache tokens a generation call may hold; 0 = sized from free memory
     # the answers' prompt (and DPO's): "" = the model's own (config.json conv_template, e.g. vicuna_v1 as
     # model_collectA.py's llava_v1, mistral_instruct for LLaVA-Med v1.5)
-    template: str = ""
+    template: Literal[("", *D.TEMPLATES)] = ""
     # judge (judge.py)
-    judge: str = "gpt"  # gpt | oracle (the synthetic facts)
-    base_url: str = "https://api.openai.com/v1"
-    judge_model: str = "gpt-4o"
-    api_key_env: str = "OPENAI_API_KEY"
+    judge: Literal["gpt", "oracle"] = "gpt"  # gpt: an OpenAI-compatible server; oracle: the synthetic facts
+    base_url: str = "https://api.openai.com/v1"  # the judge server's OpenAI-compatible API root
+    judge_model: str = "gpt-4o"  # the model name sent to the server
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the server's key
     workers: int = 4  # concurrent requests
     timeout: float = 60.0  # seconds for a whole request
     max_tries: int = 6  # HTTP tries per call
     retry_failed: bool = False  # ask again for verdicts that failed in an earlier run
-    swap: bool = False
-    price_in: float = 2.5  # USD per million tokens, gpt-4o's list price: set them for another server
-    price_out: float = 10.0
+    swap: bool = False  # also judge with the answers swapped and average (against position bias)
+    price_in: float = 2.5  # USD per million prompt tokens, gpt-4o's list price: set both for another server
+    price_out: float = 10.0  # USD per million completion tokens
     # DPO (base_dpo_trainer.py, dpo_finetune.sh)
-    beta: float = 0.1  # the trainer's default; train_dpo.py does not pass one
-    lr: float = 5e-6  # LLM LoRA
-    vision_lr: float = 2e-5  # dpo_finetune.sh --vision_tower_lr (the paper says 2e-6)
-    projector_lr: float = 2e-5  # --mm_projector_lr
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    vit_lora_r: int = 32
-    vit_lora_alpha: int = 64
-    vit_lora_dropout: float = 0.1  # 0.2 in stage 1
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    grad_clip: float = 1.0
-    # per-device 4 x grad-accum 16 per GPU in dpo_finetune.sh (the paper: 256 on 4 GPUs)
+    beta: float = 0.1  # DPO's KL strength (the trainer's default; train_dpo.py does not pass one)
+    lr: float = 5e-6  # peak learning rate of the LLM LoRA
+    vision_lr: float = 2e-5  # the vision-tower LoRA's (dpo_finetune.sh --vision_tower_lr; the paper: 2e-6)
+    projector_lr: float = 2e-5  # the projector's (--mm_projector_lr)
+    lora_r: int = 128  # LLM LoRA rank
+    lora_alpha: int = 256  # LLM LoRA scale: the update is B A x alpha / r
+    lora_dropout: float = 0.05  # dropout on the LLM LoRA's input
+    vit_lora_r: int = 32  # vision-tower LoRA rank
+    vit_lora_alpha: int = 64  # vision-tower LoRA scale
+    vit_lora_dropout: float = 0.1  # dropout on the vision-tower LoRA's input (0.2 in stage 1)
+    weight_decay: float = 0.0  # AdamW's, on every group
+    warmup_ratio: float = 0.03  # share of the steps the learning rate warms up linearly, then cosine to 0
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    # pairs an optimizer step: per-device 4 x grad-accum 16 per GPU in dpo_finetune.sh (the paper: 256 on 4)
     global_batch: int = 64
-    micro_batch: int = 4
-    epochs: float = 1
-    max_steps: int = -1
-    max_length: int = 2048
+    micro_batch: int = 4  # pairs a forward pass, per process (chosen and rejected: twice the rows)
+    epochs: float = 1  # passes over the pairs
+    max_steps: int = -1  # stop after this many optimizer steps (smoke runs, tests); -1 = the epochs' count
+    max_length: int = 2048  # tokens a prompt and answer keep, image tokens included; the rest is cut
     precompute_ref: bool = False  # reference log-probs computed once and stored with the pairs
     # "" = bf16 autocast on CUDA (dpo_finetune.sh --bf16), fp32 on CPU; bf16 = the GPU's path on CPU too;
     # the reference always runs under the policy's (train.autocast)
-    amp: str = ""
+    amp: Literal["", "bf16", "fp32"] = ""
     grad_ckpt: bool = True  # recompute each decoder block in backward, as the authors train
-    seed: int = 0
-    # or fsdp: FSDP2 shards the policy, and with it the reference (the same weights); train.shard_model
-    shard: str = "ddp"
+    seed: int = 0  # sampling, LoRA initialisation, pair order
+    # ddp: every rank holds the whole model; fsdp: FSDP2 shards the policy, and with it the reference (the
+    # same weights); train.shard_model
+    shard: Literal["ddp", "fsdp"] = "ddp"
     cpu_offload: bool = False  # fsdp only: the shards and the optimizer state live in CPU memory
-    save_every: int = 50
-    resume: bool = False
-    log_every: int = 5
-    overwrite: bool = False  # start afresh where out_dir holds outputs made from other inputs
+    save_every: int = 50  # steps between checkpoints (out_dir/checkpoint*)
+    resume: bool = False  # continue training from out_dir's checkpoint, bit for bit; changed settings refused
+    log_every: int = 5  # steps between printed log lines (log.jsonl has every step)
+    overwrite: bool = False  # start the steps run afresh where out_dir holds outputs made from other inputs
 
 
 # The synthetic default: the tiny model, the oracle judge and CPU-sized settings (each overridable).
@@ -209,10 +212,8 @@ def merge_parts(out_path):
     for p in [out_path, *parts]:
         for r in read_batches(p):
             by_batch.setdefault(r["batch"], {}).setdefault(p, []).append(r)
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for b in sorted(by_batch) for r in next(iter(by_batch[b].values())))
-    os.replace(tmp, out_path)
+    replace_text(out_path, "".join(json.dumps(r) + "\n" for b in sorted(by_batch)
+                                   for r in next(iter(by_batch[b].values()))))
     for p in parts:
         os.remove(p)
 
@@ -269,9 +270,7 @@ def generate_step(cfg, model, tokenizer, images, image_dir, out_path, device, ke
         lines.append({"batch": b, "batch_lines": len(items) + 1, "images": len(names), "dropped": dropped,
                       "repeats": repeats})  # the batch's end
         with open(path, "a") as f:
-            f.write("".join(json.dumps(x) + "\n" for x in lines))
-            f.flush()
-            os.fsync(f.fileno())
+            append_jsonl(f, lines)  # durable before the next batch starts
         dt = time.time() - t0
         print0(f"generate: batch {b + 1}/{len(batches)}, {len(items)} questions kept, "
                f"{dropped} malformed and {repeats} repeats dropped, "
@@ -291,8 +290,6 @@ def make_judge(cfg, synth=None):
     if cfg.judge == "oracle":
         facts = json.loads(((synth or S.synth_data()) / "facts.json").read_text())
         return J.OracleJudge(S.score_answer, facts)
-    if cfg.judge != "gpt":
-        raise ValueError(f"--judge must be gpt or oracle, not {cfg.judge!r}")
     ledger = J.Ledger(os.path.join(cfg.out_dir, "judge_spend.jsonl"), cfg.price_in, cfg.price_out)
     if note := J.price_note(cfg.base_url, cfg.price_in, cfg.price_out):
         print0(note)
@@ -303,9 +300,10 @@ def make_judge(cfg, synth=None):
 ROLE_TAG = re.compile(r"</s>|\b(?:V?USER|ASSISTANT):|\[/?INST\]")  # where the templates' masking splits
 
 
-def judge_step(cfg, rows, image_dir, judge, pairs_path):
-    """Rate every (question, answers) row; write preference pairs. Ties and failures are dropped and
-    counted; a refused key, or every item failing, stops the run."""
+def judge_step(cfg, rows, image_dir, judge, pairs_path, gen_path):
+    """Rate every (question, answers) row; write preference pairs, fingerprinted with the generations they
+    were judged from. Ties and failures are dropped and counted; a refused key, or every item failing,
+    stops the run."""
     cache = J.Cache(os.path.join(cfg.out_dir, "judge_cache.jsonl"))
     items = [{"image": r["image"], "question": r["question"], "answers": r["answers"]} for r in rows]
     try:
@@ -330,10 +328,10 @@ def judge_step(cfg, rows, image_dir, judge, pairs_path):
         win = 0 if s1 > s2 else 1
         pairs.append({"image": r["image"], "question": r["question"], "chosen": r["answers"][win],
                       "rejected": r["answers"][1 - win], "scores": [r["scores"][win], r["scores"][1 - win]]})
-    tmp = pairs_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in pairs)
-    os.replace(tmp, pairs_path)
+    replace_text(pairs_path, "".join(json.dumps(p) + "\n" for p in pairs))
+    judged_by = cfg.judge_model if cfg.judge == "gpt" else "oracle"
+    gen = content_hash(gen_path)
+    write_fingerprint(pairs_path, fingerprint(generations=gen, judge=judged_by, swap=cfg.swap))
     print0(J.summary(stats, judge, cfg.price_in, cfg.price_out))
     print0(f"judge: {len(pairs)} preference pairs, {ties} ties or empty answers and {failed} failed verdicts "
            f"dropped -> {pairs_path}")
@@ -425,9 +423,12 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1, marked
     size = model.config.vision.image_size
     template = cfg.template or template_of(cfg.model)
     ref_path = os.path.join(cfg.out_dir, "ref_logps.pt")
+    digest = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()  # judge rewrites the file
     if cfg.precompute_ref:  # one pass of the reference over all pairs, saved with the pairs
-        saved = torch.load(ref_path) if os.path.exists(ref_path) else None
-        if saved is not None and saved["n"] == len(pairs):
+        ref_fp = fingerprint(pairs=digest, model=identity(cfg.model), template=template, amp=cfg.amp,
+                             max_length=cfg.max_length, micro_batch=cfg.micro_batch)
+        saved = torch.load(ref_path) if os.path.exists(ref_path) else {}
+        if check_reuse(ref_path, ref_fp, cfg.overwrite, old=saved.get("fingerprint")):
             stored = saved["logps"]
         else:
             chunks = []
@@ -438,7 +439,7 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1, marked
                     chunks.append(ref.logps(b).view(2, -1).T)
             stored = torch.cat(chunks).cpu()  # (P, 2): chosen, rejected
             if rank == 0:
-                atomic_save({"n": len(pairs), "logps": stored}, ref_path)
+                atomic_save({"fingerprint": ref_fp, "logps": stored}, ref_path)  # one file: one atomic write
 
     def prepare(indices, epoch):
         b = encode_pair_batch([pairs[i] for i in indices], tokenizer, model.config, image_dir, size,
@@ -460,7 +461,6 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1, marked
                    "tokens": int(b["attention_mask"].sum())}
         return loss_sum, metrics
 
-    digest = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()  # judge rewrites the file
     return fit(cfg, model, len(pairs), prepare, micro_loss, groups, cfg.out_dir, world, rank, device,
                marked, {"pairs": digest})
 
@@ -472,18 +472,24 @@ def image_list(cfg, synth):
     if synth is not None and not cfg.data:
         names = sorted({r["image"] for r in json.loads((synth / "train.json").read_text())})
         return names[:cfg.n_images], synth / "images"
-    records = D.read_conversations(cfg.data, cfg.image_dir, skip_bad=True)
-    names = sorted({os.path.relpath(r["image"], cfg.image_dir) for r in records if r["image"]})
-    return names[:cfg.n_images], Path(cfg.image_dir)
+    image_dir = Path(cfg.image_dir or Path(cfg.data).parent)  # "": the JSON's folder, as read_conversations
+    records = D.read_conversations(cfg.data, image_dir, skip_bad=True)
+    names = sorted({os.path.relpath(r["image"], image_dir) for r in records if r["image"]})
+    if not names:
+        fail(f"{cfg.data}: no usable record with an image under {image_dir} (see above); --image_dir=FOLDER "
+             "names the images' folder")
+    return names[:cfg.n_images], image_dir
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     steps = ["generate", "judge", "train"]
-    if argv and argv[0] in steps:
-        steps = [argv[0]]
-        argv = argv[1:]
-    cfg, given = parse_config(Config, argv)
+    if argv and not argv[0].startswith("-"):  # the step to run; none: all three
+        if argv[0] not in steps:
+            fail(f"the step is generate, judge or train (or none: all three), not {argv[0]!r}")
+        steps, argv = [argv[0]], argv[1:]
+    usage, rule = "dpo.py [generate | judge | train] [--flag=value ...]", __doc__.split("\n\n")[-1]
+    cfg, given = parse_config(Config, argv, dict(SYNTH_OVERRIDES, judge="oracle"), usage, rule)
     # no --data: the synthetic data and oracle judge; no --model either: the default's settings too
     synthetic = not cfg.data
     default = synthetic and not cfg.model
@@ -501,8 +507,10 @@ def main(argv=None):
         fail(f"no stage-1 model at {cfg.model}: run `python sft.py` first, or pass --model=DIR")
     synth = S.synth_data() if synthetic or cfg.judge == "oracle" else None
     rank, world, device = setup_distributed(cfg.shard)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    tokenizer = D.load_tokenizer(cfg.model)
+    if rank == 0:  # a second run into this out_dir is refused; the settings printed and kept
+        lock_out_dir(cfg.out_dir)
+        write_config(cfg.out_dir, asdict(cfg), marked)
+    tokenizer = D.load_tokenizer(cfg.model) if steps != ["judge"] else None  # the judge reads text only
     images, image_dir = image_list(cfg, synth)
     gen_path = os.path.join(cfg.out_dir, "generations.jsonl")
     pairs_path = os.path.join(cfg.out_dir, "pairs.jsonl")
@@ -533,17 +541,23 @@ def main(argv=None):
             torch.distributed.barrier(group=wait)
         if rank == 0:
             merge_parts(gen_path)
+            if not any("question" in r for r in read_batches(gen_path)):
+                raise SystemExit(f"generate: no usable question was sampled; {gen_path} holds none to judge")
     if "judge" in steps and rank == 0:
         rows = [r for r in read_batches(gen_path) if "question" in r]
         if not rows:  # no file, or every sampled question was malformed
             fail(f"no questions to judge in {gen_path}: run `python dpo.py generate` into this out_dir")
-        judge_step(cfg, rows, image_dir, make_judge(cfg, synth), pairs_path)
+        judge_step(cfg, rows, image_dir, make_judge(cfg, synth), pairs_path, gen_path)
     if wait is not None:
         torch.distributed.barrier(group=wait)  # the judge runs on rank 0: HTTP-bound, one process is enough
     if "train" in steps:
         pairs = read_records(pairs_path, need=("image", "question", "chosen", "rejected"))
         if not pairs:
             fail(f"no preference pairs in {pairs_path}: every verdict was a tie or failed")
+        fp = fingerprint_path(pairs_path)
+        judged = json.load(open(fp)).get("generations") if os.path.exists(fp) else None
+        if os.path.exists(gen_path) and judged != content_hash(gen_path):
+            fail(f"{pairs_path} was not judged from {gen_path} as it is now: run `python dpo.py judge` first")
         model = train_step(cfg, pairs, tokenizer, image_dir, device, rank, world, marked)
         if rank == 0:
             save_adapter(model, os.path.join(cfg.out_dir, "final"))
@@ -553,46 +567,11 @@ def main(argv=None):
             D.copy_tokenizer(cfg.model, merged)
             print0(f"stage 2 done in {(time.time() - t0) / 60:.1f} min; policy in {merged}")
         if default and len(steps) == 3 and rank == 0:
-            report(model.eval(), tokenizer, cfg, synth, device)
+            E.synth_scorecard(model.eval(), tokenizer, cfg.model, cfg.out_dir, synth, device, cfg.seed)
     if torch.distributed.is_initialized():
         # leave together: a rank that exits while rank 0 still writes can make gloo abort
         torch.distributed.barrier(group=wait)
         torch.distributed.destroy_process_group()
-
-
-def report(policy, tokenizer, cfg, synth, device):
-    """The synthetic default's table: the base and stage 1 from sft.py's scorecard (when made with this
-    stage-1 model, else stage 1 is scored here) and the stage-2 policy, with paired intervals; the report."""
-    sampling = dict(S.QUESTION_SAMPLING, seed=cfg.seed)
-    sft_dir = os.path.dirname(os.path.abspath(cfg.model))
-    before, card = os.path.join(sft_dir, "answers_stage1.jsonl"), os.path.join(sft_dir, "scorecard.json")
-    card = json.load(open(card)) if os.path.exists(card) and os.path.exists(before) else {}
-    if card.get("model") == identity(cfg.model):
-        stages = card["stages"]
-    else:
-        print0(f"no scorecard of {cfg.model} beside it: scoring stage 1 here")
-        stage1 = from_pretrained(cfg.model, dtype=torch.float32, device=device).eval()
-        before = os.path.join(cfg.out_dir, "answers_stage1.jsonl")
-        stages = {"stage 1": E.synth_stage(stage1, tokenizer, synth, before, sampling)}
-    after = os.path.join(cfg.out_dir, "answers_stage2.jsonl")
-    stages["stage 2"] = E.synth_stage(policy, tokenizer, synth, after, sampling)
-    table = E.stage_table(stages)
-    with open(os.path.join(cfg.out_dir, "scorecard.json"), "w") as f:
-        json.dump({"model": identity(os.path.join(cfg.out_dir, "merged")), "table": table}, f)
-    write_run_report(cfg, synth, before, after)
-
-
-def write_run_report(cfg, synth, before, after):
-    """out_dir/report.html: the synthetic test questions that changed between two answer files, the curves."""
-    examples = E.load_dataset("synth", str(synth))
-    ta, _ = E.match_answers(examples, E.read_answers(before))
-    tb, _ = E.match_answers(examples, E.read_answers(after))
-    diff = E.compare(examples, ta, tb)
-    scores = (E.score(examples, ta), E.score(examples, tb))
-    changed = R.comparison(diff, examples, (ta, tb), scores, E.LABELS, ("stage 1", "stage 2"))
-    stage1 = R.training_curves(Path(cfg.model).parent / "log.jsonl", "Stage 1 training curves")
-    R.write_run(cfg.out_dir, [changed[0], stage1], changed[1:])
-    print0(json.dumps({"difference": diff}))
 
 
 if __name__ == "__main__":

@@ -346,6 +346,45 @@ def stage_table(stages, n_boot=1000, seed=0):
         print(line)
     return table
 
+
+def synth_scorecard(policy, tokenizer, stage1, out_dir, synth, device, seed=0):
+    """The synthetic default's table after stage 2 (dpo.py): the base and stage 1 from sft.py's scorecard
+    beside the stage-1 model (when made with it; else stage 1 is scored here) and the stage-2 policy, with
+    paired intervals; out_dir/scorecard.json and out_dir/report.html."""
+    import synth as S
+    sampling = dict(S.QUESTION_SAMPLING, seed=seed)
+    sft_dir = os.path.dirname(os.path.abspath(stage1))
+    before, card = os.path.join(sft_dir, "answers_stage1.jsonl"), os.path.join(sft_dir, "scorecard.json")
+    card = json.load(open(card)) if os.path.exists(card) and os.path.exists(before) else {}
+    if card.get("model") == identity(stage1):
+        stages = card["stages"]
+    else:
+        from checkpoint import from_pretrained
+        print(f"no scorecard of {stage1} beside it: scoring stage 1 here")
+        model = from_pretrained(stage1, dtype=policy.lm_head.weight.dtype, device=device).eval()
+        before = os.path.join(out_dir, "answers_stage1.jsonl")
+        stages = {"stage 1": synth_stage(model, tokenizer, synth, before, sampling)}
+    after = os.path.join(out_dir, "answers_stage2.jsonl")
+    stages["stage 2"] = synth_stage(policy, tokenizer, synth, after, sampling)
+    table = stage_table(stages)
+    with open(os.path.join(out_dir, "scorecard.json"), "w") as f:
+        json.dump({"model": identity(os.path.join(out_dir, "merged")), "table": table}, f)
+    stage_report(out_dir, synth, before, after, Path(stage1).parent / "log.jsonl")
+
+
+def stage_report(out_dir, synth, before, after, stage1_log):
+    """out_dir/report.html for the synthetic run: the test questions whose answers changed between two
+    answer files (stage 1 -> stage 2), and stage 1's training curves (its log.jsonl)."""
+    examples = load_dataset("synth", str(synth))
+    ta, _ = match_answers(examples, read_answers(before))
+    tb, _ = match_answers(examples, read_answers(after))
+    diff = compare(examples, ta, tb)
+    scores = (score(examples, ta), score(examples, tb))
+    changed = R.comparison(diff, examples, (ta, tb), scores, LABELS, ("stage 1", "stage 2"))
+    stage1 = R.training_curves(stage1_log, "Stage 1 training curves")
+    R.write_run(out_dir, [changed[0], stage1], changed[1:])
+    print(json.dumps({"difference": diff}))
+
 # -----------------------------------------------------------------------------
 # Answering with a model: batched greedy decoding (data.generate_text), written as it goes
 
@@ -489,16 +528,18 @@ def main(argv=None):
     ap.add_argument("--adapter", help="LoRA adapter directory (PEFT layout) applied on top of --model")
     ap.add_argument("--out", help="answer file to write (default answers-<dataset>.jsonl)")
     ap.add_argument("--overwrite", action="store_true", help="answer afresh, whatever --out holds")
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--max_new_tokens", type=int, default=1024, help="the authors' value")
+    ap.add_argument("--batch_size", type=int, default=8, help="questions per generation call (default 8)")
+    ap.add_argument("--max_new_tokens", type=int, default=1024,
+                    help="new tokens an answer may take (default 1024, the authors')")
     ap.add_argument("--limit", type=int, help="only the first N >= 1 test questions (answering and scoring)")
     ap.add_argument("--closed_suffix", default="", help='for CLOSED questions, e.g. " Answer yes or no."')
     ap.add_argument("--no_pad", action="store_true", help="centre-crop images instead of padding to square")
     ap.add_argument("--device", help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda")
     ap.add_argument("--template", help="prompt template, a data.TEMPLATES key (default the model's own)")
-    ap.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% CIs (0: none)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bootstrap", type=int, default=1000,
+                    help="resamples for the 95%% CIs (default 1000; 0: none)")
+    ap.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (default 0)")
     ap.add_argument("--json", help="also write the result JSON here")
     ap.add_argument("--report", help="also write an HTML report here (report.py), with a per-question JSONL")
     args = ap.parse_args(argv)

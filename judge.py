@@ -465,8 +465,9 @@ def main(argv=None):
     """The command line: `rate` two answers per item, or the `winrate` of model A over model B."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    rate = sub.add_parser("rate", help="rate two answers per item")
-    winrate = sub.add_parser("winrate", help="A vs B")
+    shown = argparse.ArgumentDefaultsHelpFormatter  # --help: each flag's default
+    rate = sub.add_parser("rate", help="rate two answers per item", formatter_class=shown)
+    winrate = sub.add_parser("winrate", help="A vs B", formatter_class=shown)
     rate.add_argument("input", help='JSONL of {"image", "question", "answers": [a1, a2]}')
     rate.add_argument("--out", required=True, help="JSONL: the items with scores or an error")
     rate.add_argument("--swap", action="store_true", help="also rate in the other order and average")
@@ -480,19 +481,19 @@ def main(argv=None):
     winrate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     for s in (rate, winrate):
         s.add_argument("--judge", choices=["gpt", "oracle"], default="gpt", help="oracle: synthetic, offline")
-        s.add_argument("--facts", default=None, help="oracle facts.json (default: the synthetic data's)")
+        s.add_argument("--facts", default="", help="the oracle's facts.json ('' = the synthetic data's)")
         s.add_argument("--image_dir", default=".", help="image paths are relative to this")
         s.add_argument("--cache", default="judge_cache.jsonl", help="verdict cache (the spend ledger beside"
                        " it); keys hash all inputs, so one file can serve every run ('' = none)")
         s.add_argument("--base_url", default="https://api.openai.com/v1", help="any OpenAI-compatible server")
-        s.add_argument("--model", default="gpt-4o")
+        s.add_argument("--model", default="gpt-4o", help="the judge model the server is asked for")
         s.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the key")
         s.add_argument("--workers", type=int, default=4, help="concurrent requests")
         s.add_argument("--timeout", type=float, default=60.0, help="seconds for a whole request")
         s.add_argument("--max_tries", type=int, default=6, help="HTTP tries per call")
         s.add_argument("--retry_failed", action="store_true", help="ask again where it failed before")
-        s.add_argument("--temperature", type=float, default=0.0)
-        s.add_argument("--max_tokens", type=int, default=1024)
+        s.add_argument("--temperature", type=float, default=0.0, help="the judge's sampling temperature")
+        s.add_argument("--max_tokens", type=int, default=1024, help="tokens a reply may take")
         # gpt-4o list price (2024-08-06 snapshot), USD per million tokens: check the current price list.
         s.add_argument("--price_in", type=float, default=2.5, help="USD per million prompt tokens")
         s.add_argument("--price_out", type=float, default=10.0, help="USD per million completion tokens")

@@ -9,13 +9,17 @@ No torch at import (check_device imports it when a torch job calls), so judge.py
     if check_reuse(out, fp, cfg.overwrite):   # True: same inputs, reuse; a difference stops with its name
         ...
 """
+import argparse
 import atexit
+import hashlib
+import inspect
 import json
 import os
 import re
 import shutil
 import sys
-from dataclasses import asdict
+import typing
+from dataclasses import asdict, fields
 
 
 class UsageError(Exception):
@@ -35,6 +39,54 @@ def run_main(main, argv=None):
     except UsageError as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+
+
+# -----------------------------------------------------------------------------
+# A job's settings: a dataclass from the command line, `--help` written from the dataclass itself
+
+
+def field_help(cls):
+    """Each field's one-line description: the comment beside it in the class source, else the comment
+    lines right above it (nanoGPT keeps a config's documentation there too)."""
+    helps, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        m = re.match(r"(\w+)\s*:[^#]*?(?:  # (.*))?$", text)
+        if m:
+            helps[m.group(1)] = m.group(2) or " ".join(above)
+        above = []
+    return helps
+
+
+def parse_config(cls, argv=None, synthetic=None, usage=None, epilog=None):
+    """A dataclass from `--key=value` arguments, and the dict of the keys the command line set.
+
+    Booleans are `--flag` / `--no-flag`; a `Literal[...]` field takes only its values. `--help` lists every
+    field with its description (field_help), its default and, where the synthetic default replaces it,
+    the value that applies there (`synthetic`, key -> value). A bad flag, type or choice stops with one
+    line, exit code 2, as every user error does (fail)."""
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
+    p = argparse.ArgumentParser(description=doc, usage=usage, epilog=epilog)
+    p.error = lambda message: fail(message + " (--help lists the flags)")
+    helps = field_help(cls)
+    for f in fields(cls):
+        default = f"default {f.default!r}"
+        if synthetic and f.name in synthetic:
+            default += f"; synthetic default {synthetic[f.name]}"
+        desc = f"{helps.get(f.name) or f.name} ({default})".replace("%", "%%")
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=desc)
+        elif typing.get_origin(f.type) is typing.Literal:
+            p.add_argument(f"--{f.name}", choices=typing.get_args(f.type), default=None, help=desc)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(f"--{f.name}", type=typ, default=None, help=desc, metavar=typ.__name__.upper())
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return cls(**given), given
 
 
 # -----------------------------------------------------------------------------
@@ -88,20 +140,21 @@ def _short(v):
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_reuse(output, fp, overwrite=False, hint="--overwrite"):
+def check_reuse(output, fp, overwrite=False, hint="--overwrite", old=None):
     """May `output` (a file or directory) be reused for inputs `fp`?
 
     False when it does not exist, or `overwrite` is set (the caller starts it afresh); True when it exists
-    with the same fingerprint. An output made from other inputs stops with a message naming what differs
-    and how to start fresh (`hint`, or another output path). An output without a fingerprint is refused the
-    same way: nothing says what made it."""
+    with the same fingerprint (its fingerprint_path file, or `old` for an output that holds its own). An
+    output made from other inputs stops with a message naming what differs and how to start fresh (`hint`,
+    or another output path). An output without a fingerprint is refused the same way: nothing says what
+    made it."""
     if not os.path.exists(output) or overwrite:
         return False
     path = fingerprint_path(output)
-    if not os.path.exists(path):
+    if old is None and not os.path.exists(path):
         fail(f"{output} exists but records no fingerprint, so it may come from other inputs; "
              f"pass {hint} to start afresh, or choose another output path")
-    old = json.load(open(path))
+    old = json.load(open(path)) if old is None else old
     if old != fp:
         fail(f"{output} was made from other inputs: " + "; ".join(differences(old, fp))
              + f". Pass {hint} to start afresh, or choose another output path")
@@ -348,6 +401,12 @@ def merge_parts(out, key, order):
     replace_text(out, "".join(json.dumps(rows[k]) + "\n" for k in order if k in rows))
     for p in parts:
         os.remove(p)
+
+
+def content_hash(path):
+    """SHA-256 of a file's bytes ("" when there is none): for outputs whose content, not their path, names
+    them (a rewrite with the same rows keeps it)."""
+    return hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else ""
 
 # Surviving a kill at any instant: temporary files, directory swaps, logs cut back to a checkpoint
 

@@ -364,24 +364,27 @@ def select_main(args):
 def main(argv=None):
     s = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     s.add_argument("--model", default="synth_base",
-                   help="model.py checkpoint whose frozen towers give the features")
+                   help="model.py checkpoint whose frozen towers give the features (default synth_base)")
     s.add_argument("--tokenizer", default="",
                    help="default: the model folder's (synthetic default: the toy one)")
     s.add_argument("--data", default="",
                    help="instruction JSON to select from ('' = the synthetic corrupted data)")
-    s.add_argument("--image_dir", default=".", help="image paths of --data and --pairs are relative to this")
+    s.add_argument("--image_dir", default=".", help="image paths of --data and --pairs are relative to this "
+                   "(default .)")
     s.add_argument("--pairs", default="", help="rated pairs, JSONL (see read_pairs); needed with --data")
     s.add_argument("--out", default="out/select/selected.json",
-                   help="the kept records; also OUT.summary.json")
+                   help="the kept records; also OUT.summary.json (default out/select/selected.json)")
     s.add_argument("--top", type=float, default=0.5,
-                   help="K: fraction kept per cluster (paper: 0.1, 0.5, 0.8)")
-    s.add_argument("--clusters", type=int, default=8, help="k-means clusters")
-    s.add_argument("--w", type=float, default=400.0, help="weight of a human pair (paper: best 400 at 1:400)")
-    s.add_argument("--epochs", type=int, default=6, help="paper: 6")
-    s.add_argument("--lr", type=float, default=1e-4, help="Adam; paper 1e-4 (its code 1e-5)")
-    s.add_argument("--batch", type=int, default=64, help="pairs per batch (authors' code: 64)")
-    s.add_argument("--holdout", type=float, default=0.2, help="fraction of pairs held out for pair accuracy")
-    s.add_argument("--seed", type=int, default=0)
+                   help="K: fraction kept per cluster (default 0.5; the paper: 0.1, 0.5, 0.8)")
+    s.add_argument("--clusters", type=int, default=8, help="k-means clusters (default 8)")
+    s.add_argument("--w", type=float, default=400.0, help="weight of a human pair (default 400: the paper's "
+                   "best, at 1:400)")
+    s.add_argument("--epochs", type=int, default=6, help="passes over the pairs (default 6, the paper's)")
+    s.add_argument("--lr", type=float, default=1e-4, help="Adam's (default 1e-4, the paper's; its code 1e-5)")
+    s.add_argument("--batch", type=int, default=64, help="pairs per batch (default 64, the authors' code)")
+    s.add_argument("--holdout", type=float, default=0.2, help="fraction of pairs held out for pair accuracy "
+                   "(default 0.2)")
+    s.add_argument("--seed", type=int, default=0, help="split, initialisation, k-means (default 0)")
     s.add_argument("--device", default="",
                    help="for the frozen features (default: cuda if available); the head trains on CPU")
     s.add_argument("--report", default="", help="also write an HTML report of the selection here")

@@ -37,6 +37,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -48,9 +49,9 @@ import synth as S
 from checkpoint import from_pretrained, save_pretrained
 from lora import add_lora, lora_targets, mark_trainable, merge_lora, save_adapter
 from model import CONFIGS, Llava
-from runs import check_model_dir, fail, identity, read_records, run_main
-from train import (fit, format_plan, memory_plan, param_groups, parse_config, plan_row, print0,
-                   setup_distributed, shard_model, token_nll)
+from runs import check_model_dir, fail, identity, parse_config, read_records, run_main
+from train import (fit, format_plan, memory_plan, param_groups, plan_row, print0, setup_distributed,
+                   shard_model, token_nll)
 
 
 @dataclass
@@ -59,53 +60,52 @@ class Config:
     model: str = ""  # checkpoint directory (llava-hf or original LLaVA layout)
     vision_path: str = ""  # CLIP directory when the checkpoint does not hold the tower
     data: str = ""  # LLaVA conversation JSON (id, image, conversations)
-    image_dir: str = ""
-    out_dir: str = "out/sft"
+    image_dir: str = ""  # the folder --data's image paths are relative to; "" = the JSON's own folder
+    out_dir: str = "out/sft"  # checkpoint, log.jsonl, config.json, final/ (and merged/) go here
     # what trains: lora = the paper (LoRA on both towers + projector); projector = LLaVA-Med's alignment;
     # llm = LLaVA-Med's instruction tuning (projector + LLM, tower frozen, cfg.lr for all); full = everything
-    train: str = "lora"
+    train: Literal["lora", "projector", "llm", "full"] = "lora"
     question_loss: bool = True  # STLLaVA-Med: supervise VUSER questions too; off = plain LLaVA answers-only
     lm_loss: bool = False  # every text token supervised, as a language model pretrains (the synthetic base)
     # LLaVA-Med concept alignment: each caption record gets a "describe" instruction, drawn per epoch from
     # the paper's brief (< 30 words) or detailed list (data.caption_to_alignment)
     align_captions: bool = False
     sq_r: float = 0.5  # probability that a later human turn becomes a VUSER turn (sqllava_med.sh --sq_r 0.5)
-    template: str = "vicuna_v1_sq"
-    lora_r: int = 128  # LLM LoRA (sqllava_med.sh)
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    vit_lora_r: int = 32  # vision-tower LoRA (sqllava_med.sh --vit_lora_enable)
-    vit_lora_alpha: int = 64
-    vit_lora_dropout: float = 0.2
+    template: Literal[tuple(D.TEMPLATES)] = "vicuna_v1_sq"  # conversation template (data.TEMPLATES)
+    lora_r: int = 128  # LLM LoRA rank (sqllava_med.sh)
+    lora_alpha: int = 256  # LLM LoRA scale: the update is B A x alpha / r
+    lora_dropout: float = 0.05  # dropout on the LLM LoRA's input
+    vit_lora_r: int = 32  # vision-tower LoRA rank (sqllava_med.sh --vit_lora_enable)
+    vit_lora_alpha: int = 64  # vision-tower LoRA scale
+    vit_lora_dropout: float = 0.2  # dropout on the vision-tower LoRA's input
     # optimisation (sqllava_med.sh): AdamW, no weight decay, cosine with 3% warmup
-    lr: float = 2e-4  # LLM LoRA, or every weight in `full` mode
-    vision_lr: float = 5e-5  # the paper's garbled "5x10^-?"; the script's vision_tower_lr
-    projector_lr: float = 2e-5  # mm_projector_lr
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    grad_clip: float = 1.0
+    lr: float = 2e-4  # peak learning rate of the LLM (its LoRA; all its weights in full; everything in llm)
+    vision_lr: float = 5e-5  # the vision tower's (sqllava_med.sh; the paper's "5x10^-?" is garbled)
+    projector_lr: float = 2e-5  # the projector's (the script's mm_projector_lr)
+    weight_decay: float = 0.0  # AdamW's, on every group
+    warmup_ratio: float = 0.03  # share of the steps the learning rate warms up linearly, then cosine to 0
+    grad_clip: float = 1.0  # clip the global gradient norm to this
     global_batch: int = 128  # = micro_batch x accumulation x world size; accumulation is derived
-    micro_batch: int = 8
-    epochs: float = 3  # the script runs 3; the paper says one epoch
-    max_steps: int = -1  # stop early (for tests and smoke runs)
-    max_length: int = 2048
+    micro_batch: int = 8  # examples a forward pass, per process
+    epochs: float = 3  # passes over --data (the script runs 3; the paper says one epoch)
+    max_steps: int = -1  # stop after this many optimizer steps (smoke runs, tests); -1 = the epochs' count
+    max_length: int = 2048  # tokens a conversation keeps, image tokens included; the rest is cut
     image_size: int = 0  # 0 = the vision tower's own (config.json); images are resized to this
     grad_ckpt: bool = True  # recompute each decoder block in backward (the authors' --gradient_checkpointing)
-    seed: int = 0
+    seed: int = 0  # LoRA initialisation, data order, questioner roles
     # ddp: every rank holds the whole model; fsdp: FSDP2 shards weights, gradients and optimizer state over
     # the ranks (train.shard_model)
-    shard: str = "ddp"
+    shard: Literal["ddp", "fsdp"] = "ddp"
     cpu_offload: bool = False  # fsdp only: the shards and the optimizer state live in CPU memory
     # bookkeeping
-    save_every: int = 200
-    resume: bool = False
+    save_every: int = 200  # steps between checkpoints (out_dir/checkpoint*)
+    resume: bool = False  # continue from out_dir's checkpoint, bit for bit; changed settings are refused
     overwrite: bool = False  # start afresh where out_dir holds a checkpoint made from other inputs
     merge: bool = False  # also write the merged model (llava-hf layout) after LoRA training
-    log_every: int = 10
-    # --plan: print the memory plan of --model, a name in model.CONFIGS, on the meta device, and exit
-    plan: bool = False
+    log_every: int = 10  # steps between printed log lines (log.jsonl has every step)
+    plan: bool = False  # print the memory plan of --model (a model.CONFIGS name) on the meta device; exit
     world: int = 0  # the plan's world size; 0 = the real one
-    make_base: bool = False  # synthetic: train the base from scratch on pretrain.json (made synth_base/)
+    make_base: bool = False  # synthetic: train the base from scratch on pretrain.json, with SYNTH_BASE
 
 
 # With neither --model nor --data the synthetic default replaces the paper-scale values above, unless the
@@ -119,6 +119,9 @@ SYNTH_OVERRIDES = dict(global_batch=16, micro_batch=16, epochs=3, lr=7e-4, visio
 SYNTH_BASE = dict(train="full", question_loss=False, lm_loss=True, sq_r=0.0, template="vicuna_v1", lr=1.5e-3,
                   vision_lr=1.5e-3, projector_lr=1.5e-3, global_batch=32, micro_batch=32, epochs=8,
                   save_every=500)
+SYNTH_HELP = {**SYNTH_OVERRIDES, "micro_batch": "global_batch / world size"}  # for --help
+SYNTH_RULE = ("With neither --model nor --data, the synthetic default: its values apply to every flag not "
+              "given; --make_base's are " + " ".join(f"--{k}={v}" for k, v in SYNTH_BASE.items()))
 
 # -----------------------------------------------------------------------------
 # Stage 1 pieces: trainable set, encoding, the loss
@@ -203,7 +206,7 @@ def init_weights(model, std=0.02):
 
 
 def main(argv=None):
-    cfg, given = parse_config(Config, argv)
+    cfg, given = parse_config(Config, argv, SYNTH_HELP, "sft.py [--flag=value ...]", SYNTH_RULE)
     if cfg.plan:  # no GPU, no weights, no data: the parameter counts are all the plan needs
         with torch.device("meta"):
             model = Llava(CONFIGS[cfg.model])
@@ -214,9 +217,6 @@ def main(argv=None):
     if bool(cfg.model) != bool(cfg.data) or (cfg.make_base and not synthetic):
         fail("give --model and --data together (stage 1 on your data), or neither (the synthetic default; "
              "--make_base trains its base)")
-    if cfg.train not in ("lora", "projector", "llm", "full") or cfg.shard not in ("ddp", "fsdp"):
-        fail(f"--train must be lora, projector, llm or full (not {cfg.train!r}); --shard ddp or fsdp "
-             f"(not {cfg.shard!r})")
     if not synthetic:
         check_model_dir(cfg.model, vision_path=cfg.vision_path)
         read_records(cfg.data, need=("conversations",))  # a bad record stops here, named, before any weight

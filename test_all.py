@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -1831,17 +1831,16 @@ def test_summarize_means_and_leaves_out_empty_metrics():
 
 def test_bad_config_stops_with_clear_messages(tiny_dir, small_data, synth, tmp_path, capsys):
     for bad, msg in ((["--nonsense=1"], "unrecognized arguments: --nonsense=1"),
-                     (["--micro_batch=two"], "invalid int value")):
-        with pytest.raises(SystemExit):
-            T.parse_config(sft.Config, bad)
-        assert msg in capsys.readouterr().err
+                     (["--micro_batch=two"], "invalid int value"), (["--train=both"], "invalid choice")):
+        with pytest.raises(runs.UsageError, match=msg):  # one line, exit code 2 (runs.run_main)
+            runs.parse_config(sft.Config, bad)
     cfg = replace(sft.Config(), global_batch=10, micro_batch=4)
     with pytest.raises(ValueError, match="global_batch 10 is not divisible by micro_batch 4 x world size 1"):
         T.fit(cfg, None, 100, None, None, [], str(tmp_path))
     with pytest.raises(ValueError, match="--train must be lora, projector, llm or full"):
         sft.setup_trainable(C.from_pretrained(str(tiny_dir), dtype=torch.float32),
                             replace(sft.Config(), train="both"))
-    cfg, given = T.parse_config(sft.Config, ["--no-question_loss", "--lr=0.5"])
+    cfg, given = runs.parse_config(sft.Config, ["--no-question_loss", "--lr=0.5"])
     assert cfg.question_loss is False and cfg.lr == 0.5 and given == {"question_loss": False, "lr": 0.5}
 
 
@@ -2165,13 +2164,13 @@ def test_dpo_steps_resume_without_losing_or_repeating_work(tiny_dir, synth, tmp_
     judge.score_fn = counting
     cfg1 = replace(cfg, workers=1)
     with pytest.raises(KeyboardInterrupt):
-        dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
+        dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"), "")
     judge.score_fn = lambda f, q, a: (seen.append((q, a)), score(f, q, a))[1]
-    dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
+    dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"), "")
     n_items = len({json.dumps([r["image"], r["question"], r["answers"]]) for r in rows})
     assert len(seen) <= 2 * n_items + 2  # two answers per item; at most the interrupted item is scored again
     before = len(seen)
-    dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"))
+    dpo.judge_step(cfg1, rows, synth / "images", judge, str(tmp_path / "pairs.jsonl"), "")
     assert len(seen) == before  # a third run is all cache
 
 
@@ -2284,16 +2283,17 @@ def test_generation_sharded_over_ranks_equals_one_process_and_resumes(tiny_dir, 
     assert two.read_text() == one.read_text()
 
 
-def test_dpo_generate_on_two_gloo_processes_equals_one(tiny_dir, tmp_path):
-    # the synthetic default keeps only questions of its grammar: from a random model the lines are the
-    # batches' ends, whose counts of dropped questions still depend on what each rank sampled
-    args = [f"--model={tiny_dir}", "--n_images=4", "--n_questions=2", "--describe_tokens=4",
+def test_dpo_generate_on_two_gloo_processes_equals_one(synth, small_data, tmp_path):
+    # a model that asks "????" (questioning_llava): every row has a question and two sampled answers
+    args = [f"--model={questioning_llava(tmp_path / 'm', synth)}", f"--data={small_data}",
+            f"--image_dir={synth / 'images'}", "--n_images=4", "--n_questions=2", "--describe_tokens=4",
             "--q_max_tokens=6", "--a_max_tokens=4", "--gen_batch=1", "--q_temperature=1.0", "--q_top_k=50"]
     dpo.main(["generate", f"--out_dir={tmp_path / 'one'}", *args])
     run_sft(["generate", f"--out_dir={tmp_path / 'two'}", *args], nproc=2, script=HERE / "dpo.py")
     one = (tmp_path / "one" / "generations.jsonl").read_text()
-    assert (tmp_path / "two" / "generations.jsonl").read_text() == one and one.count("\n") >= 4
-    assert sorted(os.listdir(tmp_path / "two")) == ["generations.jsonl", "generations.jsonl.fingerprint.json"]
+    assert (tmp_path / "two" / "generations.jsonl").read_text() == one and one.count('"question"') >= 4
+    assert sorted(os.listdir(tmp_path / "two")) == ["config.json", "generations.jsonl",
+                                                    "generations.jsonl.fingerprint.json"]
 
 
 def test_generation_budget_from_the_flag_or_memory(tiny_dir):
@@ -3403,7 +3403,7 @@ def test_dpo_judge_step_passes_the_settings_through(env, fake, no_waits, tmp_pat
     j = dpo.make_judge(cfg)
     assert (j.client.timeout, j.client.max_tries) == (1.0, 2)
     rows = [{"image": "img.png", "question": f"q{i}", "answers": ["a", "b"]} for i in range(3)]
-    pairs = dpo.judge_step(cfg, rows, env, j, str(tmp_path / "pairs.jsonl"))
+    pairs = dpo.judge_step(cfg, rows, env, j, str(tmp_path / "pairs.jsonl"), "")
     assert len(pairs) == 3 and (tmp_path / "judge_spend.jsonl").exists()
     assert "3/3 done" in capsys.readouterr().out
 
@@ -4222,7 +4222,7 @@ def test_large_galleries_are_capped_with_a_note(eval_reports, tmp_path):
 def run_reports(tiny_dir, small_data, synth, tmp_path_factory):
     """Stage 1 for 3 steps; stage 2's generate and judge on 6 images with the tiny model (a stand-in expert
     scores by answer length, and fails on one question), DPO on the pairs; then the synthetic run's end
-    (dpo.write_run_report) on perturbed answer files. Returns the directories and what it printed."""
+    (evaluate.stage_report) on perturbed answer files. Returns the directories and what it printed."""
     root = tmp_path_factory.mktemp("run_reports")
     sft.main(sft_args(tiny_dir, small_data, synth, root / "sft"))
     tok = D.load_tokenizer(tiny_dir)
@@ -4242,7 +4242,8 @@ def run_reports(tiny_dir, small_data, synth, tmp_path_factory):
             raise ValueError("a failed verdict")
         return float(1 + len(a) % 3)
     judge.score_fn = stand_in
-    pairs = dpo.judge_step(cfg, rows, synth / "images", judge, str(out / "pairs.jsonl"))
+    pairs = dpo.judge_step(cfg, rows, synth / "images", judge, str(out / "pairs.jsonl"),
+                           str(out / "generations.jsonl"))
     assert pairs and len(pairs) < len(rows) - 1  # some tied
     dpo.main(["train", f"--model={tiny_dir}", f"--out_dir={out}", "--global_batch=2", "--micro_batch=1",
               "--epochs=2", "--max_steps=3", "--lora_r=4", "--lora_alpha=8", "--vit_lora_r=2",
@@ -4255,7 +4256,8 @@ def run_reports(tiny_dir, small_data, synth, tmp_path_factory):
     buf = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "stdout", buf)
-        dpo.write_run_report(cfg, synth, out / "answers_stage1.jsonl", out / "answers_stage2.jsonl")
+        E.stage_report(str(out), synth, out / "answers_stage1.jsonl", out / "answers_stage2.jsonl",
+                       root / "sft" / "log.jsonl")
     printed = json.loads(buf.getvalue().strip().splitlines()[-1])
     r = subprocess.run([sys.executable, "report.py", str(root / "sft")], cwd=HERE, capture_output=True,
                        text=True)
@@ -4702,6 +4704,81 @@ def test_paper_path_end_to_end(vqa_rad_sft, env, fake, monkeypatch):
         for other in (hf, pm):
             new = other.generate(**x, max_new_tokens=4, do_sample=False, eos_token_id=None)
             assert torch.equal(new[:, x["input_ids"].shape[1]:], want), (stage, type(other).__name__)
+
+
+def test_every_reuse_case_of_dpo_outputs(synth, small_data, env, fake, tmp_path):
+    """dpo.py's outputs know what made them: the generations (model, data, sampling settings), the pairs (the
+    generations they were judged from), the precomputed reference log-probs (pairs, model, settings) and the
+    DPO checkpoint. The same inputs are reused; another input or setting is refused, naming it, with exit
+    code 2 and nothing written lost; --overwrite starts that step afresh."""
+    model, other = questioning_llava(tmp_path / "m", synth), questioning_llava(tmp_path / "m2", synth)
+    out = tmp_path / "dpo"
+    common = [f"--model={model}", f"--data={small_data}", f"--out_dir={out}"]
+    r = cli("dpo.py", "generate", *common)  # the JSON's folder holds no image: named before any weight
+    assert_user_error(r, str(small_data), "--image_dir", one_line=False)
+    common.append(f"--image_dir={synth / 'images'}")
+    gen = ["generate", *common, "--n_images=2", "--n_questions=2", "--describe_tokens=4", "--q_max_tokens=6",
+           "--a_max_tokens=4", "--gen_batch=1"]
+    judge_ = ["judge", *common, f"--base_url={fake.url}", "--api_key_env=JUDGE_TEST_KEY", "--max_tries=2"]
+    train = ["train", *common, "--max_steps=1", "--global_batch=2", "--micro_batch=2", "--max_length=256",
+             "--precompute_ref", "--lora_r=4", "--lora_alpha=8", "--vit_lora_r=2", "--vit_lora_alpha=4"]
+    g, pairs, ref = out / "generations.jsonl", out / "pairs.jsonl", out / "ref_logps.pt"
+    assert cli("dpo.py", *gen).returncode == 0
+    first = g.read_text()
+    r = cli("dpo.py", *gen)  # the same inputs: reused, nothing generated again
+    assert r.returncode == 0 and g.read_text() == first and "generate: batch" not in r.stdout, r.stderr
+    for args in (judge_, train):
+        r = cli("dpo.py", *args)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert len(fake.log) == len(first.splitlines()) - 2  # a verdict per question (each batch has an end line)
+    kept = {p: p.read_bytes() for p in (g, pairs, ref)}
+    for args, culprits in ((gen + ["--n_questions=3"], ["generations.jsonl", "n_questions (2 -> 3)"]),
+                           (gen + [f"--model={other}"], ["generations.jsonl", f"model ({model} -> {other})"]),
+                           (gen + ["--q_top_p=0.5"], ["generations.jsonl", "q_top_p (0.95 -> 0.5)"]),
+                           (train + ["--max_length=200"], ["ref_logps.pt", "max_length (256 -> 200)"]),
+                           (train + ["--lr=1e-4"], ["checkpoint.pt", "lr (5e-06 -> 0.0001)"])):
+        assert_user_error(cli("dpo.py", *args), *culprits, "--overwrite")
+        assert all(p.read_bytes() == b for p, b in kept.items())  # nothing lost
+    # generations made afresh: the pairs judged from the old ones are refused until judged again
+    r = cli("dpo.py", *gen, "--a_max_tokens=3", "--overwrite")  # shorter answers: other pairs
+    assert r.returncode == 0 and g.read_text() != first and "generate: batch 2/2" in r.stdout, r.stderr
+    assert_user_error(cli("dpo.py", *train), "pairs.jsonl", str(g), "python dpo.py judge")
+    assert cli("dpo.py", *judge_).returncode == 0
+    assert_user_error(cli("dpo.py", *train), "ref_logps.pt", "pairs (")  # the reference's pairs changed
+    r = cli("dpo.py", *train, "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    n_pairs = len(pairs.read_text().splitlines())
+    assert ref.read_bytes() != kept[ref] and torch.load(ref)["logps"].shape == (n_pairs, 2)
+    settings = json.loads((out / "config.json").read_text())["settings"]
+    assert settings["overwrite"] and settings["a_max_tokens"] == 1024  # the train step's run, as it ran
+    (out / ".lock").write_text(str(os.getpid()))  # a live run holds out_dir: every step is refused
+    for step in ("generate", "judge", "train"):
+        assert_user_error(cli("dpo.py", step, *common), str(out), "in use by another run", str(os.getpid()))
+
+
+def test_help_shows_what_applies(synth):
+    """--help: every option with a one-line description, its default, the synthetic default's value where it
+    replaces it, and the valid choices; dpo.py's usage names its steps. A bad choice or step is one line."""
+    for script, module in (("sft.py", sft), ("dpo.py", dpo)):
+        r = cli(script, "--help")
+        assert r.returncode == 0, r.stderr
+        text = " ".join(r.stdout.split())  # argparse wraps lines
+        described = runs.field_help(module.Config)
+        for f in fields(module.Config):
+            assert described.get(f.name), (script, f.name)  # the comment beside the field, or above it
+            desc = " ".join(described[f.name].split())
+            assert f"--{f.name}" in text and desc in text and f"(default {f.default!r}" in text, f.name
+            if f.name in module.SYNTH_OVERRIDES and f.name != "micro_batch":
+                assert f"{desc} (default {f.default!r}; synthetic default {module.SYNTH_OVERRIDES[f.name]})" \
+                    in text, f.name
+        assert "{lora,projector,llm,full}" in text if script == "sft.py" else "{gpt,oracle}" in text
+        assert "{ddp,fsdp}" in text and ",".join(D.TEMPLATES) + "}" in text
+    assert r.stdout.startswith("usage: dpo.py [generate | judge | train]")
+    assert "synthetic default oracle" in text and "Without --data, the synthetic data and the oracle" in text
+    assert_user_error(cli("sft.py", "--train=lorra"), "--train", "'lorra'", "'projector'")
+    assert_user_error(cli("sft.py", "--shard=zero3"), "--shard", "'zero3'", "'fsdp'")
+    assert_user_error(cli("dpo.py", "gnerate"), "generate, judge or train", "'gnerate'")
+    assert_user_error(cli("dpo.py", "judge", "--judge=gpt5"), "--judge", "'gpt5'", "'oracle'")
 
 
 # ----------------------------------------------------------------------------- bench.py

@@ -1,8 +1,7 @@
 """
-The training loop both stages share, and what it stands on: config from the command line, torchrun,
-parameter groups, the schedule, atomic and sharded checkpoints, FSDP2 and logging.
+The training loop both stages share, and what it stands on: torchrun, parameter groups, the schedule,
+atomic and sharded checkpoints, FSDP2 and logging.
 
-- parse_config: a dataclass from `--key=value` flags (nanoGPT's configurator idea, with argparse's errors).
 - setup_distributed: RANK / WORLD_SIZE / LOCAL_RANK read from torchrun's environment; DDP or FSDP2.
 - param_groups: the authors' three AdamW groups (LLM, vision tower, projector; `llava_trainer.py`
   create_optimizer), and cosine_lr_factor, transformers' cosine schedule with linear warmup.
@@ -18,16 +17,14 @@ parameter groups, the schedule, atomic and sharded checkpoints, FSDP2 and loggin
 
 Stage 1 (sft.py) and stage 2 (dpo.py) each pass their own `prepare` (encode a micro batch) and `micro_loss`.
 """
-import argparse
 import json
 import math
 import os
 import random
 import re
-import sys
 import time
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -40,25 +37,7 @@ from runs import (UsageError, cut_log, fail, first_line, open_run, remove_dir, r
                   unlock_out_dir, write_fingerprint)
 
 # -----------------------------------------------------------------------------
-# Config from the command line, and torchrun
-
-
-def parse_config(cls, argv=None):
-    """A dataclass from `--key=value` arguments, and the dict of the keys the command line set.
-
-    Booleans are `--flag` / `--no-flag`. Unknown keys and wrong types stop at once (argparse's errors).
-    """
-    p = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0])
-    for f in fields(cls):
-        if f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                           help=f"default {f.default}")
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(f"--{f.name}", type=typ, default=None, help=f"default {f.default!r}")
-    args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    return cls(**given), given
+# torchrun
 
 
 def setup_distributed(shard="ddp"):
