@@ -44,7 +44,7 @@ from runs import (append_jsonl, check_reuse, content_hash, fail, fingerprint, fi
                   lock_out_dir, parse_config, read_records, remove_output, replace_text, run_main,
                   write_config, write_fingerprint)
 from lora import add_lora, disable_lora, lora_targets, mark_trainable, merge_lora, save_adapter
-from train import (atomic_save, autocast, fit, format_plan, memory_plan, param_groups, print0,
+from train import (atomic_save, autocast, check_batch, fit, format_plan, memory_plan, param_groups, print0,
                    setup_distributed, shard_model, token_nll)
 
 
@@ -117,7 +117,7 @@ class Config:
     save_every: int = 50  # steps between checkpoints (out_dir/checkpoint*)
     resume: bool = False  # continue training from out_dir's checkpoint, bit for bit; changed settings refused
     log_every: int = 5  # steps between printed log lines (log.jsonl has every step)
-    overwrite: bool = False  # start the steps run afresh where out_dir holds outputs made from other inputs
+    overwrite: bool = False  # the steps that run start afresh, whatever out_dir holds from other inputs
 
 
 # The synthetic default: the tiny model, the oracle judge and CPU-sized settings (each overridable).
@@ -554,6 +554,7 @@ def main(argv=None):
         pairs = read_records(pairs_path, need=("image", "question", "chosen", "rejected"))
         if not pairs:
             fail(f"no preference pairs in {pairs_path}: every verdict was a tie or failed")
+        check_batch(cfg, world, len(pairs))  # before the model loads
         fp = fingerprint_path(pairs_path)
         judged = json.load(open(fp)).get("generations") if os.path.exists(fp) else None
         if os.path.exists(gen_path) and judged != content_hash(gen_path):

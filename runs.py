@@ -1,7 +1,8 @@
 """
-Run bookkeeping shared by every job: one-line user errors (exit code 2), fingerprints that say what made an
-output, the lock that keeps two runs out of one out_dir, the effective settings as config.json, inputs checked
-before expensive work (model directories, devices, record formats), and JSONL outputs that survive a kill.
+Run bookkeeping shared by every job: settings from the command line (parse_config, with a --help written from
+the config dataclass), one-line user errors (exit code 2), fingerprints that say what made an output, the
+lock that keeps two runs out of one out_dir, the effective settings as config.json, inputs checked before
+expensive work (model directories, devices, record formats), and JSONL outputs that survive a kill.
 No torch at import (check_device imports it when a torch job calls), so judge.py can use it too.
 
     from runs import fail, fingerprint, check_reuse, lock_out_dir
@@ -330,11 +331,12 @@ def read_records(path, need=(), check=None):
             rs = json.loads(line) if line.strip() else []
         except json.JSONDecodeError as e:
             fail(f"{path}, line {n + e.lineno - 1}: not JSON ({e.msg})")
-        for r in rs if isinstance(rs, list) else [rs]:
+        for i, r in enumerate(rs if isinstance(rs, list) else [rs]):
+            where = f"record {i}" if isinstance(rs, list) else f"line {n}"  # a JSON list's index, from 0
             if not (isinstance(r, dict) and set(need) <= r.keys()):
-                fail(f"{path}, line {n}: a record needs {', '.join(need) or 'to be an object'}")
+                fail(f"{path}, {where}: a record needs {', '.join(need) or 'to be an object'}")
             if check and (problem := check(r)):
-                fail(f"{path}, line {n}: {problem}")
+                fail(f"{path}, {where}: {problem}")
             out.append(r)
     return out
 
@@ -407,6 +409,7 @@ def content_hash(path):
     """SHA-256 of a file's bytes ("" when there is none): for outputs whose content, not their path, names
     them (a rewrite with the same rows keeps it)."""
     return hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else ""
+
 
 # Surviving a kill at any instant: temporary files, directory swaps, logs cut back to a checkpoint
 

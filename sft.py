@@ -50,8 +50,8 @@ from checkpoint import from_pretrained, save_pretrained
 from lora import add_lora, lora_targets, mark_trainable, merge_lora, save_adapter
 from model import CONFIGS, Llava
 from runs import check_model_dir, fail, identity, parse_config, read_records, run_main
-from train import (fit, format_plan, memory_plan, param_groups, plan_row, print0, setup_distributed,
-                   shard_model, token_nll)
+from train import (check_batch, fit, format_plan, memory_plan, param_groups, plan_row, print0,
+                   setup_distributed, shard_model, token_nll)
 
 
 @dataclass
@@ -217,15 +217,15 @@ def main(argv=None):
     if bool(cfg.model) != bool(cfg.data) or (cfg.make_base and not synthetic):
         fail("give --model and --data together (stage 1 on your data), or neither (the synthetic default; "
              "--make_base trains its base)")
-    if not synthetic:
-        check_model_dir(cfg.model, vision_path=cfg.vision_path)
-        read_records(cfg.data, need=("conversations",))  # a bad record stops here, named, before any weight
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's: the synthetic default splits its batch over it
     if synthetic:  # the synthetic default's values, for every key the command line did not set
         synth_values = {**SYNTH_OVERRIDES, **(SYNTH_BASE if cfg.make_base else {})}
-        world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun, the global batch split over the ranks
         synth_values["micro_batch"] = max(1, given.get("global_batch", synth_values["global_batch"]) // world)
         cfg = replace(cfg, **{k: v for k, v in synth_values.items() if k not in given})
+    else:  # the inputs are checked before any weight loads: a bad record stops here, named
+        check_model_dir(cfg.model, vision_path=cfg.vision_path)
     marked = [k for k in synth_values if k not in given] if synthetic else []  # starred in config.json
+    check_batch(cfg, world, None if synthetic else len(read_records(cfg.data, need=("conversations",))))
     rank, world, device = setup_distributed(cfg.shard)
     torch.manual_seed(cfg.seed)
     t_start = time.time()

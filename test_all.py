@@ -1835,7 +1835,7 @@ def test_bad_config_stops_with_clear_messages(tiny_dir, small_data, synth, tmp_p
         with pytest.raises(runs.UsageError, match=msg):  # one line, exit code 2 (runs.run_main)
             runs.parse_config(sft.Config, bad)
     cfg = replace(sft.Config(), global_batch=10, micro_batch=4)
-    with pytest.raises(ValueError, match="global_batch 10 is not divisible by micro_batch 4 x world size 1"):
+    with pytest.raises(runs.UsageError, match="--global_batch=10 is not divisible by --micro_batch=4 x"):
         T.fit(cfg, None, 100, None, None, [], str(tmp_path))
     with pytest.raises(ValueError, match="--train must be lora, projector, llm or full"):
         sft.setup_trainable(C.from_pretrained(str(tiny_dir), dtype=torch.float32),
@@ -4505,6 +4505,50 @@ def test_evaluate_user_errors_are_one_line(user, synth, case, args, culprits):
     r = cli("evaluate.py", *[a.format(d=user, synth=synth) for a in args])
     assert_user_error(r, *culprits)
     assert {p: p.read_bytes() for p in user.rglob("*") if p.is_file()} == before  # nothing written or lost
+
+
+@pytest.mark.parametrize("case, args, culprits", [
+    ("--model without --data", ["sft.py", "--model={d}/out/sft/merged"], ["--model and --data together"]),
+    ("--model that does not exist", ["sft.py", "--model=/nonexistent", "--data={d}/conv.json"],
+     ["/nonexistent", "does not exist"]),
+    ("an adapter as --model", ["sft.py", "--model={d}/out/sft/final", "--data={d}/conv.json"],
+     ["out/sft/final", "LoRA adapter"]),
+    ("a bad record", ["sft.py", "--model={d}/out/sft/merged", "--data={d}/conv_bad.json"],
+     ["conv_bad.json", "record 1", "conversations"]),
+    ("a batch that does not split", ["sft.py", "--model={d}/out/sft/merged", "--data={d}/conv.json",
+                                     "--global_batch=3", "--micro_batch=2"], ["--global_batch=3", "=2 x"]),
+    ("--micro_batch 0", ["sft.py", "--micro_batch=0"], ["--micro_batch=0", "at least 1"]),
+    ("--epochs 0", ["sft.py", "--epochs=0"], ["--epochs=0"]),
+    ("fewer examples than a batch", ["sft.py", "--model={d}/out/sft/merged", "--data={d}/conv.json",
+                                     "--global_batch=8", "--micro_batch=8"], ["2 examples", "=8)"]),
+    ("a server for the synthetic data", ["dpo.py", "--base_url=http://127.0.0.1:9/v1"],
+     ["offline oracle", "--data", "--judge=gpt"]),
+    ("a judge model for the synthetic data", ["dpo.py", "judge", "--judge_model=gpt-4o"], ["offline oracle"]),
+    ("no stage-1 model", ["dpo.py", "--model={d}/out/nowhere"], ["out/nowhere", "python sft.py"]),
+    ("judge before generate", ["dpo.py", "judge", "--model={d}/out/sft/merged", "--out_dir={t}/fresh"],
+     ["generations.jsonl", "dpo.py generate"]),
+    ("a malformed pairs file", ["dpo.py", "train", "--model={d}/out/sft/merged", "--out_dir={t}/bad"],
+     ["pairs.jsonl, line 2", "chosen"]),
+    ("no pairs", ["dpo.py", "train", "--model={d}/out/sft/merged", "--out_dir={t}/empty"],
+     ["no preference pairs", "pairs.jsonl"]),
+])
+def test_sft_and_dpo_user_errors_are_one_line(user, tmp_path, case, args, culprits):
+    """sft.py's and dpo.py's user mistakes: one line naming the culprit, exit code 2, before any weight loads,
+    nothing already written changed."""
+    conv = [{"id": i, "image": "img.png", "conversations": [{"from": "human", "value": "<image>\nq?"},
+                                                            {"from": "gpt", "value": "a"}]} for i in range(2)]
+    (user / "img.png").write_bytes(PNG) if not (user / "img.png").exists() else None
+    (user / "conv.json").write_text(json.dumps(conv))
+    (user / "conv_bad.json").write_text(json.dumps([conv[0], {"id": 1, "image": "img.png"}]))
+    pair = {"image": "img.png", "question": "q?", "chosen": "a", "rejected": "b"}
+    for name, text in (("bad", json.dumps(pair) + '\n{"image": "img.png"}\n'), ("empty", "")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pairs.jsonl").write_text(text)
+    before = {p: p.read_bytes() for root in (user, tmp_path) for p in root.rglob("*") if p.is_file()}
+    r = cli(*[a.format(d=user, t=tmp_path) for a in args])
+    assert_user_error(r, *culprits)
+    after = {p: p.read_bytes() for root in (user, tmp_path) for p in root.rglob("*") if p.is_file()}
+    assert {p: after.get(p) for p in before} == before  # nothing already written changed or lost
 
 
 def test_evaluate_answer_file_reuse(user, synth, tmp_path):

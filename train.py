@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from lora import LoRASpec, add_lora, lora_layers, param_report
 from model import Llava
-from runs import (UsageError, cut_log, fail, first_line, open_run, remove_dir, replace_dir, run_fingerprint,
-                  unlock_out_dir, write_fingerprint)
+from runs import (UsageError, at_least, cut_log, fail, first_line, open_run, remove_dir, replace_dir,
+                  run_fingerprint, unlock_out_dir, write_fingerprint)
 
 # -----------------------------------------------------------------------------
 # torchrun
@@ -459,14 +459,23 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
         raise
 
 
-def schedule(cfg, n_examples, world):
-    """(steps per epoch, total steps, warmup steps), after checking that the global batch splits."""
+def check_batch(cfg, world, n_examples=None):
+    """Stop with one line where the batch settings cannot train: jobs call it before any weight loads. The
+    global batch splits into micro batches over the ranks; the data fills one global batch at least."""
+    at_least(micro_batch=cfg.micro_batch, global_batch=cfg.global_batch)
     if cfg.global_batch % (cfg.micro_batch * world):
-        raise ValueError(f"global_batch {cfg.global_batch} is not divisible by micro_batch {cfg.micro_batch} "
-                         f"x world size {world}")
+        fail(f"--global_batch={cfg.global_batch} is not divisible by --micro_batch={cfg.micro_batch} x world "
+             f"size {world}: accumulation is derived")
+    if cfg.epochs <= 0:
+        fail(f"--epochs={cfg.epochs}: must be above 0 (--max_steps stops earlier)")
+    if n_examples is not None and n_examples < cfg.global_batch:
+        fail(f"{n_examples} examples are fewer than one global batch (--global_batch={cfg.global_batch})")
+
+
+def schedule(cfg, n_examples, world):
+    """(steps per epoch, total steps, warmup steps), after checking the batch settings (check_batch)."""
+    check_batch(cfg, world, n_examples)
     steps_per_epoch = n_examples // cfg.global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{n_examples} examples are fewer than one global batch of {cfg.global_batch}")
     total = math.ceil(steps_per_epoch * cfg.epochs)
     if cfg.max_steps > 0:
         total = min(total, cfg.max_steps)
