@@ -574,6 +574,7 @@ def main(argv=None):
                                   template=args.template or "the model's own", pad=not args.no_pad,
                                   max_new_tokens=args.max_new_tokens, closed_suffix=args.closed_suffix)
             runs.start_or_resume(pred, fp, args.overwrite, "--overwrite (or another --out)")
+            runs.print_settings({**vars(args), "out": pred, "device": device, "dtype": dtype})
             answer(examples, args.model, pred, args.vision_path, args.adapter, args.batch_size,
                    args.max_new_tokens, args.closed_suffix, not args.no_pad, device, dtype, args.template)
         texts, match = match_answers(examples, read_answers(pred, every, args.dataset))

@@ -229,12 +229,16 @@ def _alive(pid):
     return True
 
 
+def print_settings(settings, marked=()):
+    """One line of a job's effective settings at its start, marking (`*`) those the synthetic default set."""
+    print(f"settings{' (* = set by the synthetic default)' * bool(marked)}: " + " ".join(
+        f"{k}={v}{'*' * (k in marked)}" for k, v in settings.items()), flush=True)
+
+
 def write_config(out_dir, settings, marked=()):
-    """Print the effective settings, marking (`*`) those the synthetic default changed, and write them as
-    out_dir/config.json."""
+    """print_settings, and the settings written as out_dir/config.json."""
     os.makedirs(out_dir, exist_ok=True)
-    print("settings (* = set by the synthetic default): " + " ".join(
-        f"{k}={v}{'*' * (k in marked)}" for k, v in settings.items()))
+    print_settings(settings, marked)
     path = os.path.join(out_dir, "config.json")
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

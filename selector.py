@@ -313,6 +313,7 @@ def select_main(args):
     if not records or args.clusters > len(records):
         fail(f"--clusters={args.clusters}: {data_path} has {len(records)} records, k-means needs at least k")
     pairs = read_pairs(pairs_path)
+    runs.print_settings({**vars(args), "data": data_path, "pairs": pairs_path, "image_dir": image_dir})
     model = from_pretrained(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                             device=device)
     tok = args.tokenizer or args.model

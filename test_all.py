@@ -4598,8 +4598,11 @@ def test_judge_and_selector_user_errors(user, tmp_path):
     (tmp_path / "garbage.jsonl").write_text(good + "\nnot json\n" + good + "\n")
     (tmp_path / "img.png").write_bytes(PNG)
     rate = ["--out", tmp_path / "out.jsonl", "--cache", "", "--api_key_env", "JUDGE_TEST_KEY"]
+    snapshot = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731
+    before = snapshot()
     assert_user_error(cli("judge.py", "rate", tmp_path / "nope.jsonl", *rate), "nope.jsonl", "cannot read")
     assert_user_error(cli("judge.py", "rate", tmp_path / "garbage.jsonl", *rate), "garbage.jsonl, line 2")
+    assert snapshot() == before  # nothing written, nothing lost
     # an unreachable server: every item fails after its retries, exit 1 with a one-line summary
     port = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
     url = f"http://127.0.0.1:{port.server_address[1]}/v1"
@@ -4629,7 +4632,9 @@ def test_judge_and_selector_user_errors(user, tmp_path):
     assert_user_error(cli("selector.py", *sel), "pairs.jsonl, line 2", "items")
     assert_user_error(cli("selector.py", *sel, "--model", "out/nowhere/base"), "out/nowhere/base",
                       "does not exist")
+    before = snapshot()
     assert_user_error(cli("selector.py", *sel, "--clusters", "5"), "--clusters=5", "1 records")
+    assert snapshot() == before
 
 
 def questioning_llava(tmp_path, synth):
