@@ -1844,6 +1844,26 @@ def test_bad_config_stops_with_clear_messages(tiny_dir, small_data, synth, tmp_p
     assert cfg.question_loss is False and cfg.lr == 0.5 and given == {"question_loss": False, "lr": 0.5}
 
 
+def test_the_synthetic_default_splits_its_batch_over_torchrun_ranks(monkeypatch):
+    """`torchrun --nproc_per_node=N sft.py`: the synthetic default's global batch of 16 is split over the
+    ranks (WORLD_SIZE), a global batch given on the command line too; one that cannot split is one line."""
+    seen = []
+
+    def stop_after_the_check(cfg, world, n_examples=None):
+        T.check_batch(cfg, world, n_examples)  # the real check, before any weight loads
+        seen.append((cfg.global_batch, cfg.micro_batch, world))
+        raise KeyboardInterrupt  # nothing after it runs
+    monkeypatch.setattr(sft, "check_batch", stop_after_the_check)
+    for world, argv in ((1, []), (2, []), (4, ["--global_batch=32"])):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        with pytest.raises(KeyboardInterrupt):
+            sft.main(argv)
+    assert seen == [(16, 16, 1), (16, 8, 2), (32, 8, 4)]
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(runs.UsageError, match="--global_batch=16 is not divisible by --micro_batch=5 x world"):
+        sft.main([])
+
+
 def test_projector_only_training_changes_the_projector_and_nothing_else(tiny_dir, synth, tmp_path):
     """LLaVA-Med's concept alignment: --train=projector on captions with the paper's instruction lists."""
     tok = D.load_tokenizer(tiny_dir)
