@@ -1860,7 +1860,7 @@ def test_the_synthetic_default_splits_its_batch_over_torchrun_ranks(monkeypatch)
             sft.main(argv)
     assert seen == [(16, 16, 1), (16, 8, 2), (32, 8, 4)]
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(runs.UsageError, match="--global_batch=16 is not divisible by --micro_batch=5 x world"):
+    with pytest.raises(runs.UsageError, match="--global_batch=16 is not divisible by --micro_batch=5 x"):
         sft.main([])
 
 
