@@ -45,7 +45,7 @@ from runs import (append_jsonl, check_reuse, content_hash, fail, fingerprint, fi
                   write_config, write_fingerprint)
 from lora import add_lora, disable_lora, lora_targets, mark_trainable, merge_lora, save_adapter
 from train import (atomic_save, autocast, check_batch, fit, format_plan, memory_plan, param_groups, print0,
-                   setup_distributed, shard_model, token_nll)
+                   setup_distributed, shard_model, start_run, token_nll)
 
 
 @dataclass
@@ -407,6 +407,15 @@ def encode_pair_batch(pairs, tokenizer, model_cfg, image_dir, image_size, max_le
 def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1, marked=()):
     """DPO of a fresh LoRA (+ projector) on the merged stage-1 model; returns the trained model (under
     --shard=fsdp gathered on rank 0, None on the other ranks)."""
+    digest = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()  # judge rewrites the file
+    template = cfg.template or template_of(cfg.model)
+    ref_path = os.path.join(cfg.out_dir, "ref_logps.pt")
+    ref_fp = fingerprint(pairs=digest, model=identity(cfg.model), template=template, amp=cfg.amp,
+                         max_length=cfg.max_length, micro_batch=cfg.micro_batch)
+    saved = torch.load(ref_path) if cfg.precompute_ref and os.path.exists(ref_path) else {}
+    # the stored reference log-probs and out_dir's checkpoint are checked before any weight loads
+    reuse_ref = bool(saved) and check_reuse(ref_path, ref_fp, cfg.overwrite, old=saved.get("fingerprint"))
+    run = start_run(cfg, len(pairs), cfg.out_dir, world, rank, marked, {"pairs": digest})
     model = from_pretrained(cfg.model, dtype=torch.float32, device=device)
     model.language_model.gradient_checkpointing = cfg.grad_ckpt
     # the same LoRA initialisation on every rank (DDP would broadcast rank 0's, FSDP shards what each rank
@@ -421,14 +430,8 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1, marked
     # and load_state_dict, so the swaps in Reference.logps always meet shards, even after a no-grad forward
     ref = Reference(model)
     size = model.config.vision.image_size
-    template = cfg.template or template_of(cfg.model)
-    ref_path = os.path.join(cfg.out_dir, "ref_logps.pt")
-    digest = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()  # judge rewrites the file
     if cfg.precompute_ref:  # one pass of the reference over all pairs, saved with the pairs
-        ref_fp = fingerprint(pairs=digest, model=identity(cfg.model), template=template, amp=cfg.amp,
-                             max_length=cfg.max_length, micro_batch=cfg.micro_batch)
-        saved = torch.load(ref_path) if os.path.exists(ref_path) else {}
-        if check_reuse(ref_path, ref_fp, cfg.overwrite, old=saved.get("fingerprint")):
+        if reuse_ref:
             stored = saved["logps"]
         else:
             chunks = []
@@ -461,8 +464,7 @@ def train_step(cfg, pairs, tokenizer, image_dir, device, rank=0, world=1, marked
                    "tokens": int(b["attention_mask"].sum())}
         return loss_sum, metrics
 
-    return fit(cfg, model, len(pairs), prepare, micro_loss, groups, cfg.out_dir, world, rank, device,
-               marked, {"pairs": digest})
+    return fit(cfg, model, len(pairs), prepare, micro_loss, groups, cfg.out_dir, world, rank, device, run=run)
 
 # -----------------------------------------------------------------------------
 # Entry point

@@ -51,7 +51,7 @@ from lora import add_lora, lora_targets, mark_trainable, merge_lora, save_adapte
 from model import CONFIGS, Llava
 from runs import check_model_dir, fail, identity, parse_config, read_records, run_main
 from train import (check_batch, fit, format_plan, memory_plan, param_groups, plan_row, print0,
-                   setup_distributed, shard_model, token_nll)
+                   setup_distributed, shard_model, start_run, token_nll)
 
 
 @dataclass
@@ -237,6 +237,8 @@ def main(argv=None):
                  "remake it with `python sft.py --make_base` (see its README.md)")
         cfg = replace(cfg, model="" if cfg.make_base else str(S.BASE_DIR), image_dir=str(synth / "images"),
                       data=str(synth / ("pretrain.json" if cfg.make_base else "train.json")))
+    examples = D.read_conversations(cfg.data, cfg.image_dir)
+    run = start_run(cfg, len(examples), cfg.out_dir, world, rank, marked)  # checked before any weight loads
     if cfg.make_base:
         text = replace(CONFIGS["tiny"].text, vocab_size=tokenizer.get_vocab_size())
         mc = replace(CONFIGS["tiny"], text=text, image_token_id=S.SYNTH_IMAGE_TOKEN_ID)
@@ -244,7 +246,6 @@ def main(argv=None):
     else:
         model = from_pretrained(cfg.model, cfg.vision_path or None, dtype=torch.float32, device=device)
     model.language_model.gradient_checkpointing = cfg.grad_ckpt
-    examples = D.read_conversations(cfg.data, cfg.image_dir)
     stages = {}
     if synthetic and not cfg.make_base and rank == 0:  # the base, before training: the scorecard's first row
         stages["base"] = E.synth_stage(model.eval(), tokenizer, synth,
@@ -255,7 +256,7 @@ def main(argv=None):
     prepare = make_sft_prepare(examples, tokenizer, cfg, model.config, device)
     # under fsdp: the trained model gathered on rank 0 (None on the others)
     model = fit(cfg, model, len(examples), prepare, sft_loss, groups, cfg.out_dir, world, rank, device,
-                marked)
+                run=run)
     if rank == 0:
         final = os.path.join(cfg.out_dir, "final")
         if cfg.train == "lora":

@@ -4806,7 +4806,9 @@ def test_every_reuse_case_of_dpo_outputs(synth, small_data, env, fake, tmp_path)
                            (gen + ["--q_top_p=0.5"], ["generations.jsonl", "q_top_p (0.95 -> 0.5)"]),
                            (train + ["--max_length=200"], ["ref_logps.pt", "max_length (256 -> 200)"]),
                            (train + ["--lr=1e-4"], ["checkpoint.pt", "lr (5e-06 -> 0.0001)"])):
-        assert_user_error(cli("dpo.py", *args), *culprits, "--overwrite")
+        r = cli("dpo.py", *args)
+        assert_user_error(r, *culprits, "--overwrite")
+        assert "memory plan" not in r.stdout  # refused before the model loaded
         assert all(p.read_bytes() == b for p, b in kept.items())  # nothing lost
     # generations made afresh: the pairs judged from the old ones are refused until judged again
     r = cli("dpo.py", *gen, "--a_max_tokens=3", "--overwrite")  # shorter answers: other pairs

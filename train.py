@@ -419,23 +419,10 @@ def autocast(cfg, device):
     return torch.autocast(kind, dtype=torch.bfloat16, enabled=amp == "bf16" or (amp == "" and kind == "cuda"))
 
 
-def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, rank=0, device="cpu",
-        marked=(), inputs=None):
-    """The training loop both stages share.
-
-    Each step takes `global_batch` example indices (a seeded permutation per epoch, so the data position
-    is just the step number), splits them into micro batches dealt round-robin to the ranks, and
-    accumulates gradients. `prepare(indices, epoch)` encodes one micro batch and says how many items it
-    normalises over (supervised tokens for SFT, pairs for DPO); counts are summed over the whole global
-    batch first, so the loss is one mean over the global batch however it is split across processes.
-    `micro_loss(model, batch)` returns (summed loss, {metric: summed value}).
-
-    Under `--shard=fsdp` the model comes sharded (`shard_model`), checkpoints are sharded DCP directories that
-    any world size resumes, and the return value is the trained model gathered on rank 0 (`gather_model`;
-    None elsewhere).
-
-    Kill-safe: `--resume` continues bit for bit, logs each step once, refuses changed inputs (runs.open_run;
-    `marked`: keys the synthetic default set; `inputs`: more identities, e.g. a hash of DPO's pairs)."""
+def start_run(cfg, n_examples, out_dir, world=1, rank=0, marked=(), inputs=None):
+    """fit's first act, for a job to call before any weight loads: take out_dir and check its checkpoint
+    against these inputs and settings (runs.open_run; a refusal stops every rank with rank 0's one line).
+    Returns fit's `run`: (checkpoint path, fingerprint)."""
     fsdp = cfg.shard == "fsdp"
     ckpt_path = os.path.join(out_dir, "checkpoint" if fsdp else "checkpoint.pt")
     other = os.path.join(out_dir, "checkpoint.pt" if fsdp else "checkpoint")
@@ -451,6 +438,28 @@ def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, r
         dist.broadcast_object_list(box)
     if box[0]:
         fail(box[0])
+    return ckpt_path, fp
+
+
+def fit(cfg, model, n_examples, prepare, micro_loss, groups, out_dir, world=1, rank=0, device="cpu",
+        marked=(), inputs=None, run=None):
+    """The training loop both stages share.
+
+    Each step takes `global_batch` example indices (a seeded permutation per epoch, so the data position
+    is just the step number), splits them into micro batches dealt round-robin to the ranks, and
+    accumulates gradients. `prepare(indices, epoch)` encodes one micro batch and says how many items it
+    normalises over (supervised tokens for SFT, pairs for DPO); counts are summed over the whole global
+    batch first, so the loss is one mean over the global batch however it is split across processes.
+    `micro_loss(model, batch)` returns (summed loss, {metric: summed value}).
+
+    Under `--shard=fsdp` the model comes sharded (`shard_model`), checkpoints are sharded DCP directories that
+    any world size resumes, and the return value is the trained model gathered on rank 0 (`gather_model`;
+    None elsewhere).
+
+    Kill-safe: `--resume` continues bit for bit, logs each step once, refuses changed inputs (start_run;
+    `marked`: keys the synthetic default set; `inputs`: more identities, e.g. a hash of DPO's pairs). `run`:
+    what start_run returned, when the job called it before loading the model."""
+    ckpt_path, fp = run or start_run(cfg, n_examples, out_dir, world, rank, marked, inputs)
     try:
         return _fit(cfg, model, n_examples, prepare, micro_loss, groups, ckpt_path, fp, world, rank, device)
     except BaseException:
