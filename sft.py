@@ -209,7 +209,7 @@ def main(argv=None):
     cfg, given = parse_config(Config, argv, SYNTH_HELP, "sft.py [--flag=value ...]", SYNTH_RULE)
     if cfg.plan:  # no GPU, no weights, no data: the parameter counts are all the plan needs
         with torch.device("meta"):
-            model = Llava(CONFIGS[cfg.model])
+            model = Llava(CONFIGS.get(cfg.model) or fail(f"--plan --model: one of {', '.join(CONFIGS)}"))
         setup_trainable(model, cfg)
         plan = memory_plan(model, cfg, cfg.world or 1)
         return print(format_plan(plan) + "\n" + plan_row(plan, f"{cfg.model}, {cfg.train}"))

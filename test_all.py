@@ -4539,6 +4539,7 @@ def test_evaluate_user_errors_are_one_line(user, synth, case, args, culprits):
                                      "--global_batch=3", "--micro_batch=2"], ["--global_batch=3", "=2 x"]),
     ("--micro_batch 0", ["sft.py", "--micro_batch=0"], ["--micro_batch=0", "at least 1"]),
     ("--epochs 0", ["sft.py", "--epochs=0"], ["--epochs=0"]),
+    ("--plan --model unknown", ["sft.py", "--plan", "--model=llava-7b"], ["--plan --model", "llava-1.5-7b"]),
     ("fewer examples than a batch", ["sft.py", "--model={d}/out/sft/merged", "--data={d}/conv.json",
                                      "--global_batch=8", "--micro_batch=8"], ["2 examples", "=8)"]),
     ("a server for the synthetic data", ["dpo.py", "--base_url=http://127.0.0.1:9/v1"],
