@@ -9,7 +9,8 @@ atomic and sharded checkpoints, FSDP2 and logging.
   shard_model and gather_model put a Llava into FSDP2 units and back.
 - fit: gradient accumulation over a global batch dealt round-robin to the ranks, one mean loss over the whole
   global batch, gradient clipping, exact and kill-safe resume (weights, optimizer, RNG states, step; checked
-  against the fingerprint of the inputs and settings, runs.open_run).
+  against the fingerprint of the inputs and settings by start_run, which jobs call before loading weights).
+- check_batch: batch settings that cannot train stop with one line before any weight loads.
 - flop_terms / step_flops / peak_flops: a step's model FLOPs (6 per trained weight and token, 4 per frozen one
   that a gradient passes, 2 otherwise, plus attention's 12·L·H·Q·T), for fit's MFU on GPU, beside tok/s.
 - memory_plan / format_plan / plan_row: GB per GPU of weights, gradients, AdamW state, activations and
