@@ -4558,7 +4558,7 @@ def test_sft_and_dpo_user_errors_are_one_line(user, tmp_path, case, args, culpri
     nothing already written changed."""
     conv = [{"id": i, "image": "img.png", "conversations": [{"from": "human", "value": "<image>\nq?"},
                                                             {"from": "gpt", "value": "a"}]} for i in range(2)]
-    (user / "img.png").write_bytes(PNG) if not (user / "img.png").exists() else None
+    (user / "img.png").write_bytes(PNG)  # the same bytes each case: nothing the cases compare
     (user / "conv.json").write_text(json.dumps(conv))
     (user / "conv_bad.json").write_text(json.dumps([conv[0], {"id": 1, "image": "img.png"}]))
     pair = {"image": "img.png", "question": "q?", "chosen": "a", "rejected": "b"}
