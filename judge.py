@@ -28,6 +28,7 @@ import re
 import sys
 import time
 from collections import Counter
+from itertools import islice
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from urllib.parse import urlparse
@@ -308,14 +309,21 @@ def run_batch(units, work, cache=None, workers=4, on_result=None, progress_every
 
     pool = ThreadPoolExecutor(workers)
     t0 = last = time.monotonic()
-    pending = {pool.submit(job, k, u) for k, u in todo.items()}
+    queue, pending, done = iter(todo.items()), set(), 0
     try:
-        while pending:  # wakes at least every progress_every seconds, so a stalled run still reports
+        while True:
+            # submit only as threads free up: a stop then starts nothing new (a queued future would run)
+            for key, unit in islice(queue, workers - len(pending)):
+                pending.add(pool.submit(job, key, unit))
+            if not pending:
+                break
+            # wakes at least every progress_every seconds, so a stalled run still reports
             finished, pending = wait(pending, max(0.0, last + progress_every - time.monotonic()),
                                      return_when=FIRST_COMPLETED)
             for f in finished:
                 key, verdict = f.result()
                 results[key] = verdict
+                done += 1
                 if "error" in verdict:
                     stats["failed"] += 1
                     log.warning("failed: %s", verdict["error"])
@@ -323,16 +331,16 @@ def run_batch(units, work, cache=None, workers=4, on_result=None, progress_every
                     stats["new"] += 1
                 if on_result:
                     on_result(key, verdict)
-            if time.monotonic() - last >= progress_every or not pending:
+            if time.monotonic() - last >= progress_every or done == len(todo):
                 last = time.monotonic()
-                rate = (len(todo) - len(pending)) / max(last - t0, 1e-9)
-                eta = f"{len(pending) / rate:.0f}s" if rate else "?"
+                rate = done / max(last - t0, 1e-9)
+                eta = f"{(len(todo) - done) / rate:.0f}s" if rate else "?"
                 so_far = spend() if spend else ""
                 say = report or log.info
                 say(f"{len(results)}/{stats['units']} done ({stats['cached']} cached), "
                     f"{stats['failed']} failed, {rate:.2f}/s, ETA {eta}{so_far}")
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True)  # calls in flight finish and are cached
     return results, stats
 
 
