@@ -28,8 +28,8 @@ import re
 import sys
 import time
 from collections import Counter
-from itertools import islice
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from itertools import islice
 from pathlib import Path
 from urllib.parse import urlparse
 
